@@ -1,0 +1,164 @@
+//! Startup and shutdown: builds every part from the configuration, binds the
+//! listeners (port 0 allowed), and runs until the shutdown token fires.
+//!
+//! Nothing here reads flags or the environment: `main.rs` resolves those and
+//! passes a [`Config`] and the secret in, so tests build a relay the same way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::config::{Config, Secret};
+use crate::http::{self, ConnectionLimits};
+use crate::ingest::{Ingest, IngestSettings, SecretCheck};
+use crate::log::{Committer, CommitterHandle, Log, LogOptions};
+use crate::metrics::Metrics;
+
+/// A relay whose listeners are bound and whose log is open.
+pub struct Relay {
+    config: Config,
+    secret: Option<Secret>,
+    ingest_listener: TcpListener,
+    admin_listener: TcpListener,
+    log: Log,
+    committer: Committer,
+    committer_handle: CommitterHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Relay {
+    /// Opens the log and binds both listeners. `secret` is `None` only when
+    /// `auth.allow_unauthenticated` is set.
+    pub async fn build(config: Config, secret: Option<Secret>) -> anyhow::Result<Relay> {
+        anyhow::ensure!(
+            secret.is_some() || config.auth.allow_unauthenticated,
+            "no inbound secret configured and unauthenticated mode was not asked for"
+        );
+        let metrics = Arc::new(Metrics::new());
+        let options = log_options(&config);
+        std::fs::create_dir_all(&options.data_dir).with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                options.data_dir.display()
+            )
+        })?;
+        let log = Log::open(&options)?;
+        let (committer, committer_handle) = log.start_committer(&options, metrics.clone())?;
+        let ingest_listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (server.listen)", config.server.listen)
+            })?;
+        let admin_listener = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (server.admin_listen)",
+                    config.server.admin_listen
+                )
+            })?;
+        Ok(Relay {
+            config,
+            secret,
+            ingest_listener,
+            admin_listener,
+            log,
+            committer,
+            committer_handle,
+            metrics,
+        })
+    }
+
+    pub fn ingest_addr(&self) -> SocketAddr {
+        self.ingest_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The open log, for inspection (tests, and the CLI in-process).
+    pub fn log(&self) -> Log {
+        self.log.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled; then stops accepting, lets open
+    /// requests finish, makes the log durable one last time, and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let server = &self.config.server;
+        let limits = ConnectionLimits {
+            max_connections: server.max_connections,
+            header_read_timeout: server.header_read_timeout.get(),
+            shutdown_grace: server.shutdown_grace.get(),
+        };
+        let ingest = Arc::new(Ingest::new(
+            IngestSettings {
+                path: server.path.clone(),
+                secret: self.secret.as_ref().map(SecretCheck::new),
+                max_body_bytes: server.max_body_bytes,
+                request_timeout: server.request_timeout.get(),
+                commit_timeout: self.config.storage.commit_timeout.get(),
+            },
+            self.committer,
+            self.metrics.clone(),
+        ));
+        let admin = Arc::new(Admin {
+            metrics: self.metrics.clone(),
+            commit_health: self.log.health(),
+        });
+        if self.secret.is_none() {
+            tracing::warn!(
+                "UNAUTHENTICATED MODE: every request to {} is accepted without checking \
+                 x-webhook-secret; anyone who can reach this port can inject events",
+                server.path
+            );
+        }
+        tracing::info!(addr = %self.ingest_listener.local_addr()?, path = %server.path, "ingest listening");
+        tracing::info!(addr = %self.admin_listener.local_addr()?, "admin listening");
+
+        let admin_limits = ConnectionLimits {
+            max_connections: 64,
+            ..limits
+        };
+        let ingest_task = tokio::spawn(http::serve(
+            self.ingest_listener,
+            limits,
+            move |request| ingest.clone().handle(request),
+            shutdown.clone(),
+        ));
+        let admin_task = tokio::spawn(http::serve(
+            self.admin_listener,
+            admin_limits,
+            move |request| admin.clone().handle(request),
+            shutdown.clone(),
+        ));
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: no new connections; finishing open requests");
+        ingest_task.await.context("ingest listener task")?;
+        admin_task.await.context("admin listener task")?;
+        self.committer_handle.close().await;
+        tracing::info!("stopped; the log is flushed");
+        Ok(())
+    }
+}
+
+pub fn log_options(config: &Config) -> LogOptions {
+    LogOptions {
+        data_dir: config.storage.data_dir.clone(),
+        cache_capacity_bytes: config.storage.cache_capacity_bytes,
+        quarantine_max_events: config.storage.quarantine_max_events,
+        quarantine_max_bytes: config.storage.quarantine_max_bytes,
+    }
+}

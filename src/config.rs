@@ -1,0 +1,561 @@
+//! Settings: the TOML file, environment and command-line overrides, and the
+//! validation that turns them into something the relay can run with.
+//!
+//! Precedence is defaults < file < flags. Secrets never come from flags and
+//! never appear in `Debug` output or in [`Config::to_toml`]: the file only
+//! names where a secret lives (an environment variable or a file), and the
+//! secret itself is read into a [`Secret`] when the settings are resolved.
+//! Every error names the file, the key and what was expected.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Default inbound secret variable, as in LeadFloAgent's own example.
+pub const DEFAULT_SECRET_ENV: &str = "LEADFLO_WEBHOOK_SECRET";
+
+/// The whole configuration file. Every field has a default, so an empty file
+/// (or none) is valid apart from the inbound secret.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub storage: StorageConfig,
+    pub logging: LoggingConfig,
+}
+
+/// `[server]`: the ingest and admin listeners and their limits.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the ingest listener binds (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The only path that accepts webhooks.
+    pub path: String,
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// Largest accepted body; larger ones get 413 before they are read.
+    pub max_body_bytes: u64,
+    /// Open connections beyond this wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and an idle
+    /// keep-alive connection to start its next request).
+    pub header_read_timeout: HumanDuration,
+    /// Time a client has to send a request's body.
+    pub request_timeout: HumanDuration,
+    /// Time in-flight requests get to finish at shutdown.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+            path: "/leadflo-webhook".to_owned(),
+            admin_listen: "127.0.0.1:9090".parse().expect("valid default"),
+            max_body_bytes: 1024 * 1024,
+            max_connections: 1024,
+            header_read_timeout: HumanDuration(Duration::from_secs(5)),
+            request_timeout: HumanDuration(Duration::from_secs(10)),
+            shutdown_grace: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `[auth]`: where the inbound shared secret comes from.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Environment variable holding the secret LeadFloAgent sends in
+    /// `x-webhook-secret`.
+    pub secret_env: String,
+    /// A file holding the secret (trailing newline ignored); wins over
+    /// `secret_env` when set.
+    pub secret_file: Option<PathBuf>,
+    /// Accept requests without checking any secret. Refused unless asked for.
+    pub allow_unauthenticated: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            secret_env: DEFAULT_SECRET_ENV.to_owned(),
+            secret_file: None,
+            allow_unauthenticated: false,
+        }
+    }
+}
+
+/// `[storage]`: the sled log.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the sled database (created if missing).
+    pub data_dir: PathBuf,
+    /// sled's page cache; bounds the relay's memory use.
+    pub cache_capacity_bytes: u64,
+    /// Longest a request waits for its group commit before it is answered
+    /// 503; must stay inside the sender's 5 s deadline.
+    pub commit_timeout: HumanDuration,
+    /// Most malformed bodies kept in quarantine; the oldest go first.
+    pub quarantine_max_events: usize,
+    /// Most bytes of malformed bodies kept in quarantine.
+    pub quarantine_max_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            commit_timeout: HumanDuration(Duration::from_secs(3)),
+            quarantine_max_events: 1000,
+            quarantine_max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[logging]`: the relay's own log lines (stderr).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `leadflo_relay=debug`;
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Values given on the command line; each replaces the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub allow_unauthenticated: bool,
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration error that says where and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error(
+        "no inbound secret: set the environment variable {env} (or `auth.secret_file` in the \
+         config file) to the secret configured in LeadFloAgent, or pass \
+         --allow-unauthenticated to accept unauthenticated webhooks"
+    )]
+    NoSecret { env: String },
+    #[error("cannot read secret file {path} (from `auth.secret_file`): {source}")]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("secret file {path} (from `auth.secret_file`) is empty")]
+    EmptySecretFile { path: PathBuf },
+}
+
+impl Config {
+    /// Reads and parses `path`; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            ConfigError::Invalid {
+                path: origin.to_owned(),
+                key: if key == "." {
+                    "(top level)".to_owned()
+                } else {
+                    key
+                },
+                message: err.into_inner().to_string().trim_end().to_owned(),
+            }
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Applies command-line overrides on top of the file's values.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        if let Some(admin) = overrides.admin_listen {
+            self.server.admin_listen = admin;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            self.storage.data_dir = dir.clone();
+        }
+        if overrides.allow_unauthenticated {
+            self.auth.allow_unauthenticated = true;
+        }
+        if let Some(format) = overrides.log_format {
+            self.logging.format = format;
+        }
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let server = &self.server;
+        if !server.path.starts_with('/') || server.path.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "server.path",
+                format!(
+                    "expected an absolute URL path such as \"/leadflo-webhook\", got {:?}",
+                    server.path
+                ),
+            ));
+        }
+        if server.max_body_bytes == 0 || server.max_body_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!(
+                    "expected 1 to 67108864 bytes, got {}",
+                    server.max_body_bytes
+                ),
+            ));
+        }
+        if server.max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "expected at least 1, got 0".to_owned(),
+            ));
+        }
+        for (key, value) in [
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.request_timeout", server.request_timeout),
+            ("storage.commit_timeout", self.storage.commit_timeout),
+        ] {
+            if value.0.is_zero() {
+                return Err(invalid(
+                    key,
+                    "expected a duration above zero, got 0".to_owned(),
+                ));
+            }
+        }
+        if self.storage.commit_timeout.0 >= Duration::from_secs(5) {
+            return Err(invalid(
+                "storage.commit_timeout",
+                format!(
+                    "expected less than 5s (LeadFloAgent gives up after 5 s), got {}",
+                    self.storage.commit_timeout
+                ),
+            ));
+        }
+        if self.storage.cache_capacity_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "storage.cache_capacity_bytes",
+                format!(
+                    "expected at least 1048576 (1 MiB), got {}",
+                    self.storage.cache_capacity_bytes
+                ),
+            ));
+        }
+        if self.auth.secret_env.is_empty() {
+            return Err(invalid(
+                "auth.secret_env",
+                "expected an environment variable name, got \"\"".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Finds the inbound secret: `auth.secret_file`, else `auth.secret_env`.
+    /// `Ok(None)` only when unauthenticated mode was asked for.
+    pub fn inbound_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        let from_source = self.read_secret()?;
+        match from_source {
+            Some(secret) => Ok(Some(secret)),
+            None if self.auth.allow_unauthenticated => Ok(None),
+            None => Err(ConfigError::NoSecret {
+                env: self.auth.secret_env.clone(),
+            }),
+        }
+    }
+
+    fn read_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.auth.secret_file {
+            let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+                path: path.clone(),
+                source,
+            })?;
+            let trimmed = trim_line_end(&text);
+            if trimmed.is_empty() {
+                return Err(ConfigError::EmptySecretFile { path: path.clone() });
+            }
+            return Ok(Some(Secret::new(trimmed.to_vec())));
+        }
+        match std::env::var_os(&self.auth.secret_env) {
+            Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Where the inbound secret comes from, for humans (never the value).
+    pub fn secret_source(&self) -> String {
+        match &self.auth.secret_file {
+            Some(path) => format!("file {}", path.display()),
+            None => format!("environment variable {}", self.auth.secret_env),
+        }
+    }
+
+    /// The effective configuration as TOML. It holds no secret values: only
+    /// the names of the variables and files that hold them.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serializes to TOML")
+    }
+}
+
+fn trim_line_end(bytes: &[u8]) -> &[u8] {
+    let mut end = bytes.len();
+    while end > 0 && matches!(bytes[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    &bytes[..end]
+}
+
+/// A secret value. `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A duration written as a number and a unit: `500ms`, `10s`, `5m`, `1h`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        const UNITS: [(u128, &str); 4] = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1000, "s"),
+        ];
+        for (size, unit) in UNITS {
+            if ms >= size && ms % size == 0 {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let expected = || {
+            format!(
+                "invalid duration {text:?}: expected a whole number followed by ms, s, m, h or d \
+                 (e.g. \"10s\")"
+            )
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(expected)?;
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().map_err(|_| expected())?;
+        let millis_per_unit: u64 = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(expected()),
+        };
+        let millis = number.checked_mul(millis_per_unit).ok_or_else(expected)?;
+        Ok(HumanDuration(Duration::from_millis(millis)))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_every_unit_and_round_trip() {
+        for (text, millis) in [
+            ("250ms", 250),
+            ("10s", 10_000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("7d", 604_800_000),
+        ] {
+            let parsed: HumanDuration = text.parse().unwrap();
+            assert_eq!(parsed.0, Duration::from_millis(millis), "{text}");
+            assert_eq!(parsed.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn bad_durations_say_what_is_expected() {
+        for text in ["", "10", "s", "10x", "1.5s", "-1s", "99999999999999999999d"] {
+            let err = text.parse::<HumanDuration>().unwrap_err();
+            assert!(err.contains("expected a whole number"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let config = Config::parse("", "relay.toml").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(config.server.path, "/leadflo-webhook");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.auth.secret_env, "LEADFLO_WEBHOOK_SECRET");
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n",
+            "relay.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("relay.toml"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+        assert!(err.contains("expected one of"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_file_key_and_expectation() {
+        let err = Config::parse("[server]\nrequest_timeout = \"10 seconds\"\n", "relay.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("relay.toml"), "{err}");
+        assert!(err.contains("server.request_timeout"), "{err}");
+        assert!(err.contains("expected a whole number"), "{err}");
+
+        let err = Config::parse("[server]\nlisten = \"localhost\"\n", "relay.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+
+        let err = Config::parse("[storage]\ncommit_timeout = \"6s\"\n", "relay.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("storage.commit_timeout") && err.contains("less than 5s"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut config =
+            Config::parse("[server]\nlisten = \"127.0.0.1:1000\"\n", "relay.toml").unwrap();
+        config.apply(&Overrides {
+            listen: Some("127.0.0.1:2000".parse().unwrap()),
+            data_dir: Some(PathBuf::from("/tmp/x")),
+            ..Overrides::default()
+        });
+        assert_eq!(config.server.listen.port(), 2000);
+        assert_eq!(config.storage.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn secret_file_wins_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "s3cr3t-value\n").unwrap();
+        let mut config = Config::default();
+        config.auth.secret_file = Some(path);
+        config.auth.secret_env = "LEADFLO_TEST_UNSET_VARIABLE".to_owned();
+        let secret = config.inbound_secret().unwrap().unwrap();
+        assert_eq!(secret.expose(), b"s3cr3t-value");
+        assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert!(!config.to_toml().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn missing_secret_is_refused_unless_unauthenticated_is_asked_for() {
+        let mut config = Config::default();
+        config.auth.secret_env = "LEADFLO_TEST_UNSET_VARIABLE".to_owned();
+        let err = config.inbound_secret().unwrap_err().to_string();
+        assert!(
+            err.contains("LEADFLO_TEST_UNSET_VARIABLE") && err.contains("--allow-unauthenticated"),
+            "{err}"
+        );
+        config.auth.allow_unauthenticated = true;
+        assert!(config.inbound_secret().unwrap().is_none());
+    }
+}

@@ -1,0 +1,29 @@
+//! leadflo-relay: a durable queueing relay for LeadFloAgent webhooks.
+//!
+//! LeadFloAgent never retries a webhook, so the relay answers 200 only once
+//! an event is on disk, then delivers it to every target at least once.
+//!
+//! # Layout
+//!
+//! | module      | owns |
+//! |-------------|------|
+//! | [`config`]  | settings: TOML file, environment, flag overrides, validation |
+//! | [`app`]     | building the relay from settings, running it, shutting it down |
+//! | [`http`]    | the accept loop: connection cap, timeouts, graceful shutdown |
+//! | [`ingest`]  | the webhook endpoint: limits, secret check, validation, append |
+//! | [`log`]     | the sled log: records, group commit, quarantine (the only sled user) |
+//! | [`admin`]   | the admin listener: health, readiness, metrics |
+//! | [`metrics`] | the Prometheus registry and metric handles |
+//! | [`telemetry`] | the relay's own log output (tracing) |
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod log;
+pub mod metrics;
+pub mod telemetry;
+
+pub use app::Relay;

@@ -1,0 +1,732 @@
+//! The durable event log: the only module that touches sled.
+//!
+//! Everything lives in one sled tree, under one-byte key prefixes, so that one
+//! `apply_batch` covers every write a commit makes (sled batches are atomic
+//! within a tree, not across trees):
+//!
+//! | key                         | value                                   |
+//! |-----------------------------|-----------------------------------------|
+//! | `e` + id (u64, big endian)  | an event record ([`record`])            |
+//! | `x` + id                    | a quarantined body ([`record`])         |
+//! | `m/last_id`                 | highest id ever assigned (u64 BE)       |
+//!
+//! Writes go through one committer thread ([`Committer`]): it gathers every
+//! request waiting, applies them as one batch, then makes them durable with
+//! sled's `flush` **and** an `fdatasync` of sled's data file, because sled
+//! 0.34's flush ends in `sync_file_range`, which does not survive a power cut
+//! (see DESIGN.md). Only after that does any request hear "committed". One
+//! thread, one flush at a time: concurrent sled flushes deadlock (sled
+//! #1308), and a single committer turns concurrency into bigger batches
+//! instead of queued fsyncs.
+//!
+//! This module must never log or expose a body's content.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+const EVENT_PREFIX: u8 = b'e';
+const QUARANTINE_PREFIX: u8 = b'x';
+const META_LAST_ID: &[u8] = b"m/last_id";
+
+/// Most requests one group commit takes; bounds a commit's latency and memory.
+const MAX_BATCH: usize = 1024;
+/// Requests that may wait for the committer before senders feel backpressure.
+const QUEUE_DEPTH: usize = 8192;
+/// Batches larger than this may have put values in sled's `blobs/` files,
+/// which sled writes without any sync; the committer syncs them itself.
+const BLOB_SYNC_MIN_BATCH_BYTES: usize = 32 * 1024;
+
+/// An event's id: unique, increasing, never reused. Ids start from the
+/// current time in microseconds, so even a wiped data directory does not
+/// reuse the ids (and so the downstream idempotency keys) of earlier runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId(pub u64);
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for EventId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(EventId)
+    }
+}
+
+/// Settings of the log (from `[storage]`).
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub data_dir: PathBuf,
+    pub cache_capacity_bytes: u64,
+    pub quarantine_max_events: usize,
+    pub quarantine_max_bytes: u64,
+}
+
+/// Why the log could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(
+        "data directory {dir} is locked by another process (is a leadflo-relay already running \
+         on it?)"
+    )]
+    Locked { dir: PathBuf },
+    #[error("cannot open the log in {dir}: {source}")]
+    Open { dir: PathBuf, source: sled::Error },
+    #[error("cannot open sled's data file {path} for fsync: {source}")]
+    DataFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("corrupt record under key {key:?}: {reason}")]
+    Corrupt {
+        key: Vec<u8>,
+        reason: record::DecodeError,
+    },
+}
+
+/// Why a commit did not happen. Whoever asked must not claim success.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error("the log is shutting down")]
+    Closed,
+    #[error("the log could not write to disk")]
+    Failed,
+}
+
+/// What a request asks the committer to store.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// An accepted event: its type and its raw body, stored unchanged.
+    Event { event: String, body: Bytes },
+    /// An authenticated body that failed validation, and why.
+    Quarantine { reason: String, body: Bytes },
+}
+
+impl Entry {
+    fn body_len(&self) -> usize {
+        match self {
+            Entry::Event { body, .. } | Entry::Quarantine { body, .. } => body.len(),
+        }
+    }
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: EventId,
+    pub received_at_ms: u64,
+    pub event: String,
+    pub body: Vec<u8>,
+}
+
+/// A quarantined body as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedBody {
+    pub id: EventId,
+    pub received_at_ms: u64,
+    pub reason: String,
+    pub body: Vec<u8>,
+}
+
+/// Whether the last commit reached disk; read by `/readyz`.
+#[derive(Debug, Default)]
+pub struct CommitHealth {
+    failing: AtomicBool,
+}
+
+impl CommitHealth {
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+}
+
+/// A handle on the open log. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Log {
+    db: sled::Db,
+    dir: PathBuf,
+    health: Arc<CommitHealth>,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `options.data_dir`.
+    pub fn open(options: &LogOptions) -> Result<Log, LogError> {
+        let dir = options.data_dir.clone();
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(options.cache_capacity_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    LogError::Locked { dir: dir.clone() }
+                }
+                _ => LogError::Open {
+                    dir: dir.clone(),
+                    source,
+                },
+            })?;
+        Ok(Log {
+            db,
+            dir,
+            health: Arc::default(),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn health(&self) -> Arc<CommitHealth> {
+        self.health.clone()
+    }
+
+    /// Starts the committer thread. Call once per open log.
+    pub fn start_committer(
+        &self,
+        options: &LogOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Committer, CommitterHandle), LogError> {
+        let data_path = self.dir.join("db");
+        let data_file = File::options()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(|source| LogError::DataFile {
+                path: data_path,
+                source,
+            })?;
+        let quarantine = self.quarantine_index()?;
+        let mut state = CommitState {
+            db: self.db.clone(),
+            dir: self.dir.clone(),
+            data_file,
+            last_id: self.recover_last_id()?,
+            quarantine,
+            quarantine_max_events: options.quarantine_max_events.max(1),
+            quarantine_max_bytes: options.quarantine_max_bytes,
+            metrics,
+            health: self.health.clone(),
+        };
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("leadflo-commit".to_owned())
+            .spawn(move || state.run(rx))
+            .expect("spawning the committer thread");
+        let handle = CommitterHandle {
+            tx: tx.clone(),
+            thread: Some(thread),
+        };
+        Ok((Committer { tx }, handle))
+    }
+
+    /// The highest id ever assigned: the stored high-water mark, or any
+    /// higher key (belt and braces for a log written by an older version).
+    fn recover_last_id(&self) -> Result<u64, LogError> {
+        let mut last = match self.db.get(META_LAST_ID)? {
+            Some(v) => decode_u64(&v).unwrap_or(0),
+            None => 0,
+        };
+        for prefix in [EVENT_PREFIX, QUARANTINE_PREFIX] {
+            if let Some((key, _)) = self.db.scan_prefix([prefix]).next_back().transpose()? {
+                last = last.max(decode_u64(&key[1..]).unwrap_or(0));
+            }
+        }
+        Ok(last)
+    }
+
+    fn quarantine_index(&self) -> Result<VecDeque<(sled::IVec, u64)>, LogError> {
+        let mut index = VecDeque::new();
+        for item in self.db.scan_prefix([QUARANTINE_PREFIX]) {
+            let (key, value) = item?;
+            index.push_back((key, value.len() as u64));
+        }
+        Ok(index)
+    }
+
+    /// The stored event with this id.
+    pub fn event(&self, id: EventId) -> Result<Option<StoredEvent>, LogError> {
+        let key = id_key(EVENT_PREFIX, id.0);
+        match self.db.get(key)? {
+            Some(value) => decode_event(&key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored event, oldest first.
+    pub fn events(&self) -> impl Iterator<Item = Result<StoredEvent, LogError>> + '_ {
+        self.db.scan_prefix([EVENT_PREFIX]).map(|item| {
+            let (key, value) = item?;
+            decode_event(&key, &value)
+        })
+    }
+
+    /// Every quarantined body, oldest first.
+    pub fn quarantined(&self) -> impl Iterator<Item = Result<QuarantinedBody, LogError>> + '_ {
+        self.db.scan_prefix([QUARANTINE_PREFIX]).map(|item| {
+            let (key, value) = item?;
+            let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
+            let q = record::decode_quarantine(&value).map_err(|reason| LogError::Corrupt {
+                key: key.to_vec(),
+                reason,
+            })?;
+            Ok(QuarantinedBody {
+                id,
+                received_at_ms: q.received_at_ms,
+                reason: q.reason.to_owned(),
+                body: q.body.to_vec(),
+            })
+        })
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> Result<u64, LogError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, LogError> {
+    let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
+    let r = record::decode_event(value).map_err(|reason| LogError::Corrupt {
+        key: key.to_vec(),
+        reason,
+    })?;
+    Ok(StoredEvent {
+        id,
+        received_at_ms: r.received_at_ms,
+        event: r.event.to_owned(),
+        body: r.body.to_vec(),
+    })
+}
+
+fn id_key(prefix: u8, id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = prefix;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn unix_micros(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Sends entries to the committer and waits for them to be durable.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Message>,
+}
+
+impl Committer {
+    /// Stores `entry` and returns its id once it is on disk (flushed and
+    /// fsynced). A caller that stops waiting must not assume either outcome:
+    /// the entry may still become durable.
+    pub async fn append(&self, entry: Entry) -> Result<EventId, CommitError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            entry,
+            received: SystemTime::now(),
+            reply,
+        };
+        self.tx
+            .send(Message::Append(request))
+            .await
+            .map_err(|_| CommitError::Closed)?;
+        answer.await.map_err(|_| CommitError::Closed)?
+    }
+}
+
+/// Owns the committer thread; [`CommitterHandle::close`] ends it.
+pub struct CommitterHandle {
+    tx: mpsc::Sender<Message>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CommitterHandle {
+    /// Commits everything already queued, makes it durable, and stops the
+    /// thread. Appends after this fail with [`CommitError::Closed`].
+    pub async fn close(mut self) {
+        let _ = self.tx.send(Message::Close).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+enum Message {
+    Append(Request),
+    Close,
+}
+
+struct Request {
+    entry: Entry,
+    received: SystemTime,
+    reply: oneshot::Sender<Result<EventId, CommitError>>,
+}
+
+/// Everything the committer thread owns.
+struct CommitState {
+    db: sled::Db,
+    dir: PathBuf,
+    data_file: File,
+    last_id: u64,
+    /// Key and size of each quarantined body, oldest first (bounded by the
+    /// quarantine limits, so it never grows with traffic).
+    quarantine: VecDeque<(sled::IVec, u64)>,
+    quarantine_max_events: usize,
+    quarantine_max_bytes: u64,
+    metrics: Arc<Metrics>,
+    health: Arc<CommitHealth>,
+}
+
+impl CommitState {
+    fn run(&mut self, mut rx: mpsc::Receiver<Message>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut closing = false;
+        while !closing {
+            match rx.blocking_recv() {
+                Some(Message::Append(request)) => batch.push(request),
+                Some(Message::Close) | None => closing = true,
+            }
+            // Everything that queued up while the last commit ran joins this one.
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Message::Append(request)) => batch.push(request),
+                    Ok(Message::Close) => closing = true,
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch);
+            }
+        }
+        // Requests still queued behind Close were sent after shutdown began.
+        rx.close();
+        while let Ok(message) = rx.try_recv() {
+            if let Message::Append(request) = message {
+                let _ = request.reply.send(Err(CommitError::Closed));
+            }
+        }
+        if let Err(err) = self.make_durable(false) {
+            tracing::error!(error = %err, "final flush of the log failed");
+        }
+    }
+
+    fn commit(&mut self, requests: &mut Vec<Request>) {
+        let started = Instant::now();
+        let mut batch = sled::Batch::default();
+        let mut ids = Vec::with_capacity(requests.len());
+        let mut bytes = 0;
+        for request in requests.iter() {
+            self.last_id = self
+                .last_id
+                .saturating_add(1)
+                .max(unix_micros(request.received));
+            let id = self.last_id;
+            bytes += request.entry.body_len();
+            let received_at_ms = unix_micros(request.received) / 1000;
+            match &request.entry {
+                Entry::Event { event, body } => {
+                    let value = record::encode_event(received_at_ms, event, body);
+                    batch.insert(&id_key(EVENT_PREFIX, id), value);
+                }
+                Entry::Quarantine { reason, body } => {
+                    let value = record::encode_quarantine(received_at_ms, reason, body);
+                    let key = sled::IVec::from(&id_key(QUARANTINE_PREFIX, id));
+                    self.quarantine.push_back((key.clone(), value.len() as u64));
+                    batch.insert(key, value);
+                    self.evict_quarantine(&mut batch);
+                }
+            }
+            ids.push(EventId(id));
+        }
+        batch.insert(META_LAST_ID, &self.last_id.to_be_bytes());
+
+        let outcome = self
+            .db
+            .apply_batch(batch)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.make_durable(bytes >= BLOB_SYNC_MIN_BATCH_BYTES));
+        let metrics = &self.metrics;
+        metrics
+            .commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        metrics.commit_batch_size.observe(requests.len() as f64);
+        match outcome {
+            Ok(()) => {
+                metrics.commits.inc();
+                if self.health.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("log commits succeed again");
+                }
+                for (request, id) in requests.drain(..).zip(ids) {
+                    if matches!(request.entry, Entry::Quarantine { .. }) {
+                        metrics.quarantined.inc();
+                    }
+                    let _ = request.reply.send(Ok(id));
+                }
+            }
+            Err(err) => {
+                metrics.commit_failures.inc();
+                if !self.health.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %err, "log commit failed; answering 503 until it recovers");
+                }
+                for request in requests.drain(..) {
+                    let _ = request.reply.send(Err(CommitError::Failed));
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest quarantined bodies beyond the limits.
+    fn evict_quarantine(&mut self, batch: &mut sled::Batch) {
+        let mut total: u64 = self.quarantine.iter().map(|(_, size)| size).sum();
+        while self.quarantine.len() > self.quarantine_max_events
+            || (total > self.quarantine_max_bytes && self.quarantine.len() > 1)
+        {
+            let Some((key, size)) = self.quarantine.pop_front() else {
+                break;
+            };
+            total -= size;
+            batch.remove(key);
+        }
+    }
+
+    /// sled's flush (out of its buffers: survives `kill -9`), then an
+    /// fdatasync of its data file (survives a power cut).
+    fn make_durable(&self, sync_blobs: bool) -> Result<(), String> {
+        let started = SystemTime::now();
+        self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+        self.data_file
+            .sync_data()
+            .map_err(|e| format!("fdatasync of the log: {e}"))?;
+        self.metrics.fsyncs.inc();
+        if sync_blobs {
+            sync_recent_blobs(&self.dir, started)
+                .map_err(|e| format!("fsync of sled blobs: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Fsyncs sled's blob files written since `since` (minus a margin for clock
+/// granularity) and the blob directory itself, so their names survive too.
+fn sync_recent_blobs(dir: &Path, since: SystemTime) -> std::io::Result<()> {
+    let blobs = dir.join("blobs");
+    let cutoff = since
+        .checked_sub(Duration::from_secs(2))
+        .unwrap_or(UNIX_EPOCH);
+    let entries = match std::fs::read_dir(&blobs) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let modified = entry.metadata()?.modified()?;
+        if modified >= cutoff {
+            match File::open(entry.path()) {
+                Ok(file) => file.sync_data()?,
+                // sled may have garbage-collected it meanwhile.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    File::open(&blobs)?.sync_all()
+}
+
+/// The byte encoding of stored records. Pure functions, no I/O.
+///
+/// Event (version 1):
+/// `[1u8][received_at_ms: u64 BE][event_len: u8][event: utf-8][body...]`
+///
+/// Quarantine (version 1):
+/// `[1u8][received_at_ms: u64 BE][reason_len: u16 BE][reason: utf-8][body...]`
+pub mod record {
+    const VERSION: u8 = 1;
+
+    /// The longest event type a record can hold.
+    pub const MAX_EVENT_LEN: usize = u8::MAX as usize;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+    pub enum DecodeError {
+        #[error("record is truncated")]
+        Truncated,
+        #[error("unknown record version {0}")]
+        Version(u8),
+        #[error("text field is not UTF-8")]
+        NotUtf8,
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct EventRecord<'a> {
+        pub received_at_ms: u64,
+        pub event: &'a str,
+        pub body: &'a [u8],
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct QuarantineRecord<'a> {
+        pub received_at_ms: u64,
+        pub reason: &'a str,
+        pub body: &'a [u8],
+    }
+
+    /// Encodes an event. `event` longer than [`MAX_EVENT_LEN`] bytes is cut
+    /// at a character boundary (ingest refuses such events before this).
+    pub fn encode_event(received_at_ms: u64, event: &str, body: &[u8]) -> Vec<u8> {
+        let event = truncate_utf8(event, MAX_EVENT_LEN);
+        let mut out = Vec::with_capacity(10 + event.len() + body.len());
+        out.push(VERSION);
+        out.extend_from_slice(&received_at_ms.to_be_bytes());
+        out.push(event.len() as u8);
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    pub fn decode_event(bytes: &[u8]) -> Result<EventRecord<'_>, DecodeError> {
+        let (received_at_ms, rest) = header(bytes)?;
+        let (&len, rest) = rest.split_first().ok_or(DecodeError::Truncated)?;
+        let (event, body) = split_text(rest, len as usize)?;
+        Ok(EventRecord {
+            received_at_ms,
+            event,
+            body,
+        })
+    }
+
+    pub fn encode_quarantine(received_at_ms: u64, reason: &str, body: &[u8]) -> Vec<u8> {
+        let reason = truncate_utf8(reason, u16::MAX as usize);
+        let mut out = Vec::with_capacity(11 + reason.len() + body.len());
+        out.push(VERSION);
+        out.extend_from_slice(&received_at_ms.to_be_bytes());
+        out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    pub fn decode_quarantine(bytes: &[u8]) -> Result<QuarantineRecord<'_>, DecodeError> {
+        let (received_at_ms, rest) = header(bytes)?;
+        if rest.len() < 2 {
+            return Err(DecodeError::Truncated);
+        }
+        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        let (reason, body) = split_text(&rest[2..], len)?;
+        Ok(QuarantineRecord {
+            received_at_ms,
+            reason,
+            body,
+        })
+    }
+
+    fn header(bytes: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
+        let (&version, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        if rest.len() < 8 {
+            return Err(DecodeError::Truncated);
+        }
+        let (time, rest) = rest.split_at(8);
+        Ok((u64::from_be_bytes(time.try_into().expect("8 bytes")), rest))
+    }
+
+    fn split_text(bytes: &[u8], len: usize) -> Result<(&str, &[u8]), DecodeError> {
+        if bytes.len() < len {
+            return Err(DecodeError::Truncated);
+        }
+        let (text, rest) = bytes.split_at(len);
+        let text = std::str::from_utf8(text).map_err(|_| DecodeError::NotUtf8)?;
+        Ok((text, rest))
+    }
+
+    fn truncate_utf8(text: &str, max: usize) -> &str {
+        if text.len() <= max {
+            return text;
+        }
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn event_round_trips() {
+            let body = "{\"event\":\"visitor_created\",\"name\":\"Zoë\"}".as_bytes();
+            let bytes = encode_event(1_700_000_000_123, "visitor_created", body);
+            let record = decode_event(&bytes).unwrap();
+            assert_eq!(
+                record,
+                EventRecord {
+                    received_at_ms: 1_700_000_000_123,
+                    event: "visitor_created",
+                    body
+                }
+            );
+        }
+
+        #[test]
+        fn quarantine_round_trips_with_binary_body() {
+            let body = [0u8, 255, 1, 2];
+            let bytes = encode_quarantine(7, "body is not valid JSON", &body);
+            let record = decode_quarantine(&bytes).unwrap();
+            assert_eq!(record.reason, "body is not valid JSON");
+            assert_eq!(record.body, &body);
+            assert_eq!(record.received_at_ms, 7);
+        }
+
+        #[test]
+        fn long_event_types_are_cut_at_a_char_boundary() {
+            let event = "é".repeat(200); // 400 bytes
+            let bytes = encode_event(0, &event, b"{}");
+            let record = decode_event(&bytes).unwrap();
+            assert!(record.event.len() <= MAX_EVENT_LEN);
+            assert!(event.starts_with(record.event));
+            assert_eq!(record.body, b"{}");
+        }
+
+        #[test]
+        fn truncated_and_foreign_records_are_errors_not_panics() {
+            let bytes = encode_event(5, "visitor_created", b"{}");
+            for cut in 0..11 {
+                assert_eq!(
+                    decode_event(&bytes[..cut]),
+                    Err(DecodeError::Truncated),
+                    "cut {cut}"
+                );
+            }
+            let mut foreign = bytes.clone();
+            foreign[0] = 9;
+            assert_eq!(decode_event(&foreign), Err(DecodeError::Version(9)));
+            let mut bad_utf8 = bytes;
+            bad_utf8[10] = 0xff;
+            assert_eq!(decode_event(&bad_utf8), Err(DecodeError::NotUtf8));
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The relay's Prometheus registry and every metric handle.
+//!
+//! One [`Metrics`] per running relay, owned by the application and passed to
+//! each part: there is no process-global registry, so parallel tests never
+//! share counters. Labels carry only fixed vocabularies (results, event
+//! classes, target names from the configuration): never secrets, ids, URLs or
+//! anything read from a request body.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Why an ingest request ended the way it did; the `result` label of
+/// `leadflo_relay_ingest_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestResult {
+    Accepted,
+    Unauthorized,
+    BadRequest,
+    TooLarge,
+    NotFound,
+    MethodNotAllowed,
+    Timeout,
+    Unavailable,
+}
+
+impl IngestResult {
+    pub const ALL: [IngestResult; 8] = [
+        IngestResult::Accepted,
+        IngestResult::Unauthorized,
+        IngestResult::BadRequest,
+        IngestResult::TooLarge,
+        IngestResult::NotFound,
+        IngestResult::MethodNotAllowed,
+        IngestResult::Timeout,
+        IngestResult::Unavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            IngestResult::Accepted => "accepted",
+            IngestResult::Unauthorized => "unauthorized",
+            IngestResult::BadRequest => "bad_request",
+            IngestResult::TooLarge => "too_large",
+            IngestResult::NotFound => "not_found",
+            IngestResult::MethodNotAllowed => "method_not_allowed",
+            IngestResult::Timeout => "timeout",
+            IngestResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The `event` label: the two event types LeadFloAgent documents, and
+/// `other` for anything else, so a sender cannot mint label values.
+pub fn event_class(event: &str) -> &'static str {
+    match event {
+        "visitor_created" => "visitor_created",
+        "conversation_ended" => "conversation_ended",
+        _ => "other",
+    }
+}
+
+/// Every metric the relay exports, registered in its own [`Registry`].
+pub struct Metrics {
+    registry: Registry,
+    pub ingest_requests: IntCounterVec,
+    pub ingest_events: IntCounterVec,
+    pub ingest_duration: Histogram,
+    pub commits: IntCounter,
+    pub commit_failures: IntCounter,
+    pub fsyncs: IntCounter,
+    pub commit_duration: Histogram,
+    pub commit_batch_size: Histogram,
+    pub quarantined: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let ingest_requests = IntCounterVec::new(
+            Opts::new(
+                "leadflo_relay_ingest_requests_total",
+                "Ingest requests answered, by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let ingest_events = IntCounterVec::new(
+            Opts::new(
+                "leadflo_relay_ingest_events_total",
+                "Events accepted and made durable, by event type.",
+            ),
+            &["event"],
+        )
+        .expect("valid metric");
+        // 50 µs to ~6.5 s: the sender's 5 s deadline falls in the last bucket.
+        let latency_buckets =
+            prometheus::exponential_buckets(50e-6, 2.0, 18).expect("valid buckets");
+        let ingest_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "leadflo_relay_ingest_duration_seconds",
+                "Time from request headers to the response, for every ingest request.",
+            )
+            .buckets(latency_buckets.clone()),
+        )
+        .expect("valid metric");
+        let commits = IntCounter::new(
+            "leadflo_relay_commits_total",
+            "Group commits that reached disk (one flush and one fsync each).",
+        )
+        .expect("valid metric");
+        let commit_failures = IntCounter::new(
+            "leadflo_relay_commit_failures_total",
+            "Group commits that failed; their requests were answered 503.",
+        )
+        .expect("valid metric");
+        let fsyncs = IntCounter::new(
+            "leadflo_relay_fsyncs_total",
+            "fdatasync calls on the log's data file made by the committer.",
+        )
+        .expect("valid metric");
+        let commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "leadflo_relay_commit_duration_seconds",
+                "Time to write and fsync one group commit.",
+            )
+            .buckets(latency_buckets),
+        )
+        .expect("valid metric");
+        let commit_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "leadflo_relay_commit_batch_size",
+                "Records written by one group commit.",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 2.0, 12).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let quarantined = IntCounter::new(
+            "leadflo_relay_quarantined_total",
+            "Authenticated but malformed bodies kept in quarantine.",
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "leadflo_relay_build_info",
+                "Always 1; the version label tells the build.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+
+        let metrics = Metrics {
+            registry,
+            ingest_requests,
+            ingest_events,
+            ingest_duration,
+            commits,
+            commit_failures,
+            fsyncs,
+            commit_duration,
+            commit_batch_size,
+            quarantined,
+            build_info,
+        };
+        metrics.register_all();
+        metrics
+    }
+
+    fn register_all(&self) {
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+            Box::new(self.ingest_requests.clone()),
+            Box::new(self.ingest_events.clone()),
+            Box::new(self.ingest_duration.clone()),
+            Box::new(self.commits.clone()),
+            Box::new(self.commit_failures.clone()),
+            Box::new(self.fsyncs.clone()),
+            Box::new(self.commit_duration.clone()),
+            Box::new(self.commit_batch_size.clone()),
+            Box::new(self.quarantined.clone()),
+            Box::new(self.build_info.clone()),
+        ];
+        for collector in collectors {
+            self.registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        self.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Pre-create every result so dashboards see zeros instead of gaps.
+        for result in IngestResult::ALL {
+            self.ingest_requests.with_label_values(&[result.label()]);
+        }
+        for event in ["visitor_created", "conversation_ended", "other"] {
+            self.ingest_events.with_label_values(&[event]);
+        }
+    }
+
+    pub fn count_request(&self, result: IngestResult) {
+        self.ingest_requests
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// The current value of `leadflo_relay_ingest_requests_total{result}`.
+    pub fn requests(&self, result: IngestResult) -> u64 {
+        self.ingest_requests
+            .with_label_values(&[result.label()])
+            .get()
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

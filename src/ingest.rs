@@ -273,9 +273,16 @@ pub fn event_type(body: &[u8]) -> Result<Cow<'_, str>, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err("body is empty; expected a JSON object with an \"event\" field".into());
     }
-    let event = match serde_json::from_slice::<Envelope<'_>>(body) {
+    // JSON is UTF-8 (RFC 8259); serde_json does not check strings it skips.
+    let text = std::str::from_utf8(body).map_err(|err| {
+        format!(
+            "body is not valid JSON: invalid UTF-8 at byte {}",
+            err.valid_up_to()
+        )
+    })?;
+    let event = match serde_json::from_str::<Envelope<'_>>(text) {
         Ok(envelope) => envelope.event,
-        Err(err) if err.is_data() => return Err(explain_shape(body)),
+        Err(err) if err.is_data() => return Err(explain_shape(text)),
         Err(err) => return Err(format!("body is not valid JSON: {err}")),
     };
     if event.is_empty() {
@@ -291,8 +298,8 @@ pub fn event_type(body: &[u8]) -> Result<Cow<'_, str>, String> {
 
 /// Says what is wrong with well-formed JSON of the wrong shape, without
 /// echoing any value from it (bodies hold personal data).
-fn explain_shape(body: &[u8]) -> String {
-    let value: serde_json::Value = match serde_json::from_slice(body) {
+fn explain_shape(body: &str) -> String {
+    let value: serde_json::Value = match serde_json::from_str(body) {
         Ok(value) => value,
         // Only duplicate keys make the envelope fail where a Value parses.
         Err(_) => return "body is not valid JSON".into(),
@@ -362,11 +369,15 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_explained_without_echoing_values() {
-        let cases: [(&[u8], &str); 10] = [
+        let cases: [(&[u8], &str); 11] = [
             (b"", "body is empty"),
             (b"  \n", "body is empty"),
             (b"{", "not valid JSON"),
             (b"{\"event\":\"a\"} trailing", "not valid JSON"),
+            (
+                b"{\"event\":\"a\",\"x\":\"\xff\"}",
+                "invalid UTF-8 at byte 18",
+            ),
             (b"[1,2]", "must be a JSON object, got an array"),
             (
                 b"\"sarah@example.com\"",

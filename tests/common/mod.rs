@@ -1,0 +1,342 @@
+//! Shared test helpers: an in-process relay on port 0 with a temp data dir,
+//! the real binary for crash tests, raw HTTP for protocol-level checks, and
+//! polling with deadlines (never bare sleeps).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use leadflo_relay::Relay;
+use leadflo_relay::config::{Config, Secret};
+use leadflo_relay::log::Log;
+use leadflo_relay::metrics::Metrics;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// A config for tests: loopback port 0 everywhere, data in `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.data_dir = dir.to_owned();
+    config
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    pub ingest: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Log,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestRelay {
+    pub async fn start() -> TestRelay {
+        TestRelay::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let secret = if config.auth.allow_unauthenticated {
+            None
+        } else {
+            Some(Secret::new(SECRET))
+        };
+        let relay = Relay::build(config, secret).await.expect("relay builds");
+        let (ingest, admin, log, metrics) = (
+            relay.ingest_addr(),
+            relay.admin_addr(),
+            relay.log(),
+            relay.metrics(),
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay.run_until_stopped(shutdown.clone()));
+        TestRelay {
+            ingest,
+            admin,
+            log,
+            metrics,
+            shutdown,
+            task,
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/leadflo-webhook", self.ingest)
+    }
+
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+        self.dir
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// POSTs `body` with `secret` (if any); returns status and parsed JSON body.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    secret: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(secret) = secret {
+        request = request.header("x-webhook-secret", secret);
+    }
+    let response = request.send().await.expect("request reaches the relay");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
+    (status, json)
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes
+/// it or `deadline` passes; returns what was read.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], deadline: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_until_close(&mut stream, deadline).await
+}
+
+pub async fn read_until_close(stream: &mut TcpStream, deadline: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(deadline, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one HTTP response's head and JSON body from a raw stream.
+pub async fn read_response(stream: &mut TcpStream, deadline: Duration) -> Option<String> {
+    let mut out = Vec::new();
+    let result = tokio::time::timeout(deadline, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return if out.is_empty() { None } else { Some(()) };
+            }
+            out.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&out);
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let length = text[..head_end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if out.len() >= head_end + 4 + length {
+                    return Some(());
+                }
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(Some(())) => Some(String::from_utf8_lossy(&out).into_owned()),
+        _ => None,
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `deadline` passes.
+pub async fn eventually<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads a metric sample (`name` with labels exactly as printed, e.g.
+/// `leadflo_relay_ingest_requests_total{result="accepted"}`) from /metrics.
+pub async fn scrape(admin: SocketAddr, sample: &str) -> f64 {
+    let text = client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&text, sample).unwrap_or_else(|| panic!("{sample} not in /metrics:\n{text}"))
+}
+
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(sample)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// The real `leadflo-relay serve` in a child process.
+pub struct RelayProcess {
+    pub child: Child,
+    pub ingest: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_leadflo-relay"))
+}
+
+impl RelayProcess {
+    /// Starts `serve` on port 0 with `data_dir` and waits until both
+    /// listeners have printed their addresses.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> RelayProcess {
+        RelayProcess::start_with_env(data_dir, extra_args, &[("LEADFLO_WEBHOOK_SECRET", SECRET)])
+    }
+
+    /// Like [`RelayProcess::start`], with exactly the variables in `env`
+    /// (the inbound secret is not set unless `env` names it).
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> RelayProcess {
+        let mut child = Command::new(binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .env_remove("LEADFLO_WEBHOOK_SECRET")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the relay binary starts");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let addr = |tag: &str| -> Option<SocketAddr> {
+                    if !line.contains(tag) {
+                        return None;
+                    }
+                    let token = line
+                        .split_whitespace()
+                        .find_map(|t| t.strip_prefix("addr="))?;
+                    token.parse().ok()
+                };
+                if let Some(a) = addr("ingest listening") {
+                    let _ = tx.send(("ingest", a));
+                }
+                if let Some(a) = addr("admin listening") {
+                    let _ = tx.send(("admin", a));
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let (mut ingest, mut admin) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ingest.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(("ingest", a)) => ingest = Some(a),
+                Ok((_, a)) => admin = Some(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "relay did not report its addresses within 30 s; stderr:\n{}",
+                        stderr.lock().unwrap().join("\n")
+                    );
+                }
+            }
+        }
+        RelayProcess {
+            child,
+            ingest: ingest.unwrap(),
+            admin: admin.unwrap(),
+            stderr,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/leadflo-webhook", self.ingest)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9 the relay");
+        self.child.wait().unwrap();
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Opens the log of a stopped relay directly, as the offline CLI would.
+pub fn open_log(dir: &Path) -> Log {
+    let config = test_config(dir);
+    Log::open(&leadflo_relay::app::log_options(&config)).expect("log opens after the relay stopped")
+}

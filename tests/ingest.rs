@@ -1,0 +1,506 @@
+//! The ingest endpoint over real HTTP: every status with its JSON body and
+//! metric, byte-exact storage, group commit under concurrency, slow clients.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use leadflo_relay::http::{self, ConnectionLimits};
+use leadflo_relay::ingest::{Ingest, IngestSettings, SecretCheck};
+use leadflo_relay::log::{EventId, Log, LogOptions};
+use leadflo_relay::metrics::{IngestResult, Metrics};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const VISITOR: &str = r#"{"event":"visitor_created","data":{"visitor":{"id":"vis_1"}}}"#;
+
+fn stored_count(log: &Log) -> usize {
+    log.events().count()
+}
+
+#[tokio::test]
+async fn accepted_event_gets_200_with_its_id_and_is_stored() {
+    let relay = TestRelay::start().await;
+    let (status, json) = post(&client(), &relay.url(), Some(SECRET), VISITOR.into()).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["status"], "accepted");
+    let id: EventId = json["id"]
+        .as_str()
+        .expect("id is a string")
+        .parse()
+        .unwrap();
+    let stored = relay
+        .log
+        .event(id)
+        .unwrap()
+        .expect("acknowledged event is stored");
+    assert_eq!(stored.body, VISITOR.as_bytes());
+    assert_eq!(stored.event, "visitor_created");
+    assert!(
+        stored.received_at_ms > 1_600_000_000_000,
+        "receive time is set"
+    );
+    assert_eq!(relay.metrics.requests(IngestResult::Accepted), 1);
+    assert_eq!(
+        scrape(
+            relay.admin,
+            r#"leadflo_relay_ingest_events_total{event="visitor_created"}"#
+        )
+        .await,
+        1.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn seed_payloads_round_trip_byte_for_byte() {
+    let relay = TestRelay::start().await;
+    let client = client();
+    for name in [
+        "visitor_created.json",
+        "conversation_ended.json",
+        "visitor_created_non_ascii.json",
+    ] {
+        let body = fixture(name);
+        let (status, json) = post(&client, &relay.url(), Some(SECRET), body.clone()).await;
+        assert_eq!(status, 200, "{name}: {json}");
+        let id: EventId = json["id"].as_str().unwrap().parse().unwrap();
+        let stored = relay.log.event(id).unwrap().expect("stored");
+        assert_eq!(
+            stored.body, body,
+            "{name}: stored bytes differ from the bytes sent"
+        );
+    }
+    // And after a restart on the same data directory.
+    let dir = relay.stop().await;
+    let log = open_log(dir.path());
+    let bodies: Vec<Vec<u8>> = log.events().map(|e| e.unwrap().body).collect();
+    assert_eq!(bodies.len(), 3);
+    assert_eq!(bodies[2], fixture("visitor_created_non_ascii.json"));
+}
+
+#[tokio::test]
+async fn wrong_or_missing_secrets_get_401_and_store_nothing() {
+    let relay = TestRelay::start().await;
+    let client = client();
+    let same_length_wrong = format!("{}X", &SECRET[..SECRET.len() - 1]);
+    let longer = format!("{SECRET}0");
+    let cases = [
+        Some(same_length_wrong.as_str()),
+        Some(&SECRET[..5]),
+        Some(longer.as_str()),
+        Some(""),
+        None,
+    ];
+    for secret in cases {
+        let (status, json) = post(&client, &relay.url(), secret, VISITOR.into()).await;
+        assert_eq!(status, 401, "secret {secret:?}: {json}");
+        let error = json["error"].as_str().expect("JSON error body");
+        assert!(error.contains("x-webhook-secret"), "{error}");
+    }
+    assert_eq!(
+        stored_count(&relay.log),
+        0,
+        "unauthenticated requests were stored"
+    );
+    assert_eq!(
+        relay.log.quarantined().count(),
+        0,
+        "unauthenticated bodies were quarantined"
+    );
+    assert_eq!(
+        relay.metrics.requests(IngestResult::Unauthorized),
+        cases.len() as u64
+    );
+    assert_eq!(
+        scrape(
+            relay.admin,
+            r#"leadflo_relay_ingest_requests_total{result="unauthorized"}"#
+        )
+        .await,
+        cases.len() as f64
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn other_paths_get_404_and_other_methods_405_with_allow() {
+    let relay = TestRelay::start().await;
+    let client = client();
+    let response = client
+        .post(format!("http://{}/other", relay.ingest))
+        .header("x-webhook-secret", SECRET)
+        .body(VISITOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let json: serde_json::Value = response.json().await.unwrap();
+    assert!(json["error"].is_string());
+
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let response = client
+            .request(method.clone(), relay.url())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method}");
+        assert_eq!(response.headers()["allow"], "POST");
+        let json: serde_json::Value = response.json().await.unwrap();
+        assert!(json["error"].as_str().unwrap().contains("POST"));
+    }
+    assert_eq!(relay.metrics.requests(IngestResult::NotFound), 1);
+    assert_eq!(relay.metrics.requests(IngestResult::MethodNotAllowed), 3);
+    assert_eq!(stored_count(&relay.log), 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_400_and_are_quarantined() {
+    let relay = TestRelay::start().await;
+    let client = client();
+    let cases: [(&[u8], &str); 6] = [
+        (b"not json", "not valid JSON"),
+        (b"[1,2,3]", "must be a JSON object"),
+        (br#"{"data":{}}"#, "no \"event\" field"),
+        (br#"{"event":7}"#, "must be a string"),
+        (b"", "empty"),
+        (
+            b"{\"event\":\"visitor_created\",\"x\":\"\xff\"}",
+            "not valid JSON",
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, json) = post(&client, &relay.url(), Some(SECRET), body.to_vec()).await;
+        assert_eq!(status, 400, "{:?}: {json}", String::from_utf8_lossy(body));
+        let error = json["error"].as_str().unwrap();
+        assert!(error.contains(want), "{error} should mention {want}");
+    }
+    assert_eq!(
+        stored_count(&relay.log),
+        0,
+        "malformed bodies must not become events"
+    );
+    let quarantined: Vec<_> = relay.log.quarantined().map(|q| q.unwrap()).collect();
+    assert_eq!(
+        quarantined.len(),
+        cases.len(),
+        "every malformed body is kept"
+    );
+    for ((body, want), kept) in cases.iter().zip(&quarantined) {
+        assert_eq!(kept.body, *body, "quarantine keeps the exact bytes");
+        assert!(kept.reason.contains(want), "{}", kept.reason);
+    }
+    assert_eq!(
+        relay.metrics.requests(IngestResult::BadRequest),
+        cases.len() as u64
+    );
+    assert_eq!(
+        scrape(relay.admin, "leadflo_relay_quarantined_total").await,
+        cases.len() as f64
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn quarantine_is_bounded_and_keeps_the_newest() {
+    let relay = TestRelay::start_with(|c| c.storage.quarantine_max_events = 3).await;
+    let client = client();
+    for i in 0..5 {
+        let body = format!("bad body {i}");
+        let (status, _) = post(&client, &relay.url(), Some(SECRET), body.into()).await;
+        assert_eq!(status, 400);
+    }
+    let kept: Vec<String> = relay
+        .log
+        .quarantined()
+        .map(|q| String::from_utf8(q.unwrap().body).unwrap())
+        .collect();
+    assert_eq!(kept, ["bad body 2", "bad body 3", "bad body 4"]);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn declared_oversize_gets_413_before_the_body_is_sent() {
+    let relay = TestRelay::start_with(|c| c.server.max_body_bytes = 1024).await;
+    // Headers only: the body never comes, so an answer proves none was read.
+    let request = format!(
+        "POST /leadflo-webhook HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {SECRET}\r\n\
+         content-type: application/json\r\ncontent-length: 1025\r\n\r\n"
+    );
+    let answer = raw_exchange(relay.ingest, request.as_bytes(), Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains(r#"{"error":"body is larger than the limit of 1024 bytes"}"#),
+        "{answer}"
+    );
+    assert_eq!(relay.metrics.requests(IngestResult::TooLarge), 1);
+
+    // Exactly at the limit is fine.
+    let mut body = br#"{"event":"visitor_created","pad":""#.to_vec();
+    body.resize(1022, b'a');
+    body.extend_from_slice(b"\"}");
+    let (status, json) = post(&client(), &relay.url(), Some(SECRET), body).await;
+    assert_eq!(status, 200, "{json}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_body_gets_413_as_soon_as_it_crosses_the_limit() {
+    let relay = TestRelay::start_with(|c| c.server.max_body_bytes = 1024).await;
+    let mut stream = TcpStream::connect(relay.ingest).await.unwrap();
+    let head = format!(
+        "POST /leadflo-webhook HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {SECRET}\r\n\
+         transfer-encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'a'; 800];
+    for _ in 0..2 {
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&chunk).await.unwrap();
+        stream.write_all(b"\r\n").await.unwrap();
+    }
+    // The body is never terminated: the answer must not wait for its end.
+    let answer = read_response(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("a response");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("larger than the limit"), "{answer}");
+    assert_eq!(stored_count(&relay.log), 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn slow_body_gets_408_and_slow_headers_get_the_connection_closed() {
+    let relay = TestRelay::start_with(|c| {
+        c.server.request_timeout = "300ms".parse().unwrap();
+        c.server.header_read_timeout = "300ms".parse().unwrap();
+    })
+    .await;
+    let mut stream = TcpStream::connect(relay.ingest).await.unwrap();
+    let head = format!(
+        "POST /leadflo-webhook HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {SECRET}\r\n\
+         content-length: 100\r\n\r\n{{\"event\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_response(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("a response");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#""error":"request body not received within 300 ms""#),
+        "{answer}"
+    );
+    assert_eq!(relay.metrics.requests(IngestResult::Timeout), 1);
+
+    // Half a header, then silence: the server hangs up on its own.
+    let closed = raw_exchange(
+        relay.ingest,
+        b"POST /leadflo-webhook HTTP/1.1\r\nhost",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!closed.starts_with("HTTP/1.1 200"), "{closed}");
+    // raw_exchange returned before its 10 s deadline only if the server closed.
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_the_connection_cap_holds() {
+    let relay = TestRelay::start_with(|c| {
+        c.server.max_connections = 2;
+        c.server.header_read_timeout = "1s".parse().unwrap();
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut idle_a = TcpStream::connect(relay.ingest).await.unwrap();
+    let mut idle_b = TcpStream::connect(relay.ingest).await.unwrap();
+    // Both slots are taken: a third sender is not served while they are open.
+    let third = tokio::spawn({
+        let url = relay.url();
+        async move { post(&client(), &url, Some(SECRET), VISITOR.into()).await }
+    });
+    // The idle connections are closed by the server (header read timeout)...
+    let a = read_until_close(&mut idle_a, Duration::from_secs(20)).await;
+    let b = read_until_close(&mut idle_b, Duration::from_secs(20)).await;
+    assert!(
+        a.is_empty() && b.is_empty(),
+        "idle connections got data: {a:?} {b:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "idle connections were not closed by the server"
+    );
+    // ...which frees the slots, and the third sender is then served.
+    let (status, _) = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("third sender served once slots freed")
+        .unwrap();
+    assert_eq!(status, 200);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_senders_get_unique_ids_and_share_commits() {
+    let relay = TestRelay::start().await;
+    const SENDERS: usize = 64;
+    const EACH: usize = 20;
+    let client = client();
+    let mut tasks = Vec::new();
+    for sender in 0..SENDERS {
+        let (client, url) = (client.clone(), relay.url());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..EACH {
+                let body = format!(
+                    r#"{{"event":"visitor_created","data":{{"visitor":{{"id":"vis_{sender}_{n}"}}}}}}"#
+                );
+                let (status, json) = post(&client, &url, Some(SECRET), body.clone().into()).await;
+                assert_eq!(status, 200, "{json}");
+                acked.push((json["id"].as_str().unwrap().parse::<EventId>().unwrap(), body));
+            }
+            acked
+        }));
+    }
+    let mut ids = HashSet::new();
+    let mut acked = Vec::new();
+    for task in tasks {
+        for (id, body) in task.await.unwrap() {
+            assert!(ids.insert(id), "id {id} was given twice");
+            acked.push((id, body));
+        }
+    }
+    assert_eq!(acked.len(), SENDERS * EACH);
+    for (id, body) in &acked {
+        let stored = relay.log.event(*id).unwrap();
+        assert_eq!(
+            stored.map(|e| e.body),
+            Some(body.clone().into_bytes()),
+            "event {id}"
+        );
+    }
+    let commits = scrape(relay.admin, "leadflo_relay_commits_total").await;
+    let fsyncs = scrape(relay.admin, "leadflo_relay_fsyncs_total").await;
+    let records = (SENDERS * EACH) as f64;
+    assert!(
+        commits >= 1.0 && commits < records,
+        "{commits} commits for {records} records: no grouping"
+    );
+    assert_eq!(
+        fsyncs, commits,
+        "every commit must include exactly one fsync"
+    );
+    assert_eq!(
+        scrape(relay.admin, "leadflo_relay_commit_batch_size_sum").await,
+        records
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_log_that_cannot_commit_answers_503_and_never_200() {
+    // An ingest endpoint whose committer has already stopped: the append
+    // cannot be confirmed, so the sender must not hear "accepted".
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        data_dir: dir.path().to_owned(),
+        cache_capacity_bytes: 8 << 20,
+        quarantine_max_events: 10,
+        quarantine_max_bytes: 1 << 20,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let log = Log::open(&options).unwrap();
+    let (committer, handle) = log.start_committer(&options, metrics.clone()).unwrap();
+    handle.close().await;
+    let ingest = Arc::new(Ingest::new(
+        IngestSettings {
+            path: "/leadflo-webhook".into(),
+            secret: Some(SecretCheck::new(&leadflo_relay::config::Secret::new(
+                SECRET,
+            ))),
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(5),
+            commit_timeout: Duration::from_secs(3),
+        },
+        committer,
+        metrics.clone(),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = ConnectionLimits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let server = tokio::spawn(http::serve(
+        listener,
+        limits,
+        move |r| ingest.clone().handle(r),
+        shutdown.clone(),
+    ));
+    let url = format!("http://{addr}/leadflo-webhook");
+    let (status, json) = post(&client(), &url, Some(SECRET), VISITOR.into()).await;
+    assert_eq!(status, 503, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("not stored"),
+        "{json}"
+    );
+    assert_eq!(metrics.requests(IngestResult::Unavailable), 1);
+    assert_eq!(metrics.requests(IngestResult::Accepted), 0);
+    shutdown.cancel();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_json() {
+    let relay = TestRelay::start().await;
+    let client = client();
+    for (path, want) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let response = client
+            .get(format!("http://{}{path}", relay.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let json: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(json["status"], want);
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn ids_keep_increasing_across_a_restart() {
+    let relay = TestRelay::start().await;
+    let (_, first) = post(&client(), &relay.url(), Some(SECRET), VISITOR.into()).await;
+    let first: EventId = first["id"].as_str().unwrap().parse().unwrap();
+    let dir = relay.stop().await;
+
+    let mut config = test_config(dir.path());
+    config.storage.data_dir = dir.path().to_owned();
+    let relay =
+        leadflo_relay::Relay::build(config, Some(leadflo_relay::config::Secret::new(SECRET)))
+            .await
+            .unwrap();
+    let url = format!("http://{}/leadflo-webhook", relay.ingest_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(relay.run_until_stopped(shutdown.clone()));
+    let (_, second) = post(&client(), &url, Some(SECRET), VISITOR.into()).await;
+    let second: EventId = second["id"].as_str().unwrap().parse().unwrap();
+    assert!(
+        second > first,
+        "id {second} after restart is not above {first}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

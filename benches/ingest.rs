@@ -1,1 +1,238 @@
-fn main() {}
+//! Ingest baselines (criterion): what later work is measured against.
+//!
+//! - `append/N`: N concurrent writers calling the log's group commit
+//!   directly (apply + flush + fdatasync), no HTTP.
+//! - `fsync_1k`: write 1 KiB and `fdatasync` on the same filesystem as the
+//!   data directory: the physical floor of one durable ack.
+//! - `http/durable/N` and `http/no_persistence/N`: the same hyper front end
+//!   (same accept loop, secret check and validation) on loopback, driven by
+//!   N keep-alive connections; the first is the real relay, the second answers
+//!   200 without storing anything. Their ratio at N = 64 is the cost of
+//!   durability.
+//!
+//! Run with `cargo bench --bench ingest`; data lives in a temp dir under the
+//! current directory (so on the filesystem `./data` would use).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, StatusCode};
+use leadflo_relay::config::{Config, Secret};
+use leadflo_relay::http::{self, ConnectionLimits};
+use leadflo_relay::ingest::{SecretCheck, event_type, json_response};
+use leadflo_relay::log::{Committer, Entry, Log, LogOptions};
+use leadflo_relay::metrics::Metrics;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "bench-secret";
+const CONCURRENCY: [usize; 3] = [1, 16, 64];
+
+fn payload(n: u64) -> Bytes {
+    let template = include_str!("../tests/fixtures/visitor_created.json");
+    Bytes::from(template.replace("Sarah Johnson", &format!("Sarah Johnson {n}")))
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn bench_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(".").expect("temp dir in the current directory")
+}
+
+fn bench_append(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = bench_dir();
+    let options = LogOptions {
+        data_dir: dir.path().to_owned(),
+        cache_capacity_bytes: 64 << 20,
+        quarantine_max_events: 10,
+        quarantine_max_bytes: 1 << 20,
+    };
+    let log = Log::open(&options).unwrap();
+    let (committer, handle) = log
+        .start_committer(&options, Arc::new(Metrics::new()))
+        .unwrap();
+    let mut group = c.benchmark_group("append");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for writers in CONCURRENCY {
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(writers),
+            &writers,
+            |b, &writers| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| append_concurrently(committer.clone(), writers, iters));
+            },
+        );
+    }
+    group.finish();
+    rt.block_on(handle.close());
+}
+
+async fn append_concurrently(committer: Committer, writers: usize, iters: u64) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers as u64)
+        .map(|w| {
+            let committer = committer.clone();
+            let share = iters / writers as u64 + u64::from(w < iters % writers as u64);
+            tokio::spawn(async move {
+                for n in 0..share {
+                    let entry = Entry::Event {
+                        event: "visitor_created".into(),
+                        body: payload(n),
+                    };
+                    committer.append(entry).await.expect("append commits");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn bench_fsync(c: &mut Criterion) {
+    let dir = bench_dir();
+    let mut file = std::fs::File::create(dir.path().join("probe")).unwrap();
+    let block = [b'x'; 1024];
+    c.bench_function("fsync_1k", |b| {
+        b.iter(|| {
+            file.write_all(&block).unwrap();
+            file.sync_data().unwrap();
+        })
+    });
+}
+
+/// The real relay, durable, on loopback.
+async fn start_relay(dir: &std::path::Path) -> (SocketAddr, CancellationToken) {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.data_dir = dir.to_owned();
+    let relay = leadflo_relay::Relay::build(config, Some(Secret::new(SECRET)))
+        .await
+        .unwrap();
+    let addr = relay.ingest_addr();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(relay.run_until_stopped(shutdown.clone()));
+    (addr, shutdown)
+}
+
+/// The same front end, secret check and validation, answering 200 without
+/// storing anything: persistence switched off.
+async fn start_no_persistence() -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let check = SecretCheck::new(&Secret::new(SECRET));
+    let shutdown = CancellationToken::new();
+    let limits = ConnectionLimits {
+        max_connections: 1024,
+        header_read_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let handler = move |request: Request<hyper::body::Incoming>| {
+        let check = check.clone();
+        async move {
+            let authorized = request
+                .headers()
+                .get("x-webhook-secret")
+                .is_some_and(|v| check.matches(v.as_bytes()));
+            let body = Limited::new(request.into_body(), 1 << 20).collect().await.map(|b| b.to_bytes());
+            match (authorized, body) {
+                (true, Ok(body)) if event_type(&body).is_ok() => json_response(
+                    StatusCode::OK,
+                    Bytes::from_static(br#"{"status":"accepted","id":"0"}"#),
+                ),
+                _ => json_response(StatusCode::BAD_REQUEST, Bytes::from_static(b"{}")),
+            }
+        }
+    };
+    tokio::spawn(http::serve(listener, limits, handler, shutdown.clone()));
+    (addr, shutdown)
+}
+
+/// `connections` keep-alive HTTP/1.1 connections, each sending its share of
+/// `iters` requests one after another; returns the wall time.
+async fn drive(addr: SocketAddr, connections: usize, iters: u64) -> Duration {
+    let mut senders = Vec::new();
+    for _ in 0..connections {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        senders.push(sender);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut sender)| {
+            let share =
+                iters / connections as u64 + u64::from((i as u64) < iters % connections as u64);
+            tokio::spawn(async move {
+                for n in 0..share {
+                    let request = Request::post("/leadflo-webhook")
+                        .header("host", "bench")
+                        .header("content-type", "application/json")
+                        .header("x-webhook-secret", SECRET)
+                        .body(Full::new(payload(n)))
+                        .unwrap();
+                    sender.ready().await.unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    assert_eq!(response.status(), StatusCode::OK);
+                    response.into_body().collect().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn bench_http(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = bench_dir();
+    let (durable, stop_durable) = rt.block_on(start_relay(dir.path()));
+    let (plain, stop_plain) = rt.block_on(start_no_persistence());
+    let mut group = c.benchmark_group("http");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(1));
+    for connections in CONCURRENCY {
+        for (name, addr) in [("durable", durable), ("no_persistence", plain)] {
+            group.bench_with_input(
+                BenchmarkId::new(name, connections),
+                &connections,
+                |b, &n| {
+                    b.to_async(&rt).iter_custom(|iters| drive(addr, n, iters));
+                },
+            );
+        }
+    }
+    group.finish();
+    stop_durable.cancel();
+    stop_plain.cancel();
+}
+
+criterion_group!(benches, bench_fsync, bench_append, bench_http);
+criterion_main!(benches);

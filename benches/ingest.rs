@@ -61,7 +61,7 @@ fn bench_append(c: &mut Criterion) {
     };
     let log = Log::open(&options).unwrap();
     let (committer, handle) = log
-        .start_committer(&options, Arc::new(Metrics::new()))
+        .start_committer(&options, Vec::new(), Arc::new(Metrics::new()))
         .unwrap();
     let mut group = c.benchmark_group("append");
     group
@@ -151,7 +151,10 @@ async fn start_no_persistence() -> (SocketAddr, CancellationToken) {
                 .headers()
                 .get("x-webhook-secret")
                 .is_some_and(|v| check.matches(v.as_bytes()));
-            let body = Limited::new(request.into_body(), 1 << 20).collect().await.map(|b| b.to_bytes());
+            let body = Limited::new(request.into_body(), 1 << 20)
+                .collect()
+                .await
+                .map(|b| b.to_bytes());
             match (authorized, body) {
                 (true, Ok(body)) if event_type(&body).is_ok() => json_response(
                     StatusCode::OK,

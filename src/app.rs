@@ -13,9 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::config::{Config, Secret};
+use crate::deliver::Deliverer;
+use crate::dispatch::{self, Target};
 use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
-use crate::log::{Committer, CommitterHandle, Log, LogOptions};
+use crate::log::{Committer, CommitterHandle, Log, LogOptions, Subscription};
 use crate::metrics::Metrics;
 
 /// A relay whose listeners are bound and whose log is open.
@@ -27,6 +29,7 @@ pub struct Relay {
     log: Log,
     committer: Committer,
     committer_handle: CommitterHandle,
+    targets: Vec<Target>,
     metrics: Arc<Metrics>,
 }
 
@@ -46,8 +49,10 @@ impl Relay {
                 options.data_dir.display()
             )
         })?;
+        let (targets, subscriptions) = build_targets(&config, &metrics)?;
         let log = Log::open(&options)?;
-        let (committer, committer_handle) = log.start_committer(&options, metrics.clone())?;
+        let (committer, committer_handle) =
+            log.start_committer(&options, subscriptions, metrics.clone())?;
         let ingest_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| {
@@ -69,6 +74,7 @@ impl Relay {
             log,
             committer,
             committer_handle,
+            targets,
             metrics,
         })
     }
@@ -144,14 +150,66 @@ impl Relay {
             move |request| admin.clone().handle(request),
             shutdown.clone(),
         ));
+        let mut dispatchers = Vec::new();
+        for target in self.targets {
+            tracing::info!(target = %target.name, "delivering");
+            let run = dispatch::run(
+                self.log.clone(),
+                target,
+                self.metrics.clone(),
+                shutdown.clone(),
+            );
+            dispatchers.push(tokio::spawn(run));
+        }
         shutdown.cancelled().await;
-        tracing::info!("shutting down: no new connections; finishing open requests");
+        tracing::info!("shutting down: no new connections; finishing open requests and attempts");
         ingest_task.await.context("ingest listener task")?;
+        for dispatcher in dispatchers {
+            dispatcher.await.context("dispatcher task")?;
+        }
         admin_task.await.context("admin listener task")?;
         self.committer_handle.close().await;
         tracing::info!("stopped; the log is flushed");
         Ok(())
     }
+}
+
+/// A dispatcher and a subscription per configured target.
+fn build_targets(
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<(Vec<Target>, Vec<Subscription>)> {
+    let mut targets = Vec::new();
+    let mut subscriptions = Vec::new();
+    for target in &config.targets {
+        let secret = target.secret()?;
+        let url = reqwest::Url::parse(&target.url)
+            .with_context(|| format!("target {}: url", target.name))?;
+        let deliverer = Deliverer::new(url, secret.as_ref(), target.timeout.get())
+            .with_context(|| format!("target {}: cannot build its HTTP client", target.name))?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        metrics.register_target(&target.name);
+        subscriptions.push(Subscription {
+            target: target.name.clone(),
+            events: target.events.clone(),
+            wake: wake.clone(),
+        });
+        targets.push(Target {
+            name: target.name.clone(),
+            deliverer,
+            policy: target.retry_policy(),
+            concurrency: target.concurrency,
+            rate_per_second: target.rate_per_second,
+            circuit_failures: target.circuit_failures,
+            wake,
+            shutdown_grace: config
+                .server
+                .shutdown_grace
+                .get()
+                .min(std::time::Duration::from_secs(5)),
+        });
+    }
+    Ok((targets, subscriptions))
 }
 
 pub fn log_options(config: &Config) -> LogOptions {

@@ -26,6 +26,144 @@ pub struct Config {
     pub auth: AuthConfig,
     pub storage: StorageConfig,
     pub logging: LoggingConfig,
+    /// `[[targets]]`: where events are delivered.
+    pub targets: Vec<TargetConfig>,
+}
+
+/// `[[targets]]`: one downstream system.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `[a-z0-9_-]+`, unique; used in metrics and logs (never the URL).
+    pub name: String,
+    /// `http` or `https` URL that receives a POST per event.
+    pub url: String,
+    /// Event types this target receives; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+    /// Environment variable whose value is sent as `x-webhook-secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// Or a file holding it (trailing newline ignored); wins over `secret_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Time limit of one attempt, connection to last byte.
+    #[serde(default = "default_target_timeout")]
+    pub timeout: HumanDuration,
+    /// Attempts in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Attempt starts per second; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_second: Option<f64>,
+    /// Consecutive failures that open the circuit breaker.
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+fn default_target_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+fn default_circuit_failures() -> u32 {
+    5
+}
+
+impl TargetConfig {
+    /// A target with every default, as `--target NAME=URL` makes.
+    pub fn new(name: &str, url: &str) -> TargetConfig {
+        TargetConfig {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            events: None,
+            secret_env: None,
+            secret_file: None,
+            timeout: default_target_timeout(),
+            concurrency: default_concurrency(),
+            rate_per_second: None,
+            circuit_failures: default_circuit_failures(),
+            retry: RetryConfig::default(),
+        }
+    }
+
+    /// The URL for humans: scheme, host and port only, never credentials,
+    /// path or query (which may hold tokens, e.g. Zapier hook ids).
+    pub fn redacted_url(&self) -> String {
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) => format!(
+                "{}://{}{}/…",
+                url.scheme(),
+                url.host_str().unwrap_or("?"),
+                url.port().map(|p| format!(":{p}")).unwrap_or_default()
+            ),
+            Err(_) => "(invalid url)".to_owned(),
+        }
+    }
+
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            initial: self.retry.initial.get(),
+            multiplier: self.retry.multiplier,
+            max_interval: self.retry.max_interval.get(),
+            max_age: self.retry.max_age.get(),
+        }
+    }
+
+    /// The secret sent to this target, from `secret_file` or `secret_env`.
+    pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.secret_file {
+            let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+                path: path.clone(),
+                source,
+            })?;
+            let trimmed = trim_line_end(&text);
+            if trimmed.is_empty() {
+                return Err(ConfigError::EmptySecretFile { path: path.clone() });
+            }
+            return Ok(Some(Secret::new(trimmed.to_vec())));
+        }
+        let Some(env) = &self.secret_env else {
+            return Ok(None);
+        };
+        match std::env::var_os(env) {
+            Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+            _ => Err(ConfigError::TargetSecret {
+                target: self.name.clone(),
+                env: env.clone(),
+            }),
+        }
+    }
+}
+
+/// `[targets.retry]`: exponential backoff with full jitter.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Backoff ceiling after the first failure.
+    pub initial: HumanDuration,
+    /// Growth of the ceiling per failure.
+    pub multiplier: f64,
+    /// Largest wait between two attempts (also caps Retry-After).
+    pub max_interval: HumanDuration,
+    /// Age after which a failing delivery becomes a dead letter.
+    pub max_age: HumanDuration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: HumanDuration(Duration::from_secs(1)),
+            multiplier: 2.0,
+            max_interval: HumanDuration(Duration::from_secs(3600)),
+            max_age: HumanDuration(Duration::from_secs(72 * 3600)),
+        }
+    }
 }
 
 /// `[server]`: the ingest and admin listeners and their limits.
@@ -153,6 +291,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub allow_unauthenticated: bool,
     pub log_format: Option<LogFormat>,
+    /// `--target NAME=URL`: added to the file's targets, with defaults.
+    pub targets: Vec<TargetConfig>,
 }
 
 /// A configuration error that says where and what.
@@ -175,13 +315,17 @@ pub enum ConfigError {
          --allow-unauthenticated to accept unauthenticated webhooks"
     )]
     NoSecret { env: String },
-    #[error("cannot read secret file {path} (from `auth.secret_file`): {source}")]
+    #[error("cannot read secret file {path}: {source}")]
     SecretFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("secret file {path} (from `auth.secret_file`) is empty")]
+    #[error("secret file {path} is empty")]
     EmptySecretFile { path: PathBuf },
+    #[error("target {target}: environment variable {env} (from `secret_env`) is not set or empty")]
+    TargetSecret { target: String, env: String },
+    #[error("--target {value:?}: {message}")]
+    TargetFlag { value: String, message: String },
 }
 
 impl Config {
@@ -213,8 +357,15 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies command-line overrides on top of the file's values.
-    pub fn apply(&mut self, overrides: &Overrides) {
+    /// Applies command-line overrides on top of the file's values, and
+    /// validates the result again (a flag may add a clashing target).
+    pub fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        self.apply_fields(overrides);
+        self.targets.extend(overrides.targets.iter().cloned());
+        self.validate("command line")
+    }
+
+    fn apply_fields(&mut self, overrides: &Overrides) {
         if let Some(listen) = overrides.listen {
             self.server.listen = listen;
         }
@@ -299,6 +450,20 @@ impl Config {
                 "expected an environment variable name, got \"\"".to_owned(),
             ));
         }
+        let mut names = std::collections::HashSet::new();
+        for (n, target) in self.targets.iter().enumerate() {
+            let key = |field: &str| format!("targets[{n}].{field}");
+            validate_target(target).map_err(|(field, message)| invalid(&key(field), message))?;
+            if !names.insert(target.name.as_str()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!(
+                        "expected a unique name, but {:?} is used twice",
+                        target.name
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -344,8 +509,114 @@ impl Config {
     /// The effective configuration as TOML. It holds no secret values: only
     /// the names of the variables and files that hold them.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the configuration serializes to TOML")
+        let mut shown = self.clone();
+        for target in &mut shown.targets {
+            if let Ok(mut url) = reqwest::Url::parse(&target.url) {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("[redacted]"));
+                    target.url = url.to_string();
+                }
+            }
+        }
+        toml::to_string_pretty(&shown).expect("the configuration serializes to TOML")
     }
+}
+
+/// Checks one target; on error returns the field and what was expected.
+fn validate_target(t: &TargetConfig) -> Result<(), (&'static str, String)> {
+    let name_ok = !t.name.is_empty()
+        && t.name.len() <= 64
+        && t.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !name_ok {
+        return Err((
+            "name",
+            format!("expected 1-64 characters of [a-z0-9_-], got {:?}", t.name),
+        ));
+    }
+    match reqwest::Url::parse(&t.url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
+        // The value may hold credentials: say what is wrong, not what it is.
+        _ => {
+            return Err((
+                "url",
+                "expected an absolute http:// or https:// URL".to_owned(),
+            ));
+        }
+    }
+    if let Some(events) = &t.events {
+        if events.is_empty() || events.iter().any(String::is_empty) {
+            return Err(("events", "expected a list of event types such as [\"visitor_created\"], or no key for every event".to_owned()));
+        }
+    }
+    if t.secret_env.as_deref() == Some("") {
+        return Err((
+            "secret_env",
+            "expected an environment variable name, got \"\"".to_owned(),
+        ));
+    }
+    if t.timeout.0.is_zero() {
+        return Err(("timeout", "expected a duration above zero".to_owned()));
+    }
+    if !(1..=1024).contains(&t.concurrency) {
+        return Err((
+            "concurrency",
+            format!("expected 1 to 1024, got {}", t.concurrency),
+        ));
+    }
+    if let Some(rate) = t.rate_per_second {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err((
+                "rate_per_second",
+                format!("expected a number above 0, got {rate}"),
+            ));
+        }
+    }
+    if t.circuit_failures == 0 {
+        return Err(("circuit_failures", "expected at least 1, got 0".to_owned()));
+    }
+    let retry = &t.retry;
+    if retry.initial.0.is_zero() {
+        return Err(("retry.initial", "expected a duration above zero".to_owned()));
+    }
+    if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+        return Err((
+            "retry.multiplier",
+            format!(
+                "expected a number of at least 1.0, got {}",
+                retry.multiplier
+            ),
+        ));
+    }
+    if retry.max_interval < retry.initial {
+        return Err((
+            "retry.max_interval",
+            format!(
+                "expected at least retry.initial ({}), got {}",
+                retry.initial, retry.max_interval
+            ),
+        ));
+    }
+    if retry.max_age.0.is_zero() {
+        return Err(("retry.max_age", "expected a duration above zero".to_owned()));
+    }
+    Ok(())
+}
+
+/// Parses `--target NAME=URL`.
+pub fn parse_target_flag(value: &str) -> Result<TargetConfig, ConfigError> {
+    let flag_error = |message: &str| ConfigError::TargetFlag {
+        value: value.to_owned(),
+        message: message.to_owned(),
+    };
+    let (name, url) = value
+        .split_once('=')
+        .ok_or_else(|| flag_error("expected NAME=URL"))?;
+    let target = TargetConfig::new(name, url);
+    validate_target(&target)
+        .map_err(|(field, message)| flag_error(&format!("{field}: {message}")))?;
+    Ok(target)
 }
 
 fn trim_line_end(bytes: &[u8]) -> &[u8] {
@@ -523,13 +794,117 @@ mod tests {
     fn flags_override_the_file() {
         let mut config =
             Config::parse("[server]\nlisten = \"127.0.0.1:1000\"\n", "relay.toml").unwrap();
-        config.apply(&Overrides {
-            listen: Some("127.0.0.1:2000".parse().unwrap()),
-            data_dir: Some(PathBuf::from("/tmp/x")),
-            ..Overrides::default()
-        });
+        config
+            .apply(&Overrides {
+                listen: Some("127.0.0.1:2000".parse().unwrap()),
+                data_dir: Some(PathBuf::from("/tmp/x")),
+                ..Overrides::default()
+            })
+            .unwrap();
         assert_eq!(config.server.listen.port(), 2000);
         assert_eq!(config.storage.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn targets_take_defaults_and_are_validated() {
+        let text = r#"
+[[targets]]
+name = "crm"
+url = "https://crm.example.com/hooks/leadflo"
+events = ["visitor_created"]
+rate_per_second = 5.0
+
+[targets.retry]
+initial = "2s"
+
+[[targets]]
+name = "slack"
+url = "https://hooks.slack.com/services/T000/B000/XXXX"
+"#;
+        let config = Config::parse(text, "relay.toml").unwrap();
+        let crm = &config.targets[0];
+        assert_eq!(crm.concurrency, 4);
+        assert_eq!(crm.timeout.to_string(), "10s");
+        assert_eq!(crm.retry.initial.to_string(), "2s");
+        assert_eq!(crm.retry.max_age.to_string(), "3d");
+        assert_eq!(config.targets[1].events, None);
+        assert_eq!(
+            config.targets[1].redacted_url(),
+            "https://hooks.slack.com/…"
+        );
+
+        for (bad, key) in [
+            (
+                "[[targets]]\nname = \"CRM\"\nurl = \"http://x\"\n",
+                "targets[0].name",
+            ),
+            (
+                "[[targets]]\nname = \"a\"\nurl = \"ftp://x\"\n",
+                "targets[0].url",
+            ),
+            (
+                "[[targets]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency = 0\n",
+                "targets[0].concurrency",
+            ),
+            (
+                "[[targets]]\nname = \"a\"\nurl = \"http://x\"\nrate_per_second = 0.0\n",
+                "targets[0].rate_per_second",
+            ),
+            (
+                "[[targets]]\nname = \"a\"\nurl = \"http://x\"\n[[targets]]\nname = \"a\"\nurl = \"http://y\"\n",
+                "targets[1].name",
+            ),
+            (
+                "[[targets]]\nname = \"a\"\nurl = \"http://x\"\n[targets.retry]\nmultiplier = 0.5\n",
+                "targets[0].retry.multiplier",
+            ),
+            (
+                "[[targets]]\nname = \"a\"\nurl = \"http://x\"\ncolour = 1\n",
+                "targets[0]",
+            ),
+        ] {
+            let err = Config::parse(bad, "relay.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("relay.toml"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Config::parse(
+            "[[targets]]\nname = \"a\"\nurl = \"http://user:pw@x\"\nconcurrency = 0\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("pw@"),
+            "errors must not print URL credentials: {err}"
+        );
+    }
+
+    #[test]
+    fn target_flags_parse_and_add_to_the_file() {
+        let target = parse_target_flag("crm=http://127.0.0.1:9/hook").unwrap();
+        assert_eq!((target.name.as_str(), target.concurrency), ("crm", 4));
+        assert!(
+            parse_target_flag("no-equals")
+                .unwrap_err()
+                .to_string()
+                .contains("NAME=URL")
+        );
+        assert!(parse_target_flag("Bad=http://x").is_err());
+        let mut config =
+            Config::parse("[[targets]]\nname = \"crm\"\nurl = \"http://a\"\n", "f").unwrap();
+        let clash = Overrides {
+            targets: vec![target],
+            ..Overrides::default()
+        };
+        assert!(
+            config
+                .apply(&clash)
+                .unwrap_err()
+                .to_string()
+                .contains("used twice")
+        );
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! | [`http`]    | the accept loop: connection cap, timeouts, graceful shutdown |
 //! | [`ingest`]  | the webhook endpoint: limits, secret check, validation, append |
 //! | [`log`]     | the sled log: records, group commit, quarantine (the only sled user) |
+//! | [`dispatch`] | per-target scheduling: due deliveries, concurrency, rate, circuit breaker |
+//! | [`deliver`] | one HTTP attempt with reqwest, turned into an outcome |
+//! | [`retry`]   | pure backoff and Retry-After math |
 //! | [`admin`]   | the admin listener: health, readiness, metrics |
 //! | [`metrics`] | the Prometheus registry and metric handles |
 //! | [`telemetry`] | the relay's own log output (tracing) |
@@ -20,10 +23,13 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod deliver;
+pub mod dispatch;
 pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod metrics;
+pub mod retry;
 pub mod telemetry;
 
 pub use app::Relay;

@@ -9,6 +9,14 @@
 //! | `e` + id (u64, big endian)  | an event record ([`record`])            |
 //! | `x` + id                    | a quarantined body ([`record`])         |
 //! | `m/last_id`                 | highest id ever assigned (u64 BE)       |
+//! | `q` + target + 0 + due + id | a pending delivery ([`DeliveryState`])  |
+//! | `p` + id + target           | index: the event still has a delivery   |
+//! | `d` + target + 0 + id       | a dead letter ([`DeadLetter`])          |
+//!
+//! The delivery queue of a target is its `q` range, ordered by due time (ms
+//! since the epoch) then id: the dispatcher reads it from the front, so the
+//! queue lives on disk and memory does not grow with the backlog. An event's
+//! deliveries are written in the same batch as the event itself.
 //!
 //! Writes go through one committer thread ([`Committer`]): it gathers every
 //! request waiting, applies them as one batch, then makes them durable with
@@ -37,6 +45,11 @@ use crate::metrics::Metrics;
 const EVENT_PREFIX: u8 = b'e';
 const QUARANTINE_PREFIX: u8 = b'x';
 const META_LAST_ID: &[u8] = b"m/last_id";
+const QUEUE_PREFIX: u8 = b'q';
+const PENDING_PREFIX: u8 = b'p';
+const DEAD_PREFIX: u8 = b'd';
+const PENDING: &[u8] = b"P";
+const DEAD: &[u8] = b"D";
 
 /// Most requests one group commit takes; bounds a commit's latency and memory.
 const MAX_BATCH: usize = 1024;
@@ -72,6 +85,60 @@ pub struct LogOptions {
     pub cache_capacity_bytes: u64,
     pub quarantine_max_events: usize,
     pub quarantine_max_bytes: u64,
+}
+
+/// A target as the committer sees it: which events it gets, and how to wake
+/// its dispatcher when new ones are queued.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub target: String,
+    /// `None`: every event type.
+    pub events: Option<Vec<String>>,
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl Subscription {
+    fn wants(&self, event: &str) -> bool {
+        self.events
+            .as_ref()
+            .is_none_or(|events| events.iter().any(|e| e == event))
+    }
+}
+
+/// A delivery's progress, stored as the value of its queue entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeliveryState {
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When this delivery was queued (ms since the epoch); `max_age` counts
+    /// from here.
+    pub enqueued_ms: u64,
+    pub first_attempt_ms: u64,
+    pub last_attempt_ms: u64,
+    /// HTTP status of the last attempt; 0 when there was none.
+    pub last_status: u16,
+    /// Why the last attempt failed, if it did (never a body).
+    pub last_error: String,
+}
+
+/// One pending delivery, as read from a target's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: EventId,
+    pub due_ms: u64,
+    pub state: DeliveryState,
+}
+
+/// A delivery the retry policy gave up on, kept until an operator acts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: EventId,
+    pub target: String,
+    pub attempts: u32,
+    pub last_status: u16,
+    pub first_attempt_ms: u64,
+    pub last_attempt_ms: u64,
+    pub reason: String,
 }
 
 /// Why the log could not be opened or read.
@@ -199,6 +266,7 @@ impl Log {
     pub fn start_committer(
         &self,
         options: &LogOptions,
+        subscriptions: Vec<Subscription>,
         metrics: Arc<Metrics>,
     ) -> Result<(Committer, CommitterHandle), LogError> {
         let data_path = self.dir.join("db");
@@ -219,6 +287,7 @@ impl Log {
             quarantine,
             quarantine_max_events: options.quarantine_max_events.max(1),
             quarantine_max_bytes: options.quarantine_max_bytes,
+            subscriptions,
             metrics,
             health: self.health.clone(),
         };
@@ -293,6 +362,121 @@ impl Log {
         })
     }
 
+    /// The raw body of a stored event.
+    pub fn event_body(&self, id: EventId) -> Result<Option<Bytes>, LogError> {
+        let key = id_key(EVENT_PREFIX, id.0);
+        match self.db.get(key)? {
+            Some(value) => {
+                let r = record::decode_event(&value).map_err(|reason| LogError::Corrupt {
+                    key: key.to_vec(),
+                    reason,
+                })?;
+                Ok(Some(Bytes::copy_from_slice(r.body)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` deliveries of `target` from the front of its queue that
+    /// are due at `now_ms` (all of them, due or not, with `ignore_due`),
+    /// skipping `skip`. Also returns the due time of the first entry left
+    /// out for not being due yet, so the caller knows when to look again.
+    pub fn due_deliveries(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        ignore_due: bool,
+        skip: &dyn Fn(EventId) -> bool,
+    ) -> Result<(Vec<Delivery>, Option<u64>), LogError> {
+        let mut due = Vec::new();
+        if limit == 0 {
+            return Ok((due, None));
+        }
+        for item in self.db.scan_prefix(queue_prefix(target)) {
+            let (key, value) = item?;
+            let (due_ms, id) = parse_queue_key(&key).ok_or(LogError::Corrupt {
+                key: key.to_vec(),
+                reason: record::DecodeError::Truncated,
+            })?;
+            if !ignore_due && due_ms > now_ms {
+                return Ok((due, Some(due_ms)));
+            }
+            if skip(id) {
+                continue;
+            }
+            let state = record::decode_state(&value).map_err(|reason| LogError::Corrupt {
+                key: key.to_vec(),
+                reason,
+            })?;
+            due.push(Delivery { id, due_ms, state });
+            if due.len() >= limit {
+                break;
+            }
+        }
+        Ok((due, None))
+    }
+
+    /// How many deliveries `target` has queued (a full scan: for tests and
+    /// tools, not for hot paths).
+    pub fn queued_count(&self, target: &str) -> usize {
+        self.db.scan_prefix(queue_prefix(target)).count()
+    }
+
+    /// The target took the event: the delivery leaves the queue.
+    pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
+        batch.remove(pending_key(delivery.id, target));
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    /// Moves a delivery to `due_ms` with its new state.
+    pub fn reschedule(
+        &self,
+        target: &str,
+        delivery: &Delivery,
+        due_ms: u64,
+        state: &DeliveryState,
+    ) -> Result<(), LogError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
+        batch.insert(
+            queue_key(target, due_ms, delivery.id),
+            record::encode_state(state),
+        );
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    /// Moves a delivery out of the queue into the dead-letter store.
+    pub fn bury(&self, delivery: &Delivery, dead: &DeadLetter) -> Result<(), LogError> {
+        let target = dead.target.as_str();
+        let mut batch = sled::Batch::default();
+        batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
+        batch.insert(dead_key(target, delivery.id), record::encode_dead(dead));
+        batch.insert(pending_key(delivery.id, target), DEAD);
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    /// Dead letters of `target`, oldest event first.
+    pub fn dead_letters(&self, target: &str) -> Result<Vec<DeadLetter>, LogError> {
+        let mut prefix = vec![DEAD_PREFIX];
+        prefix.extend_from_slice(target.as_bytes());
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(prefix) {
+            let (key, value) = item?;
+            let id = EventId(decode_u64(&key[key.len() - 8..]).unwrap_or(0));
+            let dead =
+                record::decode_dead(&value, id, target).map_err(|reason| LogError::Corrupt {
+                    key: key.to_vec(),
+                    reason,
+                })?;
+            out.push(dead);
+        }
+        Ok(out)
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
         Ok(self.db.size_on_disk()?)
@@ -317,6 +501,43 @@ fn id_key(prefix: u8, id: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = prefix;
     key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn queue_prefix(target: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(target.len() + 2);
+    key.push(QUEUE_PREFIX);
+    key.extend_from_slice(target.as_bytes());
+    key.push(0);
+    key
+}
+
+fn queue_key(target: &str, due_ms: u64, id: EventId) -> Vec<u8> {
+    let mut key = queue_prefix(target);
+    key.extend_from_slice(&due_ms.to_be_bytes());
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key
+}
+
+fn parse_queue_key(key: &[u8]) -> Option<(u64, EventId)> {
+    let tail = key.get(key.len().checked_sub(16)?..)?;
+    Some((decode_u64(&tail[..8])?, EventId(decode_u64(&tail[8..])?)))
+}
+
+fn pending_key(id: EventId, target: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(target.len() + 9);
+    key.push(PENDING_PREFIX);
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key.extend_from_slice(target.as_bytes());
+    key
+}
+
+fn dead_key(target: &str, id: EventId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(target.len() + 10);
+    key.push(DEAD_PREFIX);
+    key.extend_from_slice(target.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&id.0.to_be_bytes());
     key
 }
 
@@ -394,6 +615,7 @@ struct CommitState {
     quarantine: VecDeque<(sled::IVec, u64)>,
     quarantine_max_events: usize,
     quarantine_max_bytes: u64,
+    subscriptions: Vec<Subscription>,
     metrics: Arc<Metrics>,
     health: Arc<CommitHealth>,
 }
@@ -436,6 +658,7 @@ impl CommitState {
         let mut batch = sled::Batch::default();
         let mut ids = Vec::with_capacity(requests.len());
         let mut bytes = 0;
+        let mut woken = vec![false; self.subscriptions.len()];
         for request in requests.iter() {
             self.last_id = self
                 .last_id
@@ -448,6 +671,19 @@ impl CommitState {
                 Entry::Event { event, body } => {
                     let value = record::encode_event(received_at_ms, event, body);
                     batch.insert(&id_key(EVENT_PREFIX, id), value);
+                    let state = DeliveryState {
+                        enqueued_ms: received_at_ms,
+                        ..Default::default()
+                    };
+                    for (n, subscription) in self.subscriptions.iter().enumerate() {
+                        if subscription.wants(event) {
+                            let target = &subscription.target;
+                            let queued = queue_key(target, received_at_ms, EventId(id));
+                            batch.insert(queued, record::encode_state(&state));
+                            batch.insert(pending_key(EventId(id), target), PENDING);
+                            woken[n] = true;
+                        }
+                    }
                 }
                 Entry::Quarantine { reason, body } => {
                     let value = record::encode_quarantine(received_at_ms, reason, body);
@@ -482,6 +718,11 @@ impl CommitState {
                         metrics.quarantined.inc();
                     }
                     let _ = request.reply.send(Ok(id));
+                }
+                for (subscription, woken) in self.subscriptions.iter().zip(woken) {
+                    if woken {
+                        subscription.wake.notify_one();
+                    }
                 }
             }
             Err(err) => {
@@ -640,6 +881,104 @@ pub mod record {
         })
     }
 
+    /// Delivery state (version 1): `[1u8][attempts u32][enqueued_ms u64]
+    /// [first_attempt_ms u64][last_attempt_ms u64][last_status u16][last_error...]`
+    pub fn encode_state(state: &super::DeliveryState) -> Vec<u8> {
+        let error = truncate_utf8(&state.last_error, 1024);
+        let mut out = Vec::with_capacity(31 + error.len());
+        out.push(VERSION);
+        out.extend_from_slice(&state.attempts.to_be_bytes());
+        out.extend_from_slice(&state.enqueued_ms.to_be_bytes());
+        out.extend_from_slice(&state.first_attempt_ms.to_be_bytes());
+        out.extend_from_slice(&state.last_attempt_ms.to_be_bytes());
+        out.extend_from_slice(&state.last_status.to_be_bytes());
+        out.extend_from_slice(error.as_bytes());
+        out
+    }
+
+    pub fn decode_state(bytes: &[u8]) -> Result<super::DeliveryState, DecodeError> {
+        let mut r = Reader::versioned(bytes)?;
+        Ok(super::DeliveryState {
+            attempts: r.u32()?,
+            enqueued_ms: r.u64()?,
+            first_attempt_ms: r.u64()?,
+            last_attempt_ms: r.u64()?,
+            last_status: r.u16()?,
+            last_error: r.rest_text()?.to_owned(),
+        })
+    }
+
+    /// Dead letter (version 1): `[1u8][attempts u32][last_status u16]
+    /// [first_attempt_ms u64][last_attempt_ms u64][reason...]`
+    pub fn encode_dead(dead: &super::DeadLetter) -> Vec<u8> {
+        let reason = truncate_utf8(&dead.reason, 4096);
+        let mut out = Vec::with_capacity(23 + reason.len());
+        out.push(VERSION);
+        out.extend_from_slice(&dead.attempts.to_be_bytes());
+        out.extend_from_slice(&dead.last_status.to_be_bytes());
+        out.extend_from_slice(&dead.first_attempt_ms.to_be_bytes());
+        out.extend_from_slice(&dead.last_attempt_ms.to_be_bytes());
+        out.extend_from_slice(reason.as_bytes());
+        out
+    }
+
+    pub fn decode_dead(
+        bytes: &[u8],
+        id: super::EventId,
+        target: &str,
+    ) -> Result<super::DeadLetter, DecodeError> {
+        let mut r = Reader::versioned(bytes)?;
+        Ok(super::DeadLetter {
+            id,
+            target: target.to_owned(),
+            attempts: r.u32()?,
+            last_status: r.u16()?,
+            first_attempt_ms: r.u64()?,
+            last_attempt_ms: r.u64()?,
+            reason: r.rest_text()?.to_owned(),
+        })
+    }
+
+    /// Reads fixed-width big-endian fields off the front of a record.
+    struct Reader<'a>(&'a [u8]);
+
+    impl<'a> Reader<'a> {
+        fn versioned(bytes: &'a [u8]) -> Result<Reader<'a>, DecodeError> {
+            let (&version, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+            if version != VERSION {
+                return Err(DecodeError::Version(version));
+            }
+            Ok(Reader(rest))
+        }
+
+        fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+            if self.0.len() < N {
+                return Err(DecodeError::Truncated);
+            }
+            let (head, rest) = self.0.split_at(N);
+            self.0 = rest;
+            Ok(head.try_into().expect("N bytes"))
+        }
+
+        fn u16(&mut self) -> Result<u16, DecodeError> {
+            self.take().map(u16::from_be_bytes)
+        }
+
+        fn u32(&mut self) -> Result<u32, DecodeError> {
+            self.take().map(u32::from_be_bytes)
+        }
+
+        fn u64(&mut self) -> Result<u64, DecodeError> {
+            self.take().map(u64::from_be_bytes)
+        }
+
+        fn rest_text(&mut self) -> Result<&'a str, DecodeError> {
+            let text = std::str::from_utf8(self.0).map_err(|_| DecodeError::NotUtf8)?;
+            self.0 = &[];
+            Ok(text)
+        }
+    }
+
     fn header(bytes: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
         let (&version, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
         if version != VERSION {
@@ -709,6 +1048,40 @@ pub mod record {
             assert!(record.event.len() <= MAX_EVENT_LEN);
             assert!(event.starts_with(record.event));
             assert_eq!(record.body, b"{}");
+        }
+
+        #[test]
+        fn delivery_state_and_dead_letters_round_trip() {
+            let state = crate::log::DeliveryState {
+                attempts: 3,
+                enqueued_ms: 10,
+                first_attempt_ms: 11,
+                last_attempt_ms: 12,
+                last_status: 503,
+                last_error: "HTTP 503".into(),
+            };
+            assert_eq!(decode_state(&encode_state(&state)).unwrap(), state);
+            let dead = crate::log::DeadLetter {
+                id: crate::log::EventId(42),
+                target: "crm".into(),
+                attempts: 1,
+                last_status: 400,
+                first_attempt_ms: 5,
+                last_attempt_ms: 5,
+                reason: "HTTP 400: {\"error\":\"bad\"}".into(),
+            };
+            assert_eq!(
+                decode_dead(&encode_dead(&dead), dead.id, "crm").unwrap(),
+                dead
+            );
+            let bytes = encode_state(&state);
+            for cut in 0..31 {
+                assert_eq!(
+                    decode_state(&bytes[..cut]),
+                    Err(DecodeError::Truncated),
+                    "cut {cut}"
+                );
+            }
         }
 
         #[test]

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use leadflo_relay::Relay;
-use leadflo_relay::config::{Config, LogFormat, Overrides};
+use leadflo_relay::config::{Config, LogFormat, Overrides, TargetConfig, parse_target_flag};
 use tokio_util::sync::CancellationToken;
 
 /// A durable queueing relay for LeadFloAgent webhooks: every event is on
@@ -52,6 +52,14 @@ struct ConfigArgs {
     /// Log line format; overrides `logging.format`.
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// Deliver every event to URL as target NAME ([a-z0-9_-]+), with the
+    /// default retry policy; repeatable, added to the file's `[[targets]]`.
+    #[arg(long = "target", value_name = "NAME=URL", value_parser = parse_target)]
+    targets: Vec<TargetConfig>,
+}
+
+fn parse_target(value: &str) -> Result<TargetConfig, String> {
+    parse_target_flag(value).map_err(|err| err.to_string())
 }
 
 impl ConfigArgs {
@@ -66,7 +74,8 @@ impl ConfigArgs {
             data_dir: self.data_dir.clone(),
             allow_unauthenticated: self.allow_unauthenticated,
             log_format: self.log_format,
-        });
+            targets: self.targets.clone(),
+        })?;
         Ok(config)
     }
 }

@@ -7,8 +7,8 @@
 //! anything read from a request body.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Why an ingest request ended the way it did; the `result` label of
@@ -74,6 +74,9 @@ pub struct Metrics {
     pub commit_batch_size: Histogram,
     pub quarantined: IntCounter,
     pub build_info: IntGaugeVec,
+    pub delivery_attempts: IntCounterVec,
+    pub delivery_duration: HistogramVec,
+    pub circuit_open: IntGaugeVec,
 }
 
 impl Metrics {
@@ -126,7 +129,7 @@ impl Metrics {
                 "leadflo_relay_commit_duration_seconds",
                 "Time to write and fsync one group commit.",
             )
-            .buckets(latency_buckets),
+            .buckets(latency_buckets.clone()),
         )
         .expect("valid metric");
         let commit_batch_size = Histogram::with_opts(
@@ -151,6 +154,31 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let delivery_attempts = IntCounterVec::new(
+            Opts::new(
+                "leadflo_relay_delivery_attempts_total",
+                "Delivery attempts by target and outcome (success, retry, dead).",
+            ),
+            &["target", "outcome"],
+        )
+        .expect("valid metric");
+        let delivery_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "leadflo_relay_delivery_duration_seconds",
+                "Time of one delivery attempt, by target.",
+            )
+            .buckets(latency_buckets),
+            &["target"],
+        )
+        .expect("valid metric");
+        let circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "leadflo_relay_circuit_open",
+                "1 while the target's circuit breaker is open (probing), else 0.",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
         let metrics = Metrics {
             registry,
             ingest_requests,
@@ -163,13 +191,16 @@ impl Metrics {
             commit_batch_size,
             quarantined,
             build_info,
+            delivery_attempts,
+            delivery_duration,
+            circuit_open,
         };
         metrics.register_all();
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -180,6 +211,9 @@ impl Metrics {
             Box::new(self.commit_batch_size.clone()),
             Box::new(self.quarantined.clone()),
             Box::new(self.build_info.clone()),
+            Box::new(self.delivery_attempts.clone()),
+            Box::new(self.delivery_duration.clone()),
+            Box::new(self.circuit_open.clone()),
         ];
         for collector in collectors {
             self.registry
@@ -214,6 +248,21 @@ impl Metrics {
     pub fn requests(&self, result: IngestResult) -> u64 {
         self.ingest_requests
             .with_label_values(&[result.label()])
+            .get()
+    }
+
+    /// Pre-creates a target's series so they read 0 before any attempt.
+    pub fn register_target(&self, target: &str) {
+        for outcome in ["success", "retry", "dead"] {
+            self.delivery_attempts.with_label_values(&[target, outcome]);
+        }
+        self.circuit_open.with_label_values(&[target]).set(0);
+    }
+
+    /// The current value of `leadflo_relay_delivery_attempts_total`.
+    pub fn attempts(&self, target: &str, outcome: &str) -> u64 {
+        self.delivery_attempts
+            .with_label_values(&[target, outcome])
             .get()
     }
 

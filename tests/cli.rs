@@ -190,7 +190,14 @@ fn check_config_prints_the_effective_config_with_overrides_and_no_secret() {
 fn the_example_config_is_valid_and_matches_the_defaults() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/relay.example.toml");
     let config = leadflo_relay::config::Config::load(std::path::Path::new(path)).unwrap();
-    assert_eq!(config, leadflo_relay::config::Config::default(), "relay.example.toml drifted");
-    let output = run(&["check-config", "--config", path], &[("LEADFLO_WEBHOOK_SECRET", "s")]);
+    assert_eq!(
+        config,
+        leadflo_relay::config::Config::default(),
+        "relay.example.toml drifted"
+    );
+    let output = run(
+        &["check-config", "--config", path],
+        &[("LEADFLO_WEBHOOK_SECRET", "s")],
+    );
     assert!(output.status.success(), "{}", text(&output));
 }

@@ -420,7 +420,9 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
     };
     let metrics = Arc::new(Metrics::new());
     let log = Log::open(&options).unwrap();
-    let (committer, handle) = log.start_committer(&options, metrics.clone()).unwrap();
+    let (committer, handle) = log
+        .start_committer(&options, Vec::new(), metrics.clone())
+        .unwrap();
     handle.close().await;
     let ingest = Arc::new(Ingest::new(
         IngestSettings {

@@ -3,6 +3,8 @@
 //! polling with deadlines (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,7 @@ impl TestRelay {
 }
 
 pub fn client() -> reqwest::Client {
+    leadflo_relay::deliver::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

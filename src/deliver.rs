@@ -1,0 +1,208 @@
+//! One delivery attempt: POST the exact stored body to a target with
+//! reqwest and turn whatever happens into an [`Outcome`].
+//!
+//! Redirects are not followed; the response body is read only up to a small
+//! cap (for the dead-letter reason); the whole attempt is bounded by the
+//! target's timeout. This module never logs a body or a target URL.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+
+use crate::config::Secret;
+use crate::log::EventId;
+use crate::retry::parse_retry_after;
+
+/// How many bytes of a rejecting response are kept as the reason.
+pub const REASON_BODY_BYTES: usize = 256;
+
+pub const USER_AGENT_VALUE: &str = concat!("leadflo-relay/", env!("CARGO_PKG_VERSION"));
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: the target has it.
+    Delivered { status: u16 },
+    /// Worth trying again later.
+    Retry {
+        failure: Failure,
+        retry_after: Option<Duration>,
+    },
+    /// Will not succeed by retrying: straight to dead letters.
+    Reject { status: u16, body: String },
+}
+
+/// Why a retryable attempt failed. Variants are decisions, not libraries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Status(u16),
+    Timeout,
+    Connect,
+    /// The connection broke after it was made (reset, truncated answer).
+    Transport,
+}
+
+impl Failure {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Failure::Status(status) => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Status(status) => write!(f, "HTTP {status}"),
+            Failure::Timeout => f.write_str("timed out"),
+            Failure::Connect => f.write_str("could not connect"),
+            Failure::Transport => f.write_str("connection failed mid-request"),
+        }
+    }
+}
+
+/// Statuses worth retrying: 408, 425, 429 and every 5xx.
+pub fn is_retryable_status(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429 | 500..=599)
+}
+
+/// A target's HTTP client and fixed headers.
+#[derive(Clone)]
+pub struct Deliverer {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    secret: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl Deliverer {
+    pub fn new(
+        url: reqwest::Url,
+        secret: Option<&Secret>,
+        timeout: Duration,
+    ) -> anyhow::Result<Deliverer> {
+        install_crypto_provider();
+        let mut headers = HeaderMap::new();
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        let secret = match secret {
+            Some(secret) => {
+                let mut value = HeaderValue::from_bytes(secret.expose()).map_err(|_| {
+                    anyhow::anyhow!("the target secret is not a valid header value")
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Deliverer {
+            client,
+            url,
+            secret,
+            timeout,
+        })
+    }
+
+    /// POSTs `body` as attempt number `attempt` (1-based) of event `id`.
+    pub async fn attempt(&self, id: EventId, attempt: u32, body: Bytes) -> Outcome {
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header("idempotency-key", id.to_string())
+            .header("x-relay-attempt", attempt.to_string())
+            .body(body);
+        if let Some(secret) = &self.secret {
+            request = request.header("x-webhook-secret", secret.clone());
+        }
+        // reqwest's own timeout covers the body too; this guards the rest.
+        let sent = tokio::time::timeout(self.timeout, async {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let body = if (200..300).contains(&status) || is_retryable_status(status) {
+                String::new()
+            } else {
+                read_prefix(response).await
+            };
+            Ok::<_, reqwest::Error>((status, retry_after, body))
+        })
+        .await;
+        match sent {
+            Err(_) => Outcome::Retry {
+                failure: Failure::Timeout,
+                retry_after: None,
+            },
+            Ok(Err(err)) => Outcome::Retry {
+                failure: classify(&err),
+                retry_after: None,
+            },
+            Ok(Ok((status, _, _))) if (200..300).contains(&status) => Outcome::Delivered { status },
+            Ok(Ok((status, retry_after, _))) if is_retryable_status(status) => Outcome::Retry {
+                failure: Failure::Status(status),
+                retry_after,
+            },
+            Ok(Ok((status, _, body))) => Outcome::Reject { status, body },
+        }
+    }
+}
+
+fn classify(err: &reqwest::Error) -> Failure {
+    if err.is_timeout() {
+        Failure::Timeout
+    } else if err.is_connect() {
+        Failure::Connect
+    } else {
+        Failure::Transport
+    }
+}
+
+/// The first bytes of a response body, as lossy text, for a dead letter.
+async fn read_prefix(mut response: reqwest::Response) -> String {
+    let mut kept = Vec::new();
+    while kept.len() < REASON_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    kept.truncate(REASON_BODY_BYTES);
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// reqwest is built without a default TLS crypto provider (aws-lc-rs costs
+/// minutes of build time); install ring's once per process.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider is already installed: that one serves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_statuses_are_exactly_the_documented_ones() {
+        for status in [408, 425, 429, 500, 502, 503, 504, 599] {
+            assert!(is_retryable_status(status), "{status}");
+        }
+        for status in [200, 301, 302, 400, 401, 403, 404, 409, 410, 413, 422] {
+            assert!(!is_retryable_status(status), "{status}");
+        }
+    }
+}

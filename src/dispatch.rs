@@ -1,0 +1,354 @@
+//! Per-target scheduling: one dispatcher task per target takes due
+//! deliveries from the front of the target's queue in the log, oldest first,
+//! and runs attempts with at most `concurrency` in flight and at most
+//! `rate_per_second` starts per second, behind a circuit breaker.
+//!
+//! The queue lives in the log; the dispatcher holds only the ids in flight
+//! (at most `concurrency`), so memory does not grow with the backlog. A slow
+//! or dead target only slows its own dispatcher: targets share nothing but
+//! the log. This module never logs a body or a target URL.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::deliver::{Deliverer, Outcome};
+use crate::log::{DeadLetter, Delivery, DeliveryState, EventId, Log};
+use crate::metrics::Metrics;
+use crate::retry::RetryPolicy;
+
+/// The longest the dispatcher sleeps without looking at its queue again.
+const MAX_IDLE: Duration = Duration::from_secs(1);
+
+/// Everything one target's dispatcher needs.
+pub struct Target {
+    pub name: String,
+    pub deliverer: Deliverer,
+    pub policy: RetryPolicy,
+    pub concurrency: usize,
+    pub rate_per_second: Option<f64>,
+    pub circuit_failures: u32,
+    /// Woken by the committer when new deliveries are queued.
+    pub wake: Arc<Notify>,
+    /// Time in-flight attempts get to finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// What an attempt meant for the target's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The target answered 2xx.
+    Healthy,
+    /// The target answered, but refused this event (dead-lettered).
+    Answered,
+    /// The target failed (connect, timeout, 5xx, 429…).
+    Failing,
+    /// The attempt could not be made or recorded; says nothing of the target.
+    Unknown,
+}
+
+/// The circuit breaker: closed, or open with the time of the next probe.
+struct Circuit {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    /// After the circuit closes, queued deliveries are taken at once instead
+    /// of at their backoff times, until the next failure.
+    catching_up: bool,
+}
+
+/// Spaces attempt starts `1 / rate` apart; never bursts, also not after a
+/// restart (a new limiter starts with no saved-up allowance).
+struct RateLimiter {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl RateLimiter {
+    fn new(rate_per_second: Option<f64>) -> RateLimiter {
+        RateLimiter {
+            interval: rate_per_second.map(|rate| Duration::from_secs_f64(1.0 / rate)),
+            next: Instant::now(),
+        }
+    }
+
+    /// When the next start is allowed.
+    fn ready_at(&self) -> Instant {
+        self.next
+    }
+
+    fn take(&mut self) {
+        if let Some(interval) = self.interval {
+            self.next = self.next.max(Instant::now()) + interval;
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Runs `target`'s dispatcher until `shutdown`; then gives in-flight
+/// attempts the grace period and abandons the rest (they stay queued).
+pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let target = Arc::new(target);
+    let mut in_flight: HashSet<EventId> = HashSet::new();
+    let mut attempts: JoinSet<(EventId, Verdict)> = JoinSet::new();
+    let mut circuit = Circuit {
+        consecutive_failures: 0,
+        open_until: None,
+        catching_up: false,
+    };
+    let mut limiter = RateLimiter::new(target.rate_per_second);
+    let circuit_gauge = metrics.circuit_open.with_label_values(&[&target.name]);
+    circuit_gauge.set(0);
+
+    loop {
+        let mut wake_at = Instant::now() + MAX_IDLE;
+        let capacity = match circuit.open_until {
+            // Open: one probe at a time, once its interval has passed.
+            Some(until) if in_flight.is_empty() && Instant::now() >= until => 1,
+            Some(until) => {
+                wake_at = wake_at.min(until);
+                0
+            }
+            None => target.concurrency - in_flight.len(),
+        };
+        if capacity > 0 && Instant::now() >= limiter.ready_at() {
+            let probing = circuit.open_until.is_some();
+            // A rate limit admits one start at a time.
+            let limit = if target.rate_per_second.is_some() {
+                1
+            } else {
+                capacity
+            };
+            let ignore_due = probing || circuit.catching_up;
+            match log.due_deliveries(&target.name, now_ms(), limit, ignore_due, &|id| {
+                in_flight.contains(&id)
+            }) {
+                Ok((due, next_due_ms)) => {
+                    for delivery in due {
+                        limiter.take();
+                        in_flight.insert(delivery.id);
+                        let (log, target, metrics) = (log.clone(), target.clone(), metrics.clone());
+                        attempts.spawn(async move {
+                            let id = delivery.id;
+                            (id, attempt(&log, &target, &metrics, delivery).await)
+                        });
+                    }
+                    if let Some(due_ms) = next_due_ms {
+                        let wait = Duration::from_millis(due_ms.saturating_sub(now_ms()));
+                        wake_at = wake_at.min(Instant::now() + wait);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(target = %target.name, error = %err, "cannot read the delivery queue");
+                }
+            }
+        } else if capacity > 0 {
+            wake_at = wake_at.min(limiter.ready_at());
+        }
+        // Recompute: starting attempts may have used the capacity up.
+        let may_start = circuit.open_until.is_none() && in_flight.len() < target.concurrency;
+        if may_start && limiter.ready_at() > Instant::now() {
+            wake_at = wake_at.min(limiter.ready_at());
+        }
+
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(joined) = attempts.join_next(), if !attempts.is_empty() => {
+                if let Ok((id, verdict)) = joined {
+                    in_flight.remove(&id);
+                    record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
+                }
+            }
+            _ = target.wake.notified() => {}
+            _ = tokio::time::sleep_until(wake_at.into()) => {}
+        }
+    }
+
+    // Shutdown: let attempts in flight finish, within the grace period.
+    let drained = tokio::time::timeout(target.shutdown_grace, async {
+        while attempts.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            target = %target.name,
+            abandoned = attempts.len(),
+            "attempts still running after the grace period; they stay queued and are retried after restart"
+        );
+        attempts.abort_all();
+    }
+}
+
+fn record_verdict(
+    target: &Target,
+    circuit: &mut Circuit,
+    verdict: Verdict,
+    gauge: &prometheus::IntGauge,
+) {
+    match verdict {
+        Verdict::Healthy | Verdict::Answered => {
+            circuit.consecutive_failures = 0;
+            if circuit.open_until.take().is_some() {
+                gauge.set(0);
+                circuit.catching_up = verdict == Verdict::Healthy;
+                tracing::info!(target = %target.name, "circuit closed: the target answers again");
+            }
+        }
+        Verdict::Failing => {
+            circuit.catching_up = false;
+            circuit.consecutive_failures = circuit.consecutive_failures.saturating_add(1);
+            let beyond = circuit
+                .consecutive_failures
+                .saturating_sub(target.circuit_failures);
+            if circuit.consecutive_failures >= target.circuit_failures {
+                // Probe interval: the backoff for the failures beyond the threshold.
+                let interval = target.policy.ceiling(beyond + 1);
+                if circuit.open_until.is_none() {
+                    gauge.set(1);
+                    tracing::warn!(
+                        target = %target.name,
+                        failures = circuit.consecutive_failures,
+                        probe_every_ms = interval.as_millis() as u64,
+                        "circuit open: the target keeps failing; probing with one attempt at a time"
+                    );
+                }
+                circuit.open_until = Some(Instant::now() + interval);
+            }
+        }
+        Verdict::Unknown => {}
+    }
+}
+
+/// Makes one attempt of `delivery` and records its outcome in the log.
+async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delivery) -> Verdict {
+    let name = target.name.as_str();
+    let body = match log.event_body(delivery.id) {
+        Ok(Some(body)) => body,
+        Ok(None) => {
+            // The event is gone (pruned or purged): nothing left to deliver.
+            tracing::warn!(target = %name, id = %delivery.id, "queued delivery has no event; dropping it");
+            let _ = log.delivered(name, &delivery);
+            return Verdict::Unknown;
+        }
+        Err(err) => {
+            tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot read event");
+            return Verdict::Unknown;
+        }
+    };
+    let number = delivery.state.attempts.saturating_add(1);
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let outcome = target.deliverer.attempt(delivery.id, number, body).await;
+    metrics
+        .delivery_duration
+        .with_label_values(&[name])
+        .observe(started.elapsed().as_secs_f64());
+
+    let mut state = DeliveryState {
+        attempts: number,
+        first_attempt_ms: if delivery.state.first_attempt_ms == 0 {
+            started_ms
+        } else {
+            delivery.state.first_attempt_ms
+        },
+        last_attempt_ms: started_ms,
+        ..delivery.state.clone()
+    };
+    let (verdict, recorded) = match outcome {
+        Outcome::Delivered { .. } => {
+            metrics
+                .delivery_attempts
+                .with_label_values(&[name, "success"])
+                .inc();
+            (Verdict::Healthy, log.delivered(name, &delivery))
+        }
+        Outcome::Retry {
+            failure,
+            retry_after,
+        } => {
+            state.last_status = failure.status().unwrap_or(0);
+            state.last_error = failure.to_string();
+            let delay = target
+                .policy
+                .next_delay(number, retry_after, rand::random::<f64>());
+            let due_ms = now_ms() + delay.as_millis() as u64;
+            let expires_ms = state
+                .enqueued_ms
+                .saturating_add(target.policy.max_age.as_millis() as u64);
+            if due_ms > expires_ms {
+                let reason = format!(
+                    "gave up after {number} attempts over the retry window of {}; last: {failure}",
+                    crate::config::HumanDuration(target.policy.max_age)
+                );
+                metrics
+                    .delivery_attempts
+                    .with_label_values(&[name, "dead"])
+                    .inc();
+                (Verdict::Failing, bury(log, name, &delivery, &state, reason))
+            } else {
+                metrics
+                    .delivery_attempts
+                    .with_label_values(&[name, "retry"])
+                    .inc();
+                (
+                    Verdict::Failing,
+                    log.reschedule(name, &delivery, due_ms, &state),
+                )
+            }
+        }
+        Outcome::Reject { status, body } => {
+            state.last_status = status;
+            let reason = if body.is_empty() {
+                format!("HTTP {status} (not retryable)")
+            } else {
+                format!("HTTP {status} (not retryable): {body}")
+            };
+            metrics
+                .delivery_attempts
+                .with_label_values(&[name, "dead"])
+                .inc();
+            (
+                Verdict::Answered,
+                bury(log, name, &delivery, &state, reason),
+            )
+        }
+    };
+    if let Err(err) = recorded {
+        tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot record a delivery outcome; it will be retried");
+        return Verdict::Unknown;
+    }
+    verdict
+}
+
+fn bury(
+    log: &Log,
+    target: &str,
+    delivery: &Delivery,
+    state: &DeliveryState,
+    reason: String,
+) -> Result<(), crate::log::LogError> {
+    // One line per state change; the reason may quote the target's answer,
+    // so it is stored, not logged.
+    tracing::warn!(target = %target, id = %delivery.id, attempts = state.attempts, status = state.last_status, "delivery dead-lettered");
+    log.bury(
+        delivery,
+        &DeadLetter {
+            id: delivery.id,
+            target: target.to_owned(),
+            attempts: state.attempts,
+            last_status: state.last_status,
+            first_attempt_ms: state.first_attempt_ms,
+            last_attempt_ms: state.last_attempt_ms,
+            reason,
+        },
+    )
+}

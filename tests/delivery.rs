@@ -1,0 +1,405 @@
+//! Delivery to real HTTP targets on loopback: fan-out, retries with the same
+//! idempotency key, Retry-After, dead letters, concurrency and rate limits,
+//! isolation between targets, and the target's own secret.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::receiver::{Receiver, Reply};
+use common::*;
+use leadflo_relay::config::TargetConfig;
+use leadflo_relay::log::EventId;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A target with quick retries, so tests see several attempts in seconds.
+fn target(name: &str, url: &str) -> TargetConfig {
+    let mut target = TargetConfig::new(name, url);
+    target.retry.initial = "100ms".parse().unwrap();
+    target.retry.max_interval = "500ms".parse().unwrap();
+    target.timeout = "5s".parse().unwrap();
+    target
+}
+
+fn visitor(n: usize) -> Vec<u8> {
+    format!(
+        r#"{{"event":"visitor_created","data":{{"visitor":{{"id":"vis_{n}","name":"Zoë {n}"}}}}}}"#
+    )
+    .into_bytes()
+}
+
+async fn send(relay: &TestRelay, body: Vec<u8>) -> EventId {
+    let (status, json) = post(&client(), &relay.url(), Some(SECRET), body).await;
+    assert_eq!(status, 200, "{json}");
+    json["id"].as_str().unwrap().parse().unwrap()
+}
+
+async fn wait_for_requests(receiver: &Receiver, count: usize, what: &str) {
+    eventually(what, WAIT, async || {
+        (receiver.count() >= count).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fans_out_by_event_filter_with_exact_bodies_and_headers() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let slack = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut leads_only = target("crm", &crm.url());
+        leads_only.events = Some(vec!["visitor_created".into()]);
+        c.targets = vec![leads_only, target("slack", &slack.url())];
+    })
+    .await;
+    let lead = fixture("visitor_created.json");
+    let chat = fixture("conversation_ended.json");
+    let lead_id = send(&relay, lead.clone()).await;
+    let chat_id = send(&relay, chat.clone()).await;
+
+    wait_for_requests(&slack, 2, "both events at slack").await;
+    wait_for_requests(&crm, 1, "the lead at the crm").await;
+    let at_crm = crm.requests();
+    assert_eq!(
+        at_crm[0].body, lead,
+        "crm got different bytes than were ingested"
+    );
+    assert_eq!(at_crm[0].header("idempotency-key"), lead_id.to_string());
+    assert_eq!(at_crm[0].header("x-relay-attempt"), "1");
+    assert_eq!(at_crm[0].header("content-type"), "application/json");
+    assert!(at_crm[0].header("user-agent").starts_with("leadflo-relay/"));
+    assert_eq!(
+        at_crm[0].header("x-webhook-secret"),
+        "",
+        "no secret configured, none sent"
+    );
+
+    let mut at_slack: HashMap<String, Vec<u8>> = slack
+        .requests()
+        .into_iter()
+        .map(|r| (r.header("idempotency-key").to_owned(), r.body))
+        .collect();
+    assert_eq!(at_slack.remove(&lead_id.to_string()), Some(lead));
+    assert_eq!(at_slack.remove(&chat_id.to_string()), Some(chat));
+
+    // The crm never gets the conversation_ended event: its queue is empty.
+    eventually("queues to drain", WAIT, async || {
+        (relay.log.queued_count("crm") == 0 && relay.log.queued_count("slack") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        crm.count(),
+        1,
+        "crm received an event it does not subscribe to"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retries_until_success_with_the_same_idempotency_key() {
+    let crm = Receiver::start(|n, _| {
+        if n < 2 {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url())]).await;
+    let id = send(&relay, visitor(1)).await;
+    wait_for_requests(&crm, 3, "three attempts").await;
+    eventually("the delivery to leave the queue", WAIT, async || {
+        (relay.log.queued_count("crm") == 0).then_some(())
+    })
+    .await;
+    let requests = crm.requests();
+    assert_eq!(requests.len(), 3, "a delivered event was sent again");
+    for (n, request) in requests.iter().enumerate() {
+        assert_eq!(
+            request.header("idempotency-key"),
+            id.to_string(),
+            "attempt {n}"
+        );
+        assert_eq!(request.header("x-relay-attempt"), (n + 1).to_string());
+        assert_eq!(request.body, visitor(1));
+    }
+    assert_eq!(relay.metrics.attempts("crm", "retry"), 2);
+    assert_eq!(relay.metrics.attempts("crm", "success"), 1);
+    assert!(relay.log.dead_letters("crm").unwrap().is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let crm = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::status(429).header("retry-after", "2")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url());
+        t.retry.max_interval = "1m".parse().unwrap();
+        c.targets = vec![t];
+    })
+    .await;
+    send(&relay, visitor(1)).await;
+    wait_for_requests(&crm, 2, "the retry after 429").await;
+    let requests = crm.requests();
+    let gap = requests[1].at - requests[0].at;
+    assert!(
+        gap >= Duration::from_secs(2),
+        "retried after {gap:?}, before Retry-After: 2"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn client_errors_and_redirects_are_dead_lettered_at_once() {
+    let crm = Receiver::start(|_, r| {
+        if r.body.windows(5).any(|w| w == b"vis_1") {
+            Reply::status(400).body(r#"{"error":"phone is invalid"}"#)
+        } else {
+            Reply::status(301).header("location", "http://127.0.0.1:1/elsewhere")
+        }
+    })
+    .await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url())]).await;
+    let rejected = send(&relay, visitor(1)).await;
+    let redirected = send(&relay, visitor(2)).await;
+    let dead = eventually("two dead letters", WAIT, async || {
+        let dead = relay.log.dead_letters("crm").unwrap();
+        (dead.len() == 2).then_some(dead)
+    })
+    .await;
+    let by_id: HashMap<EventId, _> = dead.into_iter().map(|d| (d.id, d)).collect();
+    let d400 = &by_id[&rejected];
+    assert_eq!((d400.last_status, d400.attempts), (400, 1));
+    assert!(
+        d400.reason.contains("HTTP 400") && d400.reason.contains("phone is invalid"),
+        "{}",
+        d400.reason
+    );
+    assert!(d400.first_attempt_ms > 0 && d400.last_attempt_ms >= d400.first_attempt_ms);
+    let d301 = &by_id[&redirected];
+    assert_eq!((d301.last_status, d301.attempts), (301, 1));
+    assert_eq!(
+        relay.log.queued_count("crm"),
+        0,
+        "dead letters must leave the queue"
+    );
+    assert_eq!(
+        crm.count(),
+        2,
+        "a 4xx or 3xx was retried (or the redirect followed)"
+    );
+    assert_eq!(relay.metrics.attempts("crm", "dead"), 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
+    // Reserve a port, then close it: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{port}/hook");
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &url)]).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(send(&relay, visitor(n)).await);
+    }
+    eventually(
+        "failed attempts while the target is down",
+        WAIT,
+        async || (relay.metrics.attempts("crm", "retry") >= 5).then_some(()),
+    )
+    .await;
+    let crm = Receiver::start_on(port, |_, _| Reply::ok()).await;
+    eventually("every event at the target", WAIT, async || {
+        (relay.log.queued_count("crm") == 0).then_some(())
+    })
+    .await;
+    let got: std::collections::HashSet<String> = crm
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key").to_owned())
+        .collect();
+    for id in ids {
+        assert!(
+            got.contains(&id.to_string()),
+            "event {id} never reached the target"
+        );
+    }
+    assert!(relay.log.dead_letters("crm").unwrap().is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn concurrency_and_rate_limits_are_never_exceeded() {
+    let crm = Receiver::start(|_, _| Reply::ok().after(Duration::from_millis(300))).await;
+    let fast = Receiver::start(|_, _| Reply::ok().after(Duration::from_millis(100))).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut limited = target("crm", &crm.url());
+        limited.concurrency = 2;
+        limited.rate_per_second = Some(5.0);
+        let mut parallel = target("fast", &fast.url());
+        parallel.concurrency = 3;
+        c.targets = vec![limited, parallel];
+    })
+    .await;
+    for n in 0..15 {
+        send(&relay, visitor(n)).await;
+    }
+    wait_for_requests(&crm, 15, "all events at the rate-limited target").await;
+    wait_for_requests(&fast, 15, "all events at the fast target").await;
+    assert!(
+        crm.max_in_flight() <= 2,
+        "{} attempts in flight, limit 2",
+        crm.max_in_flight()
+    );
+    assert_eq!(
+        fast.max_in_flight(),
+        3,
+        "the fast target should use its whole concurrency"
+    );
+    // At most 5 starts in any one-second window (less 20 ms for loopback jitter).
+    let starts: Vec<_> = crm.requests().iter().map(|r| r.at).collect();
+    for (i, first) in starts.iter().enumerate() {
+        let within = starts[i..]
+            .iter()
+            .filter(|t| **t - *first < Duration::from_millis(980))
+            .count();
+        assert!(
+            within <= 5,
+            "{within} attempt starts within one second, limit 5/s"
+        );
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_target_does_not_slow_a_healthy_one() {
+    let stuck = Receiver::start(|_, _| Reply::ok().after(Duration::from_secs(60))).await;
+    let healthy = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut hanging = target("stuck", &stuck.url());
+        hanging.concurrency = 1;
+        hanging.timeout = "20s".parse().unwrap();
+        c.targets = vec![hanging, target("healthy", &healthy.url())];
+    })
+    .await;
+    for n in 0..30 {
+        send(&relay, visitor(n)).await;
+    }
+    wait_for_requests(&healthy, 30, "all events at the healthy target").await;
+    // All of that happened while the stuck target still held its first
+    // attempt (its timeout is 20 s and it answers after 60 s).
+    assert_eq!(
+        stuck.count(),
+        1,
+        "the stuck target got more than its concurrency"
+    );
+    assert_eq!(
+        stuck.in_flight(),
+        1,
+        "the stuck attempt should still be hanging"
+    );
+    assert_eq!(relay.log.queued_count("stuck"), 30);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
+    const CRM_SECRET: &str = "crm-side-secret";
+    // The handler from LeadFloAgent's docs: 401 unless the secret matches.
+    let express_like = |_: usize, r: &common::receiver::Received| {
+        if r.header("x-webhook-secret") == CRM_SECRET {
+            Reply::ok()
+        } else {
+            Reply::status(401).body(r#"{"error":"Unauthorized"}"#)
+        }
+    };
+    let crm = Receiver::start(express_like).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("crm-secret");
+    std::fs::write(&secret_file, format!("{CRM_SECRET}\n")).unwrap();
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url());
+        t.secret_file = Some(secret_file.clone());
+        c.targets = vec![t];
+    })
+    .await;
+    send(&relay, fixture("visitor_created.json")).await;
+    eventually("the delivery to succeed", WAIT, async || {
+        (relay.metrics.attempts("crm", "success") == 1).then_some(())
+    })
+    .await;
+    assert!(
+        relay.log.dead_letters("crm").unwrap().is_empty(),
+        "the handler refused the secret"
+    );
+    assert_eq!(crm.requests()[0].header("x-webhook-secret"), CRM_SECRET);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
+    let crm = Receiver::start(|_, _| Reply::status(500).after(Duration::from_millis(100))).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url());
+        t.concurrency = 4;
+        t.circuit_failures = 3;
+        t.retry.initial = "200ms".parse().unwrap();
+        t.retry.max_interval = "400ms".parse().unwrap();
+        c.targets = vec![t];
+    })
+    .await;
+    for n in 0..20 {
+        send(&relay, visitor(n)).await;
+    }
+    eventually("the circuit to open", WAIT, async || {
+        (scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        crm.max_in_flight(),
+        4,
+        "before opening, attempts run in parallel"
+    );
+    // While open: one probe at a time, not `concurrency` parallel failures.
+    eventually(
+        "attempts from before the opening to finish",
+        WAIT,
+        async || (crm.in_flight() <= 1).then_some(()),
+    )
+    .await;
+    crm.reset_max_in_flight();
+    let before = crm.count();
+    eventually("a few probes", WAIT, async || {
+        (crm.count() >= before + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        crm.max_in_flight(),
+        1,
+        "an open circuit sent parallel attempts"
+    );
+    crm.set_behaviour(|_, _| Reply::ok());
+    eventually(
+        "the backlog to drain after the first success",
+        WAIT,
+        async || (relay.log.queued_count("crm") == 0).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await,
+        0.0
+    );
+    relay.stop().await;
+}

@@ -205,3 +205,74 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let log = open_log(dir.path());
     assert_eq!(log.event(id).unwrap().map(|e| e.body), Some(body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_event() {
+    use common::receiver::{Receiver, Reply};
+    // Slow answers keep attempts in flight when the kill lands.
+    let crm = Receiver::start(|_, _| Reply::ok().after(Duration::from_millis(5))).await;
+    let target = format!("crm={}", crm.url());
+    let dir = tempfile::tempdir().unwrap();
+    let mut acked_ever: HashMap<EventId, Vec<u8>> = HashMap::new();
+    for round in 0..3 {
+        let mut relay = RelayProcess::start(dir.path(), &["--target", &target]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sending = tokio::spawn(load(relay.url(), round, stop.clone()));
+        let admin = relay.admin;
+        eventually(
+            "deliveries to be under way",
+            Duration::from_secs(30),
+            async || {
+                let delivered = scrape(
+                    admin,
+                    r#"leadflo_relay_delivery_attempts_total{outcome="success",target="crm"}"#,
+                )
+                .await;
+                (delivered >= 50.0 && crm.in_flight() > 0).then_some(())
+            },
+        )
+        .await;
+        relay.kill9();
+        stop.store(true, Ordering::Relaxed);
+        acked_ever.extend(sending.await.unwrap());
+    }
+    // A last start with no load: it only drains what is queued.
+    let relay = RelayProcess::start(dir.path(), &["--target", &target]);
+    eventually(
+        "every acknowledged event at the target",
+        Duration::from_secs(60),
+        async || {
+            let got: std::collections::HashSet<String> = crm
+                .requests()
+                .iter()
+                .map(|r| r.header("idempotency-key").to_owned())
+                .collect();
+            acked_ever
+                .keys()
+                .all(|id| got.contains(&id.to_string()))
+                .then_some(())
+        },
+    )
+    .await;
+    let requests = crm.requests();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for request in &requests {
+        let id: EventId = request.header("idempotency-key").parse().unwrap();
+        if let Some(body) = acked_ever.get(&id) {
+            assert_eq!(
+                &request.body, body,
+                "event {id} was delivered with different bytes"
+            );
+        }
+        *seen
+            .entry(request.header("idempotency-key").to_owned())
+            .or_default() += 1;
+    }
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    eprintln!(
+        "3 kill -9 rounds with deliveries in flight: {} acknowledged, all delivered, {} duplicate deliveries",
+        acked_ever.len(),
+        duplicates
+    );
+    drop(relay);
+}

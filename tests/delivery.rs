@@ -403,3 +403,136 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_target_added_later_does_not_get_history() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start().await;
+    send(&relay, visitor(1)).await;
+    let dir = relay.stop().await;
+    let relay = TestRelay::start_in(dir, |c| c.targets = vec![target("crm", &crm.url())]).await;
+    let id = send(&relay, visitor(2)).await;
+    wait_for_requests(&crm, 1, "the new event").await;
+    eventually("the queue to drain", WAIT, async || {
+        (relay.log.queued_count("crm") == 0).then_some(())
+    })
+    .await;
+    let requests = crm.requests();
+    assert_eq!(requests.len(), 1, "history was resent to a new target");
+    assert_eq!(requests[0].header("idempotency-key"), id.to_string());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn deliveries_older_than_max_age_become_dead_letters() {
+    let crm = Receiver::start(|_, _| Reply::status(502)).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url());
+        t.retry.max_age = "1s".parse().unwrap();
+        t.circuit_failures = 1000;
+        c.targets = vec![t];
+    })
+    .await;
+    let id = send(&relay, visitor(1)).await;
+    let dead = eventually("the delivery to give up", WAIT, async || {
+        relay.log.dead_letters("crm").unwrap().into_iter().next()
+    })
+    .await;
+    assert_eq!(dead.id, id);
+    assert_eq!(dead.last_status, 502);
+    assert!(
+        dead.attempts >= 2,
+        "only {} attempts before giving up",
+        dead.attempts
+    );
+    assert!(
+        dead.reason.contains("gave up after") && dead.reason.contains("HTTP 502"),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(relay.log.queued_count("crm"), 0);
+    let attempts = crm.count();
+    assert_eq!(
+        attempts as u32, dead.attempts,
+        "attempts after the dead letter"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_retry_schedule() {
+    let crm = Receiver::start(|_, _| Reply::status(503).header("retry-after", "600")).await;
+    let with_target = |c: &mut leadflo_relay::config::Config| {
+        let mut t = target("crm", &crm.url());
+        t.retry.max_interval = "1h".parse().unwrap();
+        c.targets = vec![t];
+    };
+    let relay = TestRelay::start_with(with_target).await;
+    let first = send(&relay, visitor(1)).await;
+    wait_for_requests(&crm, 1, "the first attempt").await;
+    let first_attempt_ms = leadflo_relay::dispatch::now_ms();
+    eventually("the retry to be scheduled", WAIT, async || {
+        (relay.metrics.attempts("crm", "retry") == 1).then_some(())
+    })
+    .await;
+    let dir = relay.stop().await;
+
+    crm.set_behaviour(|_, _| Reply::ok());
+    let relay = TestRelay::start_in(dir, with_target).await;
+    let (queued, _) = relay
+        .log
+        .due_deliveries("crm", 0, 10, true, &|_| false)
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].id, first);
+    assert!(
+        queued[0].due_ms >= first_attempt_ms + 590_000,
+        "the Retry-After schedule was lost in the restart"
+    );
+    assert_eq!(queued[0].state.attempts, 1);
+    // The restarted dispatcher works (it delivers a new event) yet leaves
+    // the scheduled one alone.
+    let second = send(&relay, visitor(2)).await;
+    wait_for_requests(&crm, 2, "the new event").await;
+    let requests = crm.requests();
+    assert_eq!(requests[1].header("idempotency-key"), second.to_string());
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.header("idempotency-key") == first.to_string())
+            .count(),
+        1,
+        "the restart retried before the stored schedule"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
+    let crm = Receiver::start(|_, _| Reply::ok().after(Duration::from_secs(60))).await;
+    let with_target = |c: &mut leadflo_relay::config::Config| {
+        c.server.shutdown_grace = "1s".parse().unwrap();
+        c.targets = vec![target("crm", &crm.url())];
+    };
+    let relay = TestRelay::start_with(with_target).await;
+    let id = send(&relay, visitor(1)).await;
+    wait_for_requests(&crm, 1, "the attempt to start").await;
+    let dir = relay.stop().await;
+    assert_eq!(
+        open_log(dir.path()).queued_count("crm"),
+        1,
+        "an unfinished attempt left the queue"
+    );
+
+    crm.set_behaviour(|_, _| Reply::ok());
+    let relay = TestRelay::start_in(dir, with_target).await;
+    eventually("the delivery after restart", WAIT, async || {
+        (relay.log.queued_count("crm") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        crm.requests().last().unwrap().header("idempotency-key"),
+        id.to_string()
+    );
+    relay.stop().await;
+}

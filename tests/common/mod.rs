@@ -55,7 +55,11 @@ impl TestRelay {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestRelay {
-        let dir = tempfile::tempdir().unwrap();
+        TestRelay::start_in(tempfile::tempdir().unwrap(), adjust).await
+    }
+
+    /// Starts on an existing data directory (a restart).
+    pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> TestRelay {
         let mut config = test_config(dir.path());
         adjust(&mut config);
         let secret = if config.auth.allow_unauthenticated {

@@ -20,24 +20,22 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::{Request, StatusCode};
-use leadflo_relay::config::{Config, Secret};
+use leadflo_relay::config::Secret;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{SecretCheck, event_type, json_response};
 use leadflo_relay::log::{Committer, Entry, Log, LogOptions};
 use leadflo_relay::metrics::Metrics;
-use tokio::net::{TcpListener, TcpStream};
+use support::{SECRET, drive, payload, start_relay};
+use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "bench-secret";
-const CONCURRENCY: [usize; 3] = [1, 16, 64];
+#[path = "support/mod.rs"]
+mod support;
 
-fn payload(n: u64) -> Bytes {
-    let template = include_str!("../tests/fixtures/visitor_created.json");
-    Bytes::from(template.replace("Sarah Johnson", &format!("Sarah Johnson {n}")))
-}
+const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -117,21 +115,6 @@ fn bench_fsync(c: &mut Criterion) {
     });
 }
 
-/// The real relay, durable, on loopback.
-async fn start_relay(dir: &std::path::Path) -> (SocketAddr, CancellationToken) {
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
-    config.storage.data_dir = dir.to_owned();
-    let relay = leadflo_relay::Relay::build(config, Some(Secret::new(SECRET)))
-        .await
-        .unwrap();
-    let addr = relay.ingest_addr();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(relay.run_until_stopped(shutdown.clone()));
-    (addr, shutdown)
-}
-
 /// The same front end, secret check and validation, answering 200 without
 /// storing anything: persistence switched off.
 async fn start_no_persistence() -> (SocketAddr, CancellationToken) {
@@ -168,53 +151,10 @@ async fn start_no_persistence() -> (SocketAddr, CancellationToken) {
     (addr, shutdown)
 }
 
-/// `connections` keep-alive HTTP/1.1 connections, each sending its share of
-/// `iters` requests one after another; returns the wall time.
-async fn drive(addr: SocketAddr, connections: usize, iters: u64) -> Duration {
-    let mut senders = Vec::new();
-    for _ in 0..connections {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        senders.push(sender);
-    }
-    let started = Instant::now();
-    let tasks: Vec<_> = senders
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut sender)| {
-            let share =
-                iters / connections as u64 + u64::from((i as u64) < iters % connections as u64);
-            tokio::spawn(async move {
-                for n in 0..share {
-                    let request = Request::post("/leadflo-webhook")
-                        .header("host", "bench")
-                        .header("content-type", "application/json")
-                        .header("x-webhook-secret", SECRET)
-                        .body(Full::new(payload(n)))
-                        .unwrap();
-                    sender.ready().await.unwrap();
-                    let response = sender.send_request(request).await.unwrap();
-                    assert_eq!(response.status(), StatusCode::OK);
-                    response.into_body().collect().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    started.elapsed()
-}
-
 fn bench_http(c: &mut Criterion) {
     let rt = runtime();
     let dir = bench_dir();
-    let (durable, stop_durable) = rt.block_on(start_relay(dir.path()));
+    let (durable, _, stop_durable) = rt.block_on(start_relay(dir.path(), Vec::new()));
     let (plain, stop_plain) = rt.block_on(start_no_persistence());
     let mut group = c.benchmark_group("http");
     group

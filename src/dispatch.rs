@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::deliver::{Deliverer, Outcome};
-use crate::log::{DeadLetter, Delivery, DeliveryState, EventId, Log};
+use crate::log::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 
@@ -106,6 +106,10 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
         catching_up: false,
     };
     let mut limiter = RateLimiter::new(target.rate_per_second);
+    // Where the last scan stopped: the next one resumes there instead of
+    // re-reading (and skipping) everything in flight. Reset to the front
+    // whenever a scan finds nothing, so late arrivals are never missed.
+    let mut cursor: Option<(u64, EventId)> = None;
     let circuit_gauge = metrics.circuit_open.with_label_values(&[&target.name]);
     circuit_gauge.set(0);
 
@@ -129,10 +133,16 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                 capacity
             };
             let ignore_due = probing || circuit.catching_up;
-            match log.due_deliveries(&target.name, now_ms(), limit, ignore_due, &|id| {
-                in_flight.contains(&id)
-            }) {
+            let query = DueQuery {
+                now_ms: now_ms(),
+                limit,
+                ignore_due,
+                after: cursor,
+                skip: &|id| in_flight.contains(&id),
+            };
+            match log.due_deliveries(&target.name, &query) {
                 Ok((due, next_due_ms)) => {
+                    cursor = due.last().map(|d| (d.due_ms, d.id));
                     for delivery in due {
                         limiter.take();
                         in_flight.insert(delivery.id);

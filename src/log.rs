@@ -31,6 +31,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,6 +128,17 @@ pub struct Delivery {
     pub id: EventId,
     pub due_ms: u64,
     pub state: DeliveryState,
+}
+
+/// Which deliveries [`Log::due_deliveries`] returns.
+pub struct DueQuery<'a> {
+    pub now_ms: u64,
+    pub limit: usize,
+    /// Take entries whether or not they are due (probes, catching up).
+    pub ignore_due: bool,
+    /// Resume after this (due, id) queue position instead of the front.
+    pub after: Option<(u64, EventId)>,
+    pub skip: &'a dyn Fn(EventId) -> bool,
 }
 
 /// A delivery the retry policy gave up on, kept until an operator acts.
@@ -377,40 +389,44 @@ impl Log {
         }
     }
 
-    /// Up to `limit` deliveries of `target` from the front of its queue that
-    /// are due at `now_ms` (all of them, due or not, with `ignore_due`),
-    /// skipping `skip`. Also returns the due time of the first entry left
-    /// out for not being due yet, so the caller knows when to look again.
+    /// Up to `limit` deliveries of `target` in queue order that are due at
+    /// `query.now_ms` (all of them, due or not, with `ignore_due`), starting
+    /// after `query.after` (from the front when `None`) and skipping those
+    /// `skip` names. Also returns the due time of the first entry left out
+    /// for not being due yet, so the caller knows when to look again.
     pub fn due_deliveries(
         &self,
         target: &str,
-        now_ms: u64,
-        limit: usize,
-        ignore_due: bool,
-        skip: &dyn Fn(EventId) -> bool,
+        query: &DueQuery<'_>,
     ) -> Result<(Vec<Delivery>, Option<u64>), LogError> {
         let mut due = Vec::new();
-        if limit == 0 {
+        if query.limit == 0 {
             return Ok((due, None));
         }
-        for item in self.db.scan_prefix(queue_prefix(target)) {
+        let prefix = queue_prefix(target);
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends in a separator") = 1;
+        let start = match query.after {
+            Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
+            None => Bound::Included(prefix),
+        };
+        for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
             let (key, value) = item?;
-            let (due_ms, id) = parse_queue_key(&key).ok_or(LogError::Corrupt {
-                key: key.to_vec(),
-                reason: record::DecodeError::Truncated,
-            })?;
-            if !ignore_due && due_ms > now_ms {
-                return Ok((due, Some(due_ms)));
-            }
-            if skip(id) {
-                continue;
-            }
-            let state = record::decode_state(&value).map_err(|reason| LogError::Corrupt {
+            let corrupt = |reason| LogError::Corrupt {
                 key: key.to_vec(),
                 reason,
-            })?;
+            };
+            let (due_ms, id) =
+                parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
+            if !query.ignore_due && due_ms > query.now_ms {
+                return Ok((due, Some(due_ms)));
+            }
+            if (query.skip)(id) {
+                continue;
+            }
+            let state = record::decode_state(&value).map_err(corrupt)?;
             due.push(Delivery { id, due_ms, state });
-            if due.len() >= limit {
+            if due.len() >= query.limit {
                 break;
             }
         }

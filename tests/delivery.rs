@@ -481,7 +481,16 @@ async fn a_restart_keeps_the_retry_schedule() {
     let relay = TestRelay::start_in(dir, with_target).await;
     let (queued, _) = relay
         .log
-        .due_deliveries("crm", 0, 10, true, &|_| false)
+        .due_deliveries(
+            "crm",
+            &leadflo_relay::log::DueQuery {
+                now_ms: 0,
+                limit: 10,
+                ignore_due: true,
+                after: None,
+                skip: &|_| false,
+            },
+        )
         .unwrap();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].id, first);

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::config::{Config, Secret};
 use crate::deliver::Deliverer;
+use crate::disk::DiskGuard;
 use crate::dispatch::{self, Target};
 use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
@@ -30,6 +31,7 @@ pub struct Relay {
     committer: Committer,
     committer_handle: CommitterHandle,
     targets: Vec<Target>,
+    disk: Arc<DiskGuard>,
     metrics: Arc<Metrics>,
 }
 
@@ -51,6 +53,19 @@ impl Relay {
         })?;
         let (targets, subscriptions) = build_targets(&config, &metrics)?;
         let log = Log::open(&options)?;
+        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        log.count_backlogs(&names)?;
+        let disk = Arc::new(DiskGuard::new(
+            options.data_dir.clone(),
+            config.storage.min_free_bytes,
+            config.storage.max_bytes,
+        ));
+        disk.sample(&metrics).with_context(|| {
+            format!(
+                "cannot read the disk space of {}",
+                options.data_dir.display()
+            )
+        })?;
         let (committer, committer_handle) =
             log.start_committer(&options, subscriptions, metrics.clone())?;
         let ingest_listener = TcpListener::bind(config.server.listen)
@@ -75,6 +90,7 @@ impl Relay {
             committer,
             committer_handle,
             targets,
+            disk,
             metrics,
         })
     }
@@ -118,12 +134,20 @@ impl Relay {
                 commit_timeout: self.config.storage.commit_timeout.get(),
             },
             self.committer,
+            self.disk.clone(),
             self.metrics.clone(),
         ));
         let admin = Arc::new(Admin {
             metrics: self.metrics.clone(),
-            commit_health: self.log.health(),
+            log: self.log.clone(),
+            disk: self.disk.clone(),
+            targets: self.targets.iter().map(|t| t.name.clone()).collect(),
         });
+        let disk_watch = tokio::spawn(
+            self.disk
+                .clone()
+                .run(self.metrics.clone(), shutdown.clone()),
+        );
         if self.secret.is_none() {
             tracing::warn!(
                 "UNAUTHENTICATED MODE: every request to {} is accepted without checking \
@@ -168,6 +192,7 @@ impl Relay {
             dispatcher.await.context("dispatcher task")?;
         }
         admin_task.await.context("admin listener task")?;
+        disk_watch.await.context("disk watch task")?;
         self.committer_handle.close().await;
         tracing::info!("stopped; the log is flushed");
         Ok(())

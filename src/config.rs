@@ -243,6 +243,13 @@ pub struct StorageConfig {
     pub quarantine_max_events: usize,
     /// Most bytes of malformed bodies kept in quarantine.
     pub quarantine_max_bytes: u64,
+    /// Free space below which ingest answers 503 and `/readyz` fails; by
+    /// default the smaller of 5 % of the filesystem and 1 GiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free_bytes: Option<u64>,
+    /// Size of the store at which ingest answers 503; unlimited by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for StorageConfig {
@@ -253,6 +260,8 @@ impl Default for StorageConfig {
             commit_timeout: HumanDuration(Duration::from_secs(3)),
             quarantine_max_events: 1000,
             quarantine_max_bytes: 64 * 1024 * 1024,
+            min_free_bytes: None,
+            max_bytes: None,
         }
     }
 }

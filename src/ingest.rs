@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
+use crate::disk::DiskGuard;
 use crate::log::{CommitError, Committer, Entry, EventId};
 use crate::metrics::{IngestResult, Metrics, event_class};
 
@@ -70,6 +71,7 @@ pub struct IngestSettings {
 pub struct Ingest {
     settings: IngestSettings,
     committer: Committer,
+    disk: Arc<DiskGuard>,
     metrics: Arc<Metrics>,
 }
 
@@ -143,10 +145,16 @@ impl Rejection {
 }
 
 impl Ingest {
-    pub fn new(settings: IngestSettings, committer: Committer, metrics: Arc<Metrics>) -> Ingest {
+    pub fn new(
+        settings: IngestSettings,
+        committer: Committer,
+        disk: Arc<DiskGuard>,
+        metrics: Arc<Metrics>,
+    ) -> Ingest {
         Ingest {
             settings,
             committer,
+            disk,
             metrics,
         }
     }
@@ -178,6 +186,9 @@ impl Ingest {
         let limit = self.settings.max_body_bytes;
         if declared_length(request.headers()).is_some_and(|len| len > limit) {
             return Err(Rejection::TooLarge { limit });
+        }
+        if let Some(why) = self.disk.refusal() {
+            return Err(Rejection::Unavailable(why));
         }
         let body = self.read_body(request.into_body()).await?;
         let event = match event_type(&body) {

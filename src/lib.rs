@@ -15,6 +15,7 @@
 //! | [`dispatch`] | per-target scheduling: due deliveries, concurrency, rate, circuit breaker |
 //! | [`deliver`] | one HTTP attempt with reqwest, turned into an outcome |
 //! | [`retry`]   | pure backoff and Retry-After math |
+//! | [`disk`]    | disk space sampling and the free-space floor |
 //! | [`admin`]   | the admin listener: health, readiness, metrics |
 //! | [`metrics`] | the Prometheus registry and metric handles |
 //! | [`telemetry`] | the relay's own log output (tracing) |
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod deliver;
+pub mod disk;
 pub mod dispatch;
 pub mod http;
 pub mod ingest;

@@ -10,7 +10,7 @@
 //! | `x` + id                    | a quarantined body ([`record`])         |
 //! | `m/last_id`                 | highest id ever assigned (u64 BE)       |
 //! | `q` + target + 0 + due + id | a pending delivery ([`DeliveryState`])  |
-//! | `p` + id + target           | index: the event still has a delivery   |
+//! | `p` + target + 0 + id       | index of pending deliveries by age: enqueued_ms (u64 BE) |
 //! | `d` + target + 0 + id       | a dead letter ([`DeadLetter`])          |
 //!
 //! The delivery queue of a target is its `q` range, ordered by due time (ms
@@ -49,8 +49,6 @@ const META_LAST_ID: &[u8] = b"m/last_id";
 const QUEUE_PREFIX: u8 = b'q';
 const PENDING_PREFIX: u8 = b'p';
 const DEAD_PREFIX: u8 = b'd';
-const PENDING: &[u8] = b"P";
-const DEAD: &[u8] = b"D";
 
 /// Most requests one group commit takes; bounds a commit's latency and memory.
 const MAX_BATCH: usize = 1024;
@@ -233,12 +231,53 @@ impl CommitHealth {
     }
 }
 
+/// Backlog figures of one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TargetStats {
+    /// Deliveries waiting (due or scheduled for later).
+    pub queued: u64,
+    /// Dead letters kept.
+    pub dead: u64,
+    /// When the oldest waiting delivery was queued (ms since the epoch).
+    pub oldest_enqueued_ms: Option<u64>,
+}
+
+/// Per-target queued and dead counts, kept in step with every write so that
+/// reading them never scans the log.
+#[derive(Debug, Default)]
+struct Tallies {
+    by_target: std::sync::Mutex<std::collections::HashMap<String, (i64, i64)>>,
+}
+
+impl Tallies {
+    fn change(&self, target: &str, queued: i64, dead: i64) {
+        let mut map = self.by_target.lock().expect("tallies lock");
+        let entry = map.entry(target.to_owned()).or_default();
+        entry.0 += queued;
+        entry.1 += dead;
+    }
+
+    fn set(&self, target: &str, queued: i64, dead: i64) {
+        self.by_target
+            .lock()
+            .expect("tallies lock")
+            .insert(target.to_owned(), (queued, dead));
+    }
+
+    fn get(&self, target: &str) -> (u64, u64) {
+        let map = self.by_target.lock().expect("tallies lock");
+        let (queued, dead) = map.get(target).copied().unwrap_or_default();
+        (queued.max(0) as u64, dead.max(0) as u64)
+    }
+}
+
 /// A handle on the open log. Cheap to clone; all clones share one database.
 #[derive(Clone)]
 pub struct Log {
     db: sled::Db,
     dir: PathBuf,
     health: Arc<CommitHealth>,
+    tallies: Arc<Tallies>,
 }
 
 impl Log {
@@ -263,6 +302,7 @@ impl Log {
             db,
             dir,
             health: Arc::default(),
+            tallies: Arc::default(),
         })
     }
 
@@ -302,6 +342,7 @@ impl Log {
             subscriptions,
             metrics,
             health: self.health.clone(),
+            tallies: self.tallies.clone(),
         };
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
@@ -443,8 +484,10 @@ impl Log {
     pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
         batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
-        batch.remove(pending_key(delivery.id, target));
-        Ok(self.db.apply_batch(batch)?)
+        batch.remove(pending_key(target, delivery.id));
+        self.db.apply_batch(batch)?;
+        self.tallies.change(target, -1, 0);
+        Ok(())
     }
 
     /// Moves a delivery to `due_ms` with its new state.
@@ -470,17 +513,43 @@ impl Log {
         let mut batch = sled::Batch::default();
         batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
         batch.insert(dead_key(target, delivery.id), record::encode_dead(dead));
-        batch.insert(pending_key(delivery.id, target), DEAD);
-        Ok(self.db.apply_batch(batch)?)
+        batch.remove(pending_key(target, delivery.id));
+        self.db.apply_batch(batch)?;
+        self.tallies.change(target, -1, 1);
+        Ok(())
+    }
+
+    /// Counts `targets`' queues and dead letters once (a scan), so that the
+    /// figures [`Log::target_stats`] returns are kept up to date from here on.
+    /// Call before the committer and dispatchers start.
+    pub fn count_backlogs(&self, targets: &[String]) -> Result<(), LogError> {
+        for target in targets {
+            let queued = self.db.scan_prefix(queue_prefix(target)).count() as i64;
+            let dead = self.db.scan_prefix(dead_prefix(target)).count() as i64;
+            self.tallies.set(target, queued, dead);
+        }
+        Ok(())
+    }
+
+    /// Backlog figures of `target`: counts kept as the log changes, and the
+    /// oldest pending delivery from the age index (one key read).
+    pub fn target_stats(&self, target: &str) -> Result<TargetStats, LogError> {
+        let (queued, dead) = self.tallies.get(target);
+        let oldest_enqueued_ms = match self.db.scan_prefix(pending_prefix(target)).next() {
+            Some(item) => decode_u64(&item?.1),
+            None => None,
+        };
+        Ok(TargetStats {
+            queued,
+            dead,
+            oldest_enqueued_ms,
+        })
     }
 
     /// Dead letters of `target`, oldest event first.
     pub fn dead_letters(&self, target: &str) -> Result<Vec<DeadLetter>, LogError> {
-        let mut prefix = vec![DEAD_PREFIX];
-        prefix.extend_from_slice(target.as_bytes());
-        prefix.push(0);
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(prefix) {
+        for item in self.db.scan_prefix(dead_prefix(target)) {
             let (key, value) = item?;
             let id = EventId(decode_u64(&key[key.len() - 8..]).unwrap_or(0));
             let dead =
@@ -521,11 +590,7 @@ fn id_key(prefix: u8, id: u64) -> [u8; 9] {
 }
 
 fn queue_prefix(target: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(target.len() + 2);
-    key.push(QUEUE_PREFIX);
-    key.extend_from_slice(target.as_bytes());
-    key.push(0);
-    key
+    target_prefix(QUEUE_PREFIX, target)
 }
 
 fn queue_key(target: &str, due_ms: u64, id: EventId) -> Vec<u8> {
@@ -540,19 +605,31 @@ fn parse_queue_key(key: &[u8]) -> Option<(u64, EventId)> {
     Some((decode_u64(&tail[..8])?, EventId(decode_u64(&tail[8..])?)))
 }
 
-fn pending_key(id: EventId, target: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(target.len() + 9);
-    key.push(PENDING_PREFIX);
-    key.extend_from_slice(&id.0.to_be_bytes());
+/// `prefix` + target + 0: the start of one target's range of a key family.
+fn target_prefix(prefix: u8, target: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(target.len() + 18);
+    key.push(prefix);
     key.extend_from_slice(target.as_bytes());
+    key.push(0);
     key
 }
 
+fn pending_prefix(target: &str) -> Vec<u8> {
+    target_prefix(PENDING_PREFIX, target)
+}
+
+fn pending_key(target: &str, id: EventId) -> Vec<u8> {
+    let mut key = pending_prefix(target);
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key
+}
+
+fn dead_prefix(target: &str) -> Vec<u8> {
+    target_prefix(DEAD_PREFIX, target)
+}
+
 fn dead_key(target: &str, id: EventId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(target.len() + 10);
-    key.push(DEAD_PREFIX);
-    key.extend_from_slice(target.as_bytes());
-    key.push(0);
+    let mut key = dead_prefix(target);
     key.extend_from_slice(&id.0.to_be_bytes());
     key
 }
@@ -634,6 +711,7 @@ struct CommitState {
     subscriptions: Vec<Subscription>,
     metrics: Arc<Metrics>,
     health: Arc<CommitHealth>,
+    tallies: Arc<Tallies>,
 }
 
 impl CommitState {
@@ -674,7 +752,7 @@ impl CommitState {
         let mut batch = sled::Batch::default();
         let mut ids = Vec::with_capacity(requests.len());
         let mut bytes = 0;
-        let mut woken = vec![false; self.subscriptions.len()];
+        let mut enqueued = vec![0i64; self.subscriptions.len()];
         for request in requests.iter() {
             self.last_id = self
                 .last_id
@@ -696,8 +774,11 @@ impl CommitState {
                             let target = &subscription.target;
                             let queued = queue_key(target, received_at_ms, EventId(id));
                             batch.insert(queued, record::encode_state(&state));
-                            batch.insert(pending_key(EventId(id), target), PENDING);
-                            woken[n] = true;
+                            batch.insert(
+                                pending_key(target, EventId(id)),
+                                &received_at_ms.to_be_bytes(),
+                            );
+                            enqueued[n] += 1;
                         }
                     }
                 }
@@ -735,8 +816,9 @@ impl CommitState {
                     }
                     let _ = request.reply.send(Ok(id));
                 }
-                for (subscription, woken) in self.subscriptions.iter().zip(woken) {
-                    if woken {
+                for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
+                    if added > 0 {
+                        self.tallies.change(&subscription.target, added, 0);
                         subscription.wake.notify_one();
                     }
                 }

@@ -7,9 +7,15 @@
 //! anything read from a request body.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Latency buckets in seconds: 50 µs up to LeadFloAgent's 5 s deadline.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
 
 /// Why an ingest request ended the way it did; the `result` label of
 /// `leadflo_relay_ingest_requests_total`.
@@ -77,6 +83,12 @@ pub struct Metrics {
     pub delivery_attempts: IntCounterVec,
     pub delivery_duration: HistogramVec,
     pub circuit_open: IntGaugeVec,
+    pub backlog_events: IntGaugeVec,
+    pub backlog_oldest_age: GaugeVec,
+    pub dead_letters: IntGaugeVec,
+    pub store_size_bytes: IntGauge,
+    pub disk_free_bytes: IntGauge,
+    pub disk_total_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -98,9 +110,8 @@ impl Metrics {
             &["event"],
         )
         .expect("valid metric");
-        // 50 µs to ~6.5 s: the sender's 5 s deadline falls in the last bucket.
-        let latency_buckets =
-            prometheus::exponential_buckets(50e-6, 2.0, 18).expect("valid buckets");
+        // 50 µs to 5 s, the sender's deadline; 1 s is the alerting threshold.
+        let latency_buckets = LATENCY_BUCKETS.to_vec();
         let ingest_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "leadflo_relay_ingest_duration_seconds",
@@ -179,6 +190,40 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let gauge_vec = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["target"]).expect("valid metric")
+        };
+        let backlog_events = gauge_vec(
+            "leadflo_relay_backlog_events",
+            "Deliveries waiting for the target (due now or scheduled for a retry).",
+        );
+        let backlog_oldest_age = GaugeVec::new(
+            Opts::new(
+                "leadflo_relay_backlog_oldest_age_seconds",
+                "Age of the oldest delivery waiting for the target; 0 when none waits.",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
+        let dead_letters = gauge_vec(
+            "leadflo_relay_dead_letters",
+            "Dead letters kept for the target, waiting for an operator.",
+        );
+        let store_size_bytes = IntGauge::new(
+            "leadflo_relay_store_size_bytes",
+            "Bytes the log's files take on disk.",
+        )
+        .expect("valid metric");
+        let disk_free_bytes = IntGauge::new(
+            "leadflo_relay_disk_free_bytes",
+            "Bytes available on the data directory's filesystem.",
+        )
+        .expect("valid metric");
+        let disk_total_bytes = IntGauge::new(
+            "leadflo_relay_disk_total_bytes",
+            "Size of the data directory's filesystem.",
+        )
+        .expect("valid metric");
         let metrics = Metrics {
             registry,
             ingest_requests,
@@ -194,13 +239,19 @@ impl Metrics {
             delivery_attempts,
             delivery_duration,
             circuit_open,
+            backlog_events,
+            backlog_oldest_age,
+            dead_letters,
+            store_size_bytes,
+            disk_free_bytes,
+            disk_total_bytes,
         };
         metrics.register_all();
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -214,6 +265,12 @@ impl Metrics {
             Box::new(self.delivery_attempts.clone()),
             Box::new(self.delivery_duration.clone()),
             Box::new(self.circuit_open.clone()),
+            Box::new(self.backlog_events.clone()),
+            Box::new(self.backlog_oldest_age.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.store_size_bytes.clone()),
+            Box::new(self.disk_free_bytes.clone()),
+            Box::new(self.disk_total_bytes.clone()),
         ];
         for collector in collectors {
             self.registry
@@ -257,6 +314,11 @@ impl Metrics {
             self.delivery_attempts.with_label_values(&[target, outcome]);
         }
         self.circuit_open.with_label_values(&[target]).set(0);
+        self.backlog_events.with_label_values(&[target]).set(0);
+        self.backlog_oldest_age
+            .with_label_values(&[target])
+            .set(0.0);
+        self.dead_letters.with_label_values(&[target]).set(0);
     }
 
     /// The current value of `leadflo_relay_delivery_attempts_total`.

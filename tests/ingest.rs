@@ -435,6 +435,11 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
             commit_timeout: Duration::from_secs(3),
         },
         committer,
+        Arc::new(leadflo_relay::disk::DiskGuard::new(
+            dir.path().to_owned(),
+            Some(0),
+            None,
+        )),
         metrics.clone(),
     ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,206 @@
+//! Disk space: a sampler that reads the free space of the data directory's
+//! filesystem and the store's own size once a second, publishes both as
+//! metrics, and decides whether ingest must refuse new events (503) because
+//! space fell below `storage.min_free_bytes` or the store reached
+//! `storage.max_bytes`. Refusing early keeps what is already stored safe.
+//!
+//! Ingest and `/readyz` only read a flag; no filesystem call is on the
+//! request path.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How often space is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// The default floor: the smaller of 5 % of the filesystem and 1 GiB.
+pub fn default_min_free(total_bytes: u64) -> u64 {
+    (total_bytes / 20).min(1 << 30)
+}
+
+/// One reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub store_bytes: u64,
+}
+
+/// Space limits and the current verdict.
+pub struct DiskGuard {
+    data_dir: PathBuf,
+    min_free_bytes: Option<u64>,
+    max_bytes: Option<u64>,
+    low: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl DiskGuard {
+    pub fn new(
+        data_dir: PathBuf,
+        min_free_bytes: Option<u64>,
+        max_bytes: Option<u64>,
+    ) -> DiskGuard {
+        DiskGuard {
+            data_dir,
+            min_free_bytes,
+            max_bytes,
+            low: AtomicBool::new(false),
+            reason: Mutex::new(None),
+        }
+    }
+
+    /// Why ingest must refuse new events right now, if it must.
+    pub fn refusal(&self) -> Option<String> {
+        if !self.low.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.reason.lock().expect("disk reason lock").clone()
+    }
+
+    /// Reads the filesystem and the store, updates the verdict and metrics.
+    pub fn sample(&self, metrics: &Metrics) -> std::io::Result<Sample> {
+        let sample = Sample {
+            free_bytes: fs2::available_space(&self.data_dir)?,
+            total_bytes: fs2::total_space(&self.data_dir)?,
+            store_bytes: store_size(&self.data_dir)?,
+        };
+        metrics.disk_free_bytes.set(sample.free_bytes as i64);
+        metrics.disk_total_bytes.set(sample.total_bytes as i64);
+        metrics.store_size_bytes.set(sample.store_bytes as i64);
+        self.judge(sample);
+        Ok(sample)
+    }
+
+    fn judge(&self, sample: Sample) {
+        let floor = self
+            .min_free_bytes
+            .unwrap_or_else(|| default_min_free(sample.total_bytes));
+        let reason = if sample.free_bytes < floor {
+            Some(format!(
+                "the relay is low on disk space ({} bytes free, below storage.min_free_bytes = \
+                 {floor}); the event was not stored",
+                sample.free_bytes
+            ))
+        } else {
+            match self.max_bytes {
+                Some(max) if sample.store_bytes >= max => Some(format!(
+                    "the relay's store is full ({} bytes, storage.max_bytes = {max}); the event \
+                     was not stored",
+                    sample.store_bytes
+                )),
+                _ => None,
+            }
+        };
+        let was_low = self.low.swap(reason.is_some(), Ordering::Relaxed);
+        match (&reason, was_low) {
+            (Some(_), false) => tracing::error!(
+                free_bytes = sample.free_bytes,
+                store_bytes = sample.store_bytes,
+                "disk space below the floor: ingest answers 503 until space returns"
+            ),
+            (None, true) => tracing::info!(
+                free_bytes = sample.free_bytes,
+                "disk space is back: ingest resumes"
+            ),
+            _ => {}
+        }
+        *self.reason.lock().expect("disk reason lock") = reason;
+    }
+
+    /// Samples every [`SAMPLE_EVERY`] until `shutdown`.
+    pub async fn run(self: Arc<Self>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            match self.sample(&metrics) {
+                Ok(_) => failing = false,
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %err, "cannot read disk space of the data directory");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+            }
+        }
+    }
+}
+
+/// Bytes of every file in `dir` and one level of subdirectories (sled keeps
+/// its data file, config and snapshots at the top, large values in `blobs/`).
+pub fn store_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            for inner in std::fs::read_dir(entry.path())? {
+                total += inner?.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        } else {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(min_free: Option<u64>, max: Option<u64>) -> DiskGuard {
+        DiskGuard::new(PathBuf::from("."), min_free, max)
+    }
+
+    #[test]
+    fn default_floor_is_five_percent_capped_at_one_gib() {
+        assert_eq!(default_min_free(10 << 30), 512 << 20);
+        assert_eq!(default_min_free(100 << 30), 1 << 30);
+    }
+
+    #[test]
+    fn refuses_below_the_floor_and_recovers() {
+        let g = guard(Some(1000), None);
+        g.judge(Sample {
+            free_bytes: 999,
+            total_bytes: 1 << 40,
+            store_bytes: 0,
+        });
+        assert!(
+            g.refusal()
+                .unwrap()
+                .contains("storage.min_free_bytes = 1000")
+        );
+        g.judge(Sample {
+            free_bytes: 1000,
+            total_bytes: 1 << 40,
+            store_bytes: 0,
+        });
+        assert_eq!(g.refusal(), None);
+    }
+
+    #[test]
+    fn refuses_when_the_store_reaches_max_bytes() {
+        let g = guard(Some(0), Some(5000));
+        g.judge(Sample {
+            free_bytes: 1 << 30,
+            total_bytes: 1 << 40,
+            store_bytes: 5000,
+        });
+        assert!(g.refusal().unwrap().contains("storage.max_bytes = 5000"));
+        g.judge(Sample {
+            free_bytes: 1 << 30,
+            total_bytes: 1 << 40,
+            store_bytes: 4999,
+        });
+        assert_eq!(g.refusal(), None);
+    }
+}

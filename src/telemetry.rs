@@ -2,32 +2,43 @@
 //! by default, one JSON object per line with `logging.format = "json"`.
 //!
 //! Callers must never put a body, a header value, a secret or any personal
-//! data in a log field.
+//! data in a log field. Dependencies are held at `info` whatever the filter
+//! says: at debug and trace, sled prints stored values and reqwest prints
+//! target URLs (which may carry credentials), and neither may reach a log.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LoggingConfig};
 
-/// Installs the global subscriber. `RUST_LOG` wins over `logging.level`.
-pub fn init(config: &LoggingConfig) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.is_empty() => EnvFilter::try_new(&value)
-            .map_err(|err| anyhow::anyhow!("RUST_LOG={value:?} is not a valid filter: {err}"))?,
-        _ => EnvFilter::try_new(&config.level).map_err(|err| {
-            anyhow::anyhow!(
-                "logging.level = {:?} is not a valid filter: {err}",
-                config.level
-            )
-        })?,
+/// Appended to every filter; a crate-specific directive wins over a global one.
+const DEPENDENCY_CAPS: &str = "sled=info,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info,rustls_platform_verifier=info";
+
+/// The filter: `RUST_LOG` if set, else `logging.level`, plus the caps.
+pub fn filter(config: &LoggingConfig) -> anyhow::Result<EnvFilter> {
+    let (origin, wanted) = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.is_empty() => ("RUST_LOG", value),
+        _ => ("logging.level", config.level.clone()),
     };
+    EnvFilter::try_new(format!("{wanted},{DEPENDENCY_CAPS}"))
+        .map_err(|err| anyhow::anyhow!("{origin} = {wanted:?} is not a valid filter: {err}"))
+}
+
+/// Installs the global subscriber.
+pub fn init(config: &LoggingConfig) -> anyhow::Result<()> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter(config)?)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     let installed = match config.format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // The event's own `target` field (a relay target's name) would clash
+        // with tracing's module target in JSON.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .try_init(),
     };
     installed.map_err(|err| anyhow::anyhow!("cannot install the log subscriber: {err}"))
 }

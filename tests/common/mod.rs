@@ -263,8 +263,8 @@ impl RelayProcess {
             .arg(data_dir)
             .args(extra_args)
             .env_remove("LEADFLO_WEBHOOK_SECRET")
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -276,9 +276,14 @@ impl RelayProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
+                // Text lines carry `addr=…`; JSON lines an "addr" field.
                 let addr = |tag: &str| -> Option<SocketAddr> {
                     if !line.contains(tag) {
                         return None;
+                    }
+                    if line.starts_with('{') {
+                        let json: serde_json::Value = serde_json::from_str(&line).ok()?;
+                        return json["addr"].as_str()?.parse().ok();
                     }
                     let token = line
                         .split_whitespace()

@@ -31,6 +31,7 @@ pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod metrics;
+pub mod ops;
 pub mod retry;
 pub mod telemetry;
 

@@ -46,6 +46,9 @@ use crate::metrics::Metrics;
 const EVENT_PREFIX: u8 = b'e';
 const QUARANTINE_PREFIX: u8 = b'x';
 const META_LAST_ID: &[u8] = b"m/last_id";
+/// How far ids may run ahead of the receive clock (bursts above one event
+/// per microsecond); time-range scans over ids widen by this much.
+const ID_CLOCK_MARGIN_MS: u64 = 60_000;
 const QUEUE_PREFIX: u8 = b'q';
 const PENDING_PREFIX: u8 = b'p';
 const DEAD_PREFIX: u8 = b'd';
@@ -67,6 +70,20 @@ pub struct EventId(pub u64);
 impl std::fmt::Display for EventId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+impl serde::Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        text.parse()
+            .map_err(|_| serde::de::Error::custom(format!("invalid event id {text:?}")))
     }
 }
 
@@ -126,6 +143,14 @@ pub struct Delivery {
     pub id: EventId,
     pub due_ms: u64,
     pub state: DeliveryState,
+}
+
+/// What one [`Log::prune_before`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneStep {
+    pub examined: usize,
+    pub deleted: usize,
+    pub last: Option<EventId>,
 }
 
 /// Which deliveries [`Log::due_deliveries`] returns.
@@ -562,6 +587,182 @@ impl Log {
         Ok(out)
     }
 
+    /// Stored events received in `[from_ms, to_ms]`, oldest first. Ids
+    /// start at the receive time in microseconds (and run ahead of it only
+    /// under bursts), so the scan covers just that id range plus a margin.
+    pub fn events_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> impl DoubleEndedIterator<Item = Result<StoredEvent, LogError>> + '_ {
+        let start = id_key(EVENT_PREFIX, from_ms.saturating_mul(1000));
+        let end_id = to_ms
+            .saturating_add(ID_CLOCK_MARGIN_MS)
+            .saturating_mul(1000);
+        let end = id_key(EVENT_PREFIX, end_id);
+        self.db
+            .range(start..=end)
+            .map(|item| {
+                let (key, value) = item?;
+                decode_event(&key, &value)
+            })
+            .filter(move |event| match event {
+                Ok(e) => e.received_at_ms >= from_ms && e.received_at_ms <= to_ms,
+                Err(_) => true,
+            })
+    }
+
+    /// Whether `target` has a delivery of `id` waiting.
+    pub fn is_queued(&self, target: &str, id: EventId) -> Result<bool, LogError> {
+        Ok(self.db.contains_key(pending_key(target, id))?)
+    }
+
+    /// The dead letter of `id` at `target`, if there is one.
+    pub fn dead_letter(&self, target: &str, id: EventId) -> Result<Option<DeadLetter>, LogError> {
+        let key = dead_key(target, id);
+        match self.db.get(&key)? {
+            Some(value) => record::decode_dead(&value, id, target)
+                .map(Some)
+                .map_err(|reason| LogError::Corrupt { key, reason }),
+            None => Ok(None),
+        }
+    }
+
+    /// Queues `ids` for `target` again, the first due at `first_due_ms` and
+    /// each next one `spacing_ms` later. Attempt counts start afresh; a dead
+    /// letter of the same event at the target is replaced by the new
+    /// delivery. Events already waiting at the target, and ids with no
+    /// stored event, are skipped. Returns how many were queued.
+    pub fn enqueue(
+        &self,
+        target: &str,
+        ids: &[EventId],
+        first_due_ms: u64,
+        spacing_ms: u64,
+    ) -> Result<usize, LogError> {
+        let now_ms = unix_micros(SystemTime::now()) / 1000;
+        let mut batch = sled::Batch::default();
+        let (mut queued, mut revived) = (0i64, 0i64);
+        for &id in ids {
+            if self.is_queued(target, id)? || !self.db.contains_key(id_key(EVENT_PREFIX, id.0))? {
+                continue;
+            }
+            let due_ms = first_due_ms.saturating_add(spacing_ms.saturating_mul(queued as u64));
+            let state = DeliveryState {
+                enqueued_ms: now_ms,
+                ..Default::default()
+            };
+            batch.insert(queue_key(target, due_ms, id), record::encode_state(&state));
+            batch.insert(pending_key(target, id), &now_ms.to_be_bytes());
+            if self.db.contains_key(dead_key(target, id))? {
+                batch.remove(dead_key(target, id));
+                revived += 1;
+            }
+            queued += 1;
+        }
+        self.db.apply_batch(batch)?;
+        self.tallies.change(target, queued, -revived);
+        Ok(queued as usize)
+    }
+
+    /// Every dead letter, of every target that has any, by target then id.
+    pub fn all_dead_letters(&self) -> Result<Vec<DeadLetter>, LogError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([DEAD_PREFIX]) {
+            let (key, value) = item?;
+            let corrupt = |reason| LogError::Corrupt {
+                key: key.to_vec(),
+                reason,
+            };
+            let (target, id) =
+                parse_target_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
+            out.push(record::decode_dead(&value, id, target).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes dead letters for good. Returns how many were removed.
+    pub fn purge_dead_letters(&self, letters: &[(String, EventId)]) -> Result<usize, LogError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for (target, id) in letters {
+            if self.db.contains_key(dead_key(target, *id))? {
+                batch.remove(dead_key(target, *id));
+                self.tallies.change(target, 0, -1);
+                removed += 1;
+            }
+        }
+        self.db.apply_batch(batch)?;
+        Ok(removed)
+    }
+
+    /// Names of every target that has a waiting delivery or a dead letter
+    /// in the log, configured or not (one seek per name, not a scan).
+    pub fn targets_in_log(&self) -> Result<std::collections::BTreeSet<String>, LogError> {
+        let mut names = std::collections::BTreeSet::new();
+        for prefix in [PENDING_PREFIX, DEAD_PREFIX] {
+            let mut from = vec![prefix];
+            while let Some(item) = self.db.range(from.clone()..vec![prefix + 1]).next() {
+                let (key, _) = item?;
+                let Some(end) = key[1..].iter().position(|&b| b == 0) else {
+                    break;
+                };
+                let name = &key[1..1 + end];
+                names.insert(String::from_utf8_lossy(name).into_owned());
+                from = target_prefix(prefix, &String::from_utf8_lossy(name));
+                *from.last_mut().expect("separator") = 1;
+            }
+        }
+        Ok(names)
+    }
+
+    /// Looks at up to `limit` events received before `cutoff_ms`, starting
+    /// after `after`, and deletes, in one batch, those that none of
+    /// `targets` still waits for or holds as a dead letter. Returns how many
+    /// were looked at and deleted, and the last id looked at (to resume
+    /// from); fewer than `limit` looked at means the pass is complete.
+    pub fn prune_before(
+        &self,
+        cutoff_ms: u64,
+        after: Option<EventId>,
+        limit: usize,
+        targets: &[String],
+    ) -> Result<PruneStep, LogError> {
+        // Ids are never below their receive time in µs, so every id below
+        // the cutoff's µs was received before the cutoff.
+        let end = id_key(EVENT_PREFIX, cutoff_ms.saturating_mul(1000)).to_vec();
+        let start = match after {
+            Some(id) => Bound::Excluded(id_key(EVENT_PREFIX, id.0).to_vec()),
+            None => Bound::Included(vec![EVENT_PREFIX]),
+        };
+        let mut batch = sled::Batch::default();
+        let mut step = PruneStep::default();
+        for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
+            let (key, _) = item?;
+            let Some(id) = decode_u64(&key[1..]).map(EventId) else {
+                continue;
+            };
+            step.examined += 1;
+            step.last = Some(id);
+            let mut kept = false;
+            for target in targets {
+                if self.is_queued(target, id)? || self.db.contains_key(dead_key(target, id))? {
+                    kept = true;
+                    break;
+                }
+            }
+            if !kept {
+                batch.remove(key);
+                step.deleted += 1;
+            }
+            if step.examined >= limit {
+                break;
+            }
+        }
+        self.db.apply_batch(batch)?;
+        Ok(step)
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
         Ok(self.db.size_on_disk()?)
@@ -632,6 +833,17 @@ fn dead_key(target: &str, id: EventId) -> Vec<u8> {
     let mut key = dead_prefix(target);
     key.extend_from_slice(&id.0.to_be_bytes());
     key
+}
+
+/// Splits a `prefix + target + 0 + id` key.
+fn parse_target_key(key: &[u8]) -> Option<(&str, EventId)> {
+    let rest = key.get(1..)?;
+    let split = rest.len().checked_sub(9)?;
+    if rest[split] != 0 {
+        return None;
+    }
+    let target = std::str::from_utf8(&rest[..split]).ok()?;
+    Some((target, EventId(decode_u64(&rest[split + 1..])?)))
 }
 
 fn decode_u64(bytes: &[u8]) -> Option<u64> {

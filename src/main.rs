@@ -104,27 +104,50 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Handlers first: a SIGTERM that arrives while the relay starts must
+        // still mean a clean shutdown, not the default sudden death.
+        let signals = Signals::install()?;
         let relay = Relay::build(config, secret).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
         relay.run_until_stopped(shutdown).await
     })
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, registered as soon as this is created.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                terminate: signal(SignalKind::terminate())
+                    .context("installing a SIGTERM handler")?,
+                interrupt: signal(SignalKind::interrupt())
+                    .context("installing a SIGINT handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
-    shutdown.cancel();
+
+    async fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
+    }
 }
 
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {

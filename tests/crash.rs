@@ -21,6 +21,7 @@ const SENDERS: usize = 16;
 /// Sends distinct events from `SENDERS` tasks until `stop`, or until the
 /// relay stops answering; returns every (id, body) that got a 200.
 async fn load(url: String, round: usize, stop: Arc<AtomicBool>) -> Vec<(EventId, Vec<u8>)> {
+    leadflo_relay::deliver::install_crypto_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

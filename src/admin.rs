@@ -1,42 +1,140 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`.
+//! The admin listener: health, readiness, metrics, and the admin API the
+//! CLI uses while `serve` runs (sled allows one process per database, so
+//! the CLI must not open a running relay's data directory).
 //!
-//! Bound to loopback by default. It reads state, never changes it.
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | open, for probes and Prometheus |
+//! | `GET /api/stats` | per-target backlog, dead letters, circuit, last success; disk |
+//! | `GET /api/events?from_ms&to_ms&event&limit&quarantined` | newest events first |
+//! | `GET /api/events/{id}`, `GET /api/events/{id}/raw` | one event, as JSON or its exact bytes |
+//! | `POST /api/replay` | queue events for a target again |
+//! | `GET /api/dlq?target=` | dead letters |
+//! | `POST /api/dlq/retry`, `POST /api/dlq/purge` | act on dead letters |
+//!
+//! `/api/*` requires `Authorization: Bearer <token>` whenever an admin token
+//! is configured, which `serve` insists on when the listener is not on
+//! loopback. The token is compared in constant time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 
 use crate::disk::DiskGuard;
-use crate::ingest::json_response;
-use crate::log::Log;
+use crate::ingest::{SecretCheck, json_response};
+use crate::log::{EventId, Log};
 use crate::metrics::Metrics;
+use crate::ops::{self, LiveState, OpsError, TargetsView};
+
+/// The environment variable holding the admin API token.
+pub const ADMIN_TOKEN_ENV: &str = "LEADFLO_RELAY_ADMIN_TOKEN";
+
+/// Largest admin request body (replay id lists).
+const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
 
 /// Everything the admin routes read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub log: Log,
     pub disk: Arc<DiskGuard>,
-    /// Configured target names, for the per-target gauges.
-    pub targets: Vec<String>,
+    pub targets: TargetsView,
+    /// Wakes a target's dispatcher after a replay or a retry.
+    pub wakes: HashMap<String, Arc<Notify>>,
+    /// When set, `/api/*` requires it as a bearer token.
+    pub token: Option<SecretCheck>,
 }
 
+type AdminResponse = Response<Full<Bytes>>;
+
 impl Admin {
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        if request.method() != Method::GET && request.method() != Method::HEAD {
-            let mut response = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only GET is allowed on the admin listener",
-            );
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> AdminResponse {
+        let path = request.uri().path().to_owned();
+        let method = request.method().clone();
+        if !path.starts_with("/api/") {
+            return self.probe(&method, &path);
+        }
+        if let Some(check) = &self.token {
+            let presented = request
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            if !presented.is_some_and(|token| check.matches(token)) {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong admin token (Authorization: Bearer …)",
+                );
+            }
+        }
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let this = self.clone();
+        match (method, path.as_str()) {
+            (Method::GET, "/api/stats") => {
+                let live = MetricsLive(&self.metrics);
+                reply(ops::stats(&self.log, &self.targets, Some(&live)))
+            }
+            (Method::GET, "/api/events") => match parse_query::<ops::EventsQuery>(&query) {
+                Ok(q) => blocking(move || ops::list_events(&this.log, &q)).await,
+                Err(bad) => bad.response(),
+            },
+            (Method::GET, "/api/dlq") => {
+                let target = parse_query::<TargetQuery>(&query).map(|q| q.target);
+                match target {
+                    Ok(target) => {
+                        blocking(move || ops::list_dead_letters(&this.log, target.as_deref())).await
+                    }
+                    Err(bad) => bad.response(),
+                }
+            }
+            (Method::POST, "/api/replay") => match read_json::<ops::ReplayRequest>(request).await {
+                Ok(r) => {
+                    let target = r.target.clone();
+                    let response =
+                        blocking(move || ops::replay(&this.log, &this.targets, &r, &mut |_| {}))
+                            .await;
+                    self.wake(Some(&target));
+                    response
+                }
+                Err(bad) => bad.response(),
+            },
+            (Method::POST, "/api/dlq/retry") => match read_json::<ops::DlqSelection>(request).await
+            {
+                Ok(s) => {
+                    let target = s.target.clone();
+                    let response = blocking(move || ops::retry_dead_letters(&this.log, &s)).await;
+                    self.wake(target.as_deref());
+                    response
+                }
+                Err(bad) => bad.response(),
+            },
+            (Method::POST, "/api/dlq/purge") => match read_json::<ops::DlqSelection>(request).await
+            {
+                Ok(s) => blocking(move || ops::purge_dead_letters(&this.log, &s)).await,
+                Err(bad) => bad.response(),
+            },
+            (Method::GET, p) if p.starts_with("/api/events/") => {
+                self.event(&p["/api/events/".len()..]).await
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such admin route"),
+        }
+    }
+
+    fn probe(&self, method: &Method, path: &str) -> AdminResponse {
+        if method != Method::GET && method != Method::HEAD {
+            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed here");
             response
                 .headers_mut()
                 .insert("allow", HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        match request.uri().path() {
+        match path {
             "/healthz" => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
             "/readyz" => self.readiness(),
             "/metrics" => {
@@ -52,7 +150,42 @@ impl Admin {
         }
     }
 
-    fn readiness(&self) -> Response<Full<Bytes>> {
+    async fn event(self: &Arc<Self>, rest: &str) -> AdminResponse {
+        let (id, raw) = match rest.strip_suffix("/raw") {
+            Some(id) => (id, true),
+            None => (rest, false),
+        };
+        let Ok(id) = id.parse::<EventId>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("{id:?} is not an event id"),
+            );
+        };
+        if raw {
+            return match ops::raw_event(&self.log, id) {
+                Ok(bytes) => {
+                    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    response
+                }
+                Err(err) => ops_error(err),
+            };
+        }
+        reply(ops::show_event(&self.log, &self.targets, id))
+    }
+
+    fn wake(&self, target: Option<&str>) {
+        for (name, wake) in &self.wakes {
+            if target.is_none_or(|t| t == name) {
+                wake.notify_one();
+            }
+        }
+    }
+
+    fn readiness(&self) -> AdminResponse {
         if self.log.health().is_failing() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -68,9 +201,9 @@ impl Admin {
     /// Backlog gauges from the counts the log keeps as it changes, and one
     /// key read per target for the oldest delivery: no scan per scrape.
     fn refresh_backlog_gauges(&self) {
-        let now_ms = crate::dispatch::now_ms();
-        for target in &self.targets {
-            let Ok(stats) = self.log.target_stats(target) else {
+        let now_ms = ops::now_ms();
+        for target in self.targets.names() {
+            let Ok(stats) = self.log.target_stats(&target) else {
                 continue;
             };
             let labels = [target.as_str()];
@@ -93,7 +226,86 @@ impl Admin {
     }
 }
 
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+/// The running relay's circuit state and last successes, from its metrics.
+struct MetricsLive<'a>(&'a Metrics);
+
+impl LiveState for MetricsLive<'_> {
+    fn circuit_open(&self, target: &str) -> Option<bool> {
+        Some(self.0.circuit_open.with_label_values(&[target]).get() == 1)
+    }
+
+    fn last_success_ms(&self, target: &str) -> Option<u64> {
+        let seconds = self.0.last_success.with_label_values(&[target]).get();
+        (seconds > 0.0).then_some((seconds * 1000.0) as u64)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TargetQuery {
+    target: Option<String>,
+}
+
+/// A request the admin API cannot read: status and reason.
+struct BadRequest(StatusCode, String);
+
+impl BadRequest {
+    fn response(self) -> AdminResponse {
+        error(self.0, &self.1)
+    }
+}
+
+fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, BadRequest> {
+    serde_urlencoded::from_str(query)
+        .map_err(|err| BadRequest(StatusCode::BAD_REQUEST, format!("bad query string: {err}")))
+}
+
+async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, BadRequest> {
+    let body = Limited::new(request.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            BadRequest(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "admin request body too large or unreadable".into(),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|err| BadRequest(StatusCode::BAD_REQUEST, format!("bad request body: {err}")))
+}
+
+/// Runs a log operation off the async workers (it may scan a lot).
+async fn blocking<T, F>(operation: F) -> AdminResponse
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, OpsError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(operation).await {
+        Ok(result) => reply(result),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the operation panicked"),
+    }
+}
+
+fn reply<T: Serialize>(result: Result<T, OpsError>) -> AdminResponse {
+    match result {
+        Ok(value) => json_response(
+            StatusCode::OK,
+            Bytes::from(serde_json::to_vec(&value).expect("reports serialize")),
+        ),
+        Err(err) => ops_error(err),
+    }
+}
+
+fn ops_error(err: OpsError) -> AdminResponse {
+    let status = match &err {
+        OpsError::Invalid(_) => StatusCode::BAD_REQUEST,
+        OpsError::NoSuchEvent(_) => StatusCode::NOT_FOUND,
+        OpsError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &err.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> AdminResponse {
     let body = serde_json::json!({ "error": message }).to_string();
     json_response(status, Bytes::from(body))
 }

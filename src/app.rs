@@ -21,10 +21,21 @@ use crate::ingest::{Ingest, IngestSettings, SecretCheck};
 use crate::log::{Committer, CommitterHandle, Log, LogOptions, Subscription};
 use crate::metrics::Metrics;
 
+/// The secrets a relay runs with, resolved by the caller (never from flags).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// The secret LeadFloAgent sends; `None` only in unauthenticated mode.
+    pub inbound: Option<Secret>,
+    /// The admin API's bearer token; required when `admin_listen` is not
+    /// a loopback address.
+    pub admin_token: Option<Secret>,
+}
+
 /// A relay whose listeners are bound and whose log is open.
 pub struct Relay {
     config: Config,
     secret: Option<Secret>,
+    admin_token: Option<Secret>,
     ingest_listener: TcpListener,
     admin_listener: TcpListener,
     log: Log,
@@ -39,6 +50,29 @@ impl Relay {
     /// Opens the log and binds both listeners. `secret` is `None` only when
     /// `auth.allow_unauthenticated` is set.
     pub async fn build(config: Config, secret: Option<Secret>) -> anyhow::Result<Relay> {
+        Relay::build_with(
+            config,
+            Credentials {
+                inbound: secret,
+                admin_token: None,
+            },
+        )
+        .await
+    }
+
+    /// Like [`Relay::build`], with every credential.
+    pub async fn build_with(config: Config, credentials: Credentials) -> anyhow::Result<Relay> {
+        let Credentials {
+            inbound: secret,
+            admin_token,
+        } = credentials;
+        anyhow::ensure!(
+            admin_token.is_some() || config.server.admin_listen.ip().is_loopback(),
+            "server.admin_listen = {} is not a loopback address: set {} to a token the admin API \
+             will require (Authorization: Bearer <token>), or listen on 127.0.0.1",
+            config.server.admin_listen,
+            crate::admin::ADMIN_TOKEN_ENV
+        );
         anyhow::ensure!(
             secret.is_some() || config.auth.allow_unauthenticated,
             "no inbound secret configured and unauthenticated mode was not asked for"
@@ -84,6 +118,7 @@ impl Relay {
         Ok(Relay {
             config,
             secret,
+            admin_token,
             ingest_listener,
             admin_listener,
             log,
@@ -141,13 +176,26 @@ impl Relay {
             metrics: self.metrics.clone(),
             log: self.log.clone(),
             disk: self.disk.clone(),
-            targets: self.targets.iter().map(|t| t.name.clone()).collect(),
+            targets: crate::ops::TargetsView::from_config(&self.config),
+            wakes: self
+                .targets
+                .iter()
+                .map(|t| (t.name.clone(), t.wake.clone()))
+                .collect(),
+            token: self.admin_token.as_ref().map(SecretCheck::new),
         });
         let disk_watch = tokio::spawn(
             self.disk
                 .clone()
                 .run(self.metrics.clone(), shutdown.clone()),
         );
+        let pruner = tokio::spawn(crate::retention::run(
+            self.log.clone(),
+            self.config.storage.retention.get(),
+            self.targets.iter().map(|t| t.name.clone()).collect(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
         if self.secret.is_none() {
             tracing::warn!(
                 "UNAUTHENTICATED MODE: every request to {} is accepted without checking \
@@ -193,6 +241,7 @@ impl Relay {
         }
         admin_task.await.context("admin listener task")?;
         disk_watch.await.context("disk watch task")?;
+        pruner.await.context("retention task")?;
         self.committer_handle.close().await;
         tracing::info!("stopped; the log is flushed");
         Ok(())

@@ -250,6 +250,9 @@ pub struct StorageConfig {
     /// Size of the store at which ingest answers 503; unlimited by default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
+    /// How long delivered events stay replayable before they are pruned.
+    /// Dead letters and undelivered events are never pruned.
+    pub retention: HumanDuration,
 }
 
 impl Default for StorageConfig {
@@ -262,6 +265,7 @@ impl Default for StorageConfig {
             quarantine_max_bytes: 64 * 1024 * 1024,
             min_free_bytes: None,
             max_bytes: None,
+            retention: HumanDuration(Duration::from_secs(7 * 86_400)),
         }
     }
 }
@@ -427,6 +431,7 @@ impl Config {
             ("server.header_read_timeout", server.header_read_timeout),
             ("server.request_timeout", server.request_timeout),
             ("storage.commit_timeout", self.storage.commit_timeout),
+            ("storage.retention", self.storage.retention),
         ] {
             if value.0.is_zero() {
                 return Err(invalid(

@@ -279,6 +279,8 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
                 .delivery_attempts
                 .with_label_values(&[name, "success"])
                 .inc();
+            let seconds = now_ms() as f64 / 1000.0;
+            metrics.last_success.with_label_values(&[name]).set(seconds);
             (Verdict::Healthy, log.delivered(name, &delivery))
         }
         Outcome::Retry {

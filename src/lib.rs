@@ -19,10 +19,14 @@
 //! | [`admin`]   | the admin listener: health, readiness, metrics |
 //! | [`metrics`] | the Prometheus registry and metric handles |
 //! | [`telemetry`] | the relay's own log output (tracing) |
+//! | [`retention`] | background pruning of delivered events past `storage.retention` |
+//! | [`ops`]     | operator actions on the log: replay, events, dead letters, stats |
+//! | [`cli`]     | the operator commands: online via the admin API or offline, tables or JSON |
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod deliver;
 pub mod disk;
@@ -32,6 +36,7 @@ pub mod ingest;
 pub mod log;
 pub mod metrics;
 pub mod ops;
+pub mod retention;
 pub mod retry;
 pub mod telemetry;
 

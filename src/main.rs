@@ -8,8 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use leadflo_relay::Relay;
 use leadflo_relay::config::{Config, LogFormat, Overrides, TargetConfig, parse_target_flag};
+use leadflo_relay::log::EventId;
+use leadflo_relay::{Relay, cli, ops};
 use tokio_util::sync::CancellationToken;
 
 /// A durable queueing relay for LeadFloAgent webhooks: every event is on
@@ -28,6 +29,196 @@ enum Command {
     /// Validate the configuration and print the effective settings (secrets
     /// redacted). Exits 0 when valid, 1 otherwise.
     CheckConfig(ConfigArgs),
+    /// Send stored events to a target again (same idempotency-key, attempt
+    /// count restarts).
+    Replay(ReplayArgs),
+    /// List or show stored events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Dead letters: list, retry, purge.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Per-target backlog, oldest waiting delivery, dead letters, circuit
+    /// state and last success; store size and disk free.
+    Stats(AccessArgs),
+    /// Send LeadFloAgent's example payload to the relay, as LeadFloAgent's
+    /// "submit a test lead" step would, and report where it went.
+    SendTest(SendTestArgs),
+}
+
+/// How an operator command reaches the log: through a running relay's admin
+/// API, or by opening the data directory when no relay runs.
+#[derive(Args)]
+struct AccessArgs {
+    /// TOML configuration file (for the data directory, the admin address
+    /// and the targets).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Open this data directory directly (no relay may be running on it).
+    #[arg(long, value_name = "DIR", conflicts_with = "admin")]
+    data_dir: Option<PathBuf>,
+    /// Admin API of a running relay [default: http://<server.admin_listen>];
+    /// the token comes from LEADFLO_RELAY_ADMIN_TOKEN.
+    #[arg(long, value_name = "URL")]
+    admin: Option<String>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AccessArgs {
+    fn access(&self) -> anyhow::Result<cli::Access> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.storage.data_dir = dir.clone();
+        }
+        Ok(cli::Access {
+            config,
+            data_dir_given: self.data_dir.is_some(),
+            admin: self.admin.clone(),
+            json: self.json,
+        })
+    }
+}
+
+fn parse_time(text: &str) -> Result<u64, String> {
+    ops::parse_rfc3339(text)
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The target to send the events to.
+    #[arg(long, value_name = "NAME")]
+    target: String,
+    /// Events received at or after this RFC 3339 time (required unless
+    /// --ids or --dead-letters is given).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    from: Option<u64>,
+    /// Events received at or before this RFC 3339 time [default: now].
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    to: Option<u64>,
+    /// Only events of this type.
+    #[arg(long, value_name = "TYPE")]
+    event: Option<String>,
+    /// Only these event ids (comma-separated).
+    #[arg(long, value_name = "ID,...", value_delimiter = ',')]
+    ids: Option<Vec<EventId>>,
+    /// Replay the target's dead letters (they leave the dead-letter store).
+    #[arg(long)]
+    dead_letters: bool,
+    /// Say what would be replayed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Deliver the replayed events at most this many per second.
+    #[arg(long, value_name = "N")]
+    rate: Option<f64>,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// The newest stored events (or quarantined bodies), newest first.
+    List {
+        /// Received at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        from: Option<u64>,
+        /// Received at or before this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        to: Option<u64>,
+        /// Only events of this type.
+        #[arg(long, value_name = "TYPE")]
+        event: Option<String>,
+        /// At most this many [default: 50].
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// List the quarantine (malformed bodies) instead.
+        #[arg(long)]
+        quarantined: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    /// One event: its metadata, where it stands at each target, and its body.
+    Show {
+        id: EventId,
+        /// Print exactly the stored bytes, nothing else.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+}
+
+#[derive(Args)]
+struct DlqSelectArgs {
+    /// Only this target's dead letters.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    /// These event ids (comma-separated).
+    #[arg(
+        long,
+        value_name = "ID,...",
+        value_delimiter = ',',
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    ids: Option<Vec<EventId>>,
+    /// Every dead letter (of --target, if given).
+    #[arg(long)]
+    all: bool,
+}
+
+impl DlqSelectArgs {
+    fn selection(&self) -> ops::DlqSelection {
+        ops::DlqSelection {
+            target: self.target.clone(),
+            ids: self.ids.clone(),
+            all: self.all,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters with their reason, attempts and last status.
+    List {
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    /// Queue dead letters for delivery again (after fixing the target).
+    Retry {
+        #[command(flatten)]
+        select: DlqSelectArgs,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    /// Delete dead letters for good; asks first unless --yes.
+    Purge {
+        #[command(flatten)]
+        select: DlqSelectArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+}
+
+#[derive(Args)]
+struct SendTestArgs {
+    /// Which example payload to send.
+    #[arg(long, value_name = "EVENT", default_value = "visitor_created", value_parser = ["visitor_created", "conversation_ended"])]
+    event: String,
+    /// The relay's ingest URL [default: http://<server.listen><server.path>].
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 /// Where the settings come from. Secrets are never flags: they come from
@@ -85,6 +276,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Serve(args) => serve(&args),
         Command::CheckConfig(args) => check_config(&args),
+        command => run_operation(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,6 +285,67 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The operator commands: a small runtime, then the library's `cli` module.
+fn run_operation(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match command {
+            Command::Replay(args) => {
+                let request = ops::ReplayRequest {
+                    target: args.target,
+                    from_ms: args.from,
+                    to_ms: args.to,
+                    event: args.event,
+                    ids: args.ids,
+                    dead_letters: args.dead_letters,
+                    dry_run: args.dry_run,
+                    rate: args.rate,
+                };
+                cli::replay(&args.access.access()?, request).await
+            }
+            Command::Events(EventsCommand::List {
+                from,
+                to,
+                event,
+                limit,
+                quarantined,
+                access,
+            }) => {
+                let query = ops::EventsQuery {
+                    from_ms: from,
+                    to_ms: to,
+                    event,
+                    limit,
+                    quarantined,
+                };
+                cli::events_list(&access.access()?, query).await
+            }
+            Command::Events(EventsCommand::Show { id, raw, access }) => {
+                cli::events_show(&access.access()?, id, raw).await
+            }
+            Command::Dlq(DlqCommand::List { target, access }) => {
+                cli::dlq_list(&access.access()?, target).await
+            }
+            Command::Dlq(DlqCommand::Retry { select, access }) => {
+                cli::dlq_retry(&access.access()?, select.selection()).await
+            }
+            Command::Dlq(DlqCommand::Purge {
+                select,
+                yes,
+                access,
+            }) => cli::dlq_purge(&access.access()?, select.selection(), yes).await,
+            Command::Stats(access) => cli::stats(&access.access()?).await,
+            Command::SendTest(args) => {
+                cli::send_test(&args.access.access()?, &args.event, args.url).await
+            }
+            Command::Serve(_) | Command::CheckConfig(_) => unreachable!("handled in main"),
+        }
+    })
 }
 
 fn serve(args: &ConfigArgs) -> anyhow::Result<()> {

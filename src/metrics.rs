@@ -83,6 +83,8 @@ pub struct Metrics {
     pub delivery_attempts: IntCounterVec,
     pub delivery_duration: HistogramVec,
     pub circuit_open: IntGaugeVec,
+    pub last_success: GaugeVec,
+    pub pruned_events: IntCounter,
     pub backlog_events: IntGaugeVec,
     pub backlog_oldest_age: GaugeVec,
     pub dead_letters: IntGaugeVec,
@@ -224,6 +226,19 @@ impl Metrics {
             "Size of the data directory's filesystem.",
         )
         .expect("valid metric");
+        let last_success = GaugeVec::new(
+            Opts::new(
+                "leadflo_relay_last_success_timestamp_seconds",
+                "When the target last answered 2xx (Unix time); 0 before the first success.",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
+        let pruned_events = IntCounter::new(
+            "leadflo_relay_pruned_events_total",
+            "Delivered events deleted after storage.retention.",
+        )
+        .expect("valid metric");
         let metrics = Metrics {
             registry,
             ingest_requests,
@@ -239,6 +254,8 @@ impl Metrics {
             delivery_attempts,
             delivery_duration,
             circuit_open,
+            last_success,
+            pruned_events,
             backlog_events,
             backlog_oldest_age,
             dead_letters,
@@ -251,7 +268,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -265,6 +282,8 @@ impl Metrics {
             Box::new(self.delivery_attempts.clone()),
             Box::new(self.delivery_duration.clone()),
             Box::new(self.circuit_open.clone()),
+            Box::new(self.last_success.clone()),
+            Box::new(self.pruned_events.clone()),
             Box::new(self.backlog_events.clone()),
             Box::new(self.backlog_oldest_age.clone()),
             Box::new(self.dead_letters.clone()),
@@ -315,6 +334,7 @@ impl Metrics {
         }
         self.circuit_open.with_label_values(&[target]).set(0);
         self.backlog_events.with_label_values(&[target]).set(0);
+        self.last_success.with_label_values(&[target]).set(0.0);
         self.backlog_oldest_age
             .with_label_values(&[target])
             .set(0.0);

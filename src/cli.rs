@@ -1,0 +1,615 @@
+//! The operator commands (`replay`, `events`, `dlq`, `stats`, `send-test`)
+//! as run from the command line: each reaches the log either through a
+//! running relay's admin API (online) or by opening the data directory
+//! itself (offline, nothing running), then prints a table or JSON.
+//!
+//! Which way: `--admin URL` means online; `--data-dir` means offline;
+//! with neither, the configured admin address is tried first and the
+//! configured data directory second. sled allows one process per database,
+//! so a data directory locked by a relay whose admin API does not answer is
+//! an error that says exactly that.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::admin::ADMIN_TOKEN_ENV;
+use crate::config::Config;
+use crate::log::{EventId, Log, LogError};
+use crate::ops::{self, TargetsView};
+
+/// How a command reaches the log.
+pub enum Backend {
+    Online(Online),
+    Offline { log: Log, targets: TargetsView },
+}
+
+/// Where the CLI looks, from its flags.
+pub struct Access {
+    pub config: Config,
+    /// `--data-dir` was given: go offline, do not look for a relay.
+    pub data_dir_given: bool,
+    /// `--admin URL`: go online only.
+    pub admin: Option<String>,
+    pub json: bool,
+}
+
+/// A running relay's admin API.
+pub struct Online {
+    base: String,
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Online {
+    fn new(base: &str, timeout: Duration) -> anyhow::Result<Online> {
+        crate::deliver::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(2))
+            .build()?;
+        let token = std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty());
+        Ok(Online {
+            base: base.trim_end_matches('/').to_owned(),
+            client,
+            token,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn alive(&self) -> Result<(), reqwest::Error> {
+        self.request(reqwest::Method::GET, "/healthz")
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("admin API at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let message = body["error"].as_str().unwrap_or("no reason given");
+        bail!("the relay's admin API answered {status}: {message}");
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        Ok(self
+            .send(self.request(reqwest::Method::GET, path))
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        Ok(self
+            .send(self.request(reqwest::Method::GET, path))
+            .await?
+            .bytes()
+            .await?
+            .to_vec())
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        Ok(self
+            .send(self.request(reqwest::Method::POST, path).json(body))
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+/// The admin URL the configuration points at (a wildcard bind address is
+/// reached on loopback).
+pub fn configured_admin_url(config: &Config) -> String {
+    let mut addr = config.server.admin_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
+/// Connects to a running relay or opens the data directory, as [`Access`]
+/// says.
+pub async fn connect(access: &Access) -> anyhow::Result<Backend> {
+    if let Some(url) = &access.admin {
+        let online = Online::new(url, Duration::from_secs(600))?;
+        online
+            .alive()
+            .await
+            .with_context(|| format!("cannot reach the relay's admin API at {url}"))?;
+        return Ok(Backend::Online(online));
+    }
+    let data_dir = access.config.storage.data_dir.clone();
+    if access.data_dir_given {
+        return open_offline(&access.config, &data_dir, None);
+    }
+    let url = configured_admin_url(&access.config);
+    let online = Online::new(&url, Duration::from_secs(600))?;
+    match online.alive().await {
+        Ok(()) => Ok(Backend::Online(online)),
+        Err(err) => open_offline(&access.config, &data_dir, Some((url, err))),
+    }
+}
+
+fn open_offline(
+    config: &Config,
+    data_dir: &Path,
+    unreachable: Option<(String, reqwest::Error)>,
+) -> anyhow::Result<Backend> {
+    if !data_dir.join("db").exists() {
+        let hint = match &unreachable {
+            Some((url, _)) => format!(" (and no relay answers at {url})"),
+            None => String::new(),
+        };
+        bail!(
+            "no relay data in {}{hint}: pass --data-dir or --config, or --admin URL of a running relay",
+            data_dir.display()
+        );
+    }
+    let options = crate::app::log_options(config);
+    match Log::open(&options) {
+        Ok(log) => {
+            let mut targets = TargetsView::from_config(config);
+            // Targets no longer configured but still holding deliveries.
+            for name in log.targets_in_log()? {
+                if !targets.targets.iter().any(|(n, _)| *n == name) {
+                    targets.targets.push((name, None));
+                }
+            }
+            Ok(Backend::Offline { log, targets })
+        }
+        Err(LogError::Locked { dir }) => match unreachable {
+            Some((url, err)) => bail!(
+                "the data directory {} is locked by a running leadflo-relay, but its admin API \
+                 at {url} did not answer ({err}); pass --admin URL of that relay",
+                dir.display()
+            ),
+            None => bail!(
+                "the data directory {} is locked by a running leadflo-relay: use its admin API \
+                 with --admin URL (sled allows one process per data directory)",
+                dir.display()
+            ),
+        },
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("reports serialize")
+    );
+}
+
+/// Prints rows as a table with aligned columns.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (n, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if n + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Cuts `text` to `max` characters for a table cell.
+pub fn cell(text: &str, max: usize) -> String {
+    let one_line = text.replace(['\n', '\r'], " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
+// ---- commands --------------------------------------------------------------
+
+pub async fn replay(access: &Access, request: ops::ReplayRequest) -> anyhow::Result<()> {
+    let report = match connect(access).await? {
+        Backend::Online(online) => online.post("/api/replay", &request).await?,
+        Backend::Offline { log, targets } => {
+            let show_progress = !access.json && std::io::stderr().is_terminal();
+            let bar = indicatif::ProgressBar::new_spinner();
+            if !show_progress {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.set_message("events looked at");
+            tokio::task::spawn_blocking(move || {
+                ops::replay(&log, &targets, &request, &mut |n| {
+                    bar.set_position(n as u64)
+                })
+            })
+            .await??
+        }
+    };
+    print_replay(access.json, &report);
+    Ok(())
+}
+
+fn print_replay(json: bool, report: &ops::ReplayReport) {
+    if json {
+        return print_json(report);
+    }
+    if report.dry_run {
+        println!(
+            "dry run: {} events match for {}; {} already queued, {} would be queued (nothing changed)",
+            report.matched,
+            report.target,
+            report.already_queued,
+            report.matched - report.already_queued
+        );
+    } else {
+        println!(
+            "replay to {}: {} events matched, {} queued, {} already queued",
+            report.target, report.matched, report.enqueued, report.already_queued
+        );
+    }
+}
+
+pub async fn events_list(access: &Access, query: ops::EventsQuery) -> anyhow::Result<()> {
+    let events: Vec<ops::EventSummary> = match connect(access).await? {
+        Backend::Online(online) => {
+            let query = serde_urlencoded::to_string(&query)?;
+            online.get(&format!("/api/events?{query}")).await?
+        }
+        Backend::Offline { log, .. } => ops::list_events(&log, &query)?,
+    };
+    if access.json {
+        print_json(&events);
+    } else {
+        let header = if query.quarantined {
+            ["ID", "RECEIVED", "REASON", "BYTES"]
+        } else {
+            ["ID", "RECEIVED", "EVENT", "BYTES"]
+        };
+        let rows: Vec<Vec<String>> = events
+            .iter()
+            .map(|e| {
+                vec![
+                    e.id.to_string(),
+                    e.received_at.clone(),
+                    cell(&e.event, 60),
+                    e.bytes.to_string(),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
+    }
+    Ok(())
+}
+
+pub async fn events_show(access: &Access, id: EventId, raw: bool) -> anyhow::Result<()> {
+    let backend = connect(access).await?;
+    if raw {
+        let bytes = match backend {
+            Backend::Online(online) => online.get_bytes(&format!("/api/events/{id}/raw")).await?,
+            Backend::Offline { log, .. } => ops::raw_event(&log, id)?,
+        };
+        std::io::stdout().write_all(&bytes)?;
+        return Ok(());
+    }
+    let detail: ops::EventDetail = match backend {
+        Backend::Online(online) => online.get(&format!("/api/events/{id}")).await?,
+        Backend::Offline { log, targets } => ops::show_event(&log, &targets, id)?,
+    };
+    if access.json {
+        print_json(&detail);
+        return Ok(());
+    }
+    println!("id:        {}", detail.id);
+    println!("received:  {}", detail.received_at);
+    println!("event:     {}", detail.event);
+    println!("bytes:     {}", detail.bytes);
+    for (target, status) in &detail.deliveries {
+        println!("target {target}: {}", describe(status));
+    }
+    println!();
+    match serde_json::from_str::<serde_json::Value>(&detail.body) {
+        Ok(body) => println!("{}", serde_json::to_string_pretty(&body)?),
+        Err(_) => println!("{}", detail.body),
+    }
+    Ok(())
+}
+
+pub fn describe(status: &ops::DeliveryStatus) -> String {
+    match status {
+        ops::DeliveryStatus::Delivered => "delivered".into(),
+        ops::DeliveryStatus::Queued => "queued (waiting for delivery)".into(),
+        ops::DeliveryStatus::NotSubscribed => "not subscribed to this event type".into(),
+        ops::DeliveryStatus::Dead {
+            reason, attempts, ..
+        } => {
+            format!("dead letter after {attempts} attempt(s): {reason}")
+        }
+    }
+}
+
+pub async fn dlq_list(access: &Access, target: Option<String>) -> anyhow::Result<()> {
+    let letters = fetch_dead_letters(access, target).await?;
+    if access.json {
+        print_json(&letters);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|d| {
+            vec![
+                d.target.clone(),
+                d.id.to_string(),
+                d.attempts.to_string(),
+                if d.last_status == 0 {
+                    "-".into()
+                } else {
+                    d.last_status.to_string()
+                },
+                d.last_attempt_at.clone().unwrap_or_else(|| "-".into()),
+                cell(&d.reason, 70),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TARGET",
+            "ID",
+            "ATTEMPTS",
+            "STATUS",
+            "LAST ATTEMPT",
+            "REASON",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn fetch_dead_letters(
+    access: &Access,
+    target: Option<String>,
+) -> anyhow::Result<Vec<ops::DeadLetterView>> {
+    Ok(match connect(access).await? {
+        Backend::Online(online) => {
+            let query = serde_urlencoded::to_string([("target", target)])?;
+            online.get(&format!("/api/dlq?{query}")).await?
+        }
+        Backend::Offline { log, .. } => ops::list_dead_letters(&log, target.as_deref())?,
+    })
+}
+
+pub async fn dlq_retry(access: &Access, selection: ops::DlqSelection) -> anyhow::Result<()> {
+    let report: ops::DlqReport = match connect(access).await? {
+        Backend::Online(online) => online.post("/api/dlq/retry", &selection).await?,
+        Backend::Offline { log, .. } => ops::retry_dead_letters(&log, &selection)?,
+    };
+    if access.json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!(
+        "{} of {} selected dead letters queued for delivery again",
+        report.changed, report.matched
+    );
+    Ok(())
+}
+
+pub async fn dlq_purge(
+    access: &Access,
+    selection: ops::DlqSelection,
+    yes: bool,
+) -> anyhow::Result<()> {
+    if !yes {
+        let selected = fetch_dead_letters(access, selection.target.clone()).await?;
+        let count = selected
+            .iter()
+            .filter(|d| selection.ids.as_ref().is_none_or(|ids| ids.contains(&d.id)))
+            .count();
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to purge {count} dead letter(s) without confirmation: pass --yes");
+        }
+        eprint!(
+            "Delete {count} dead letter(s) for good? They cannot be retried afterwards. [y/N] "
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("nothing purged");
+        }
+    }
+    let report: ops::DlqReport = match connect(access).await? {
+        Backend::Online(online) => online.post("/api/dlq/purge", &selection).await?,
+        Backend::Offline { log, .. } => ops::purge_dead_letters(&log, &selection)?,
+    };
+    if access.json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!("{} dead letter(s) purged", report.changed);
+    Ok(())
+}
+
+pub async fn stats(access: &Access) -> anyhow::Result<()> {
+    let report: ops::StatsReport = match connect(access).await? {
+        Backend::Online(online) => online.get("/api/stats").await?,
+        Backend::Offline { log, targets } => ops::stats(&log, &targets, None)?,
+    };
+    if access.json {
+        print_json(&report);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = report
+        .targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.backlog.to_string(),
+                t.oldest_age_seconds
+                    .map_or("-".into(), |s| format!("{s:.0}s")),
+                t.dead_letters.to_string(),
+                t.circuit.clone(),
+                t.last_success_at.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TARGET",
+            "BACKLOG",
+            "OLDEST",
+            "DEAD",
+            "CIRCUIT",
+            "LAST SUCCESS",
+        ],
+        &rows,
+    );
+    println!();
+    println!("store size: {} bytes", report.store_size_bytes);
+    println!("disk free:  {} bytes", report.disk_free_bytes);
+    if !report.online {
+        println!("(relay not running: circuit state and last success are unknown)");
+    }
+    Ok(())
+}
+
+/// The seed's example payloads, as LeadFloAgent documents them.
+pub fn example_payload(event: &str) -> &'static str {
+    match event {
+        "conversation_ended" => include_str!("../tests/fixtures/conversation_ended.json"),
+        _ => include_str!("../tests/fixtures/visitor_created.json"),
+    }
+}
+
+#[derive(Serialize)]
+struct SendTestReport {
+    status: u16,
+    id: Option<String>,
+    error: Option<String>,
+    deliveries: Option<std::collections::BTreeMap<String, ops::DeliveryStatus>>,
+}
+
+pub async fn send_test(access: &Access, event: &str, url: Option<String>) -> anyhow::Result<()> {
+    let config = &access.config;
+    let url = url.unwrap_or_else(|| {
+        let mut addr = config.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}{}", config.server.path)
+    });
+    let secret = config.inbound_secret()?;
+    crate::deliver::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut request = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(example_payload(event));
+    if let Some(secret) = &secret {
+        request = request.header(crate::ingest::SECRET_HEADER, secret.expose());
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the relay at {url}"))?;
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let mut report = SendTestReport {
+        status,
+        id: body["id"].as_str().map(str::to_owned),
+        error: body["error"].as_str().map(str::to_owned),
+        deliveries: None,
+    };
+    if let Some(id) = &report.id {
+        let admin_url = access
+            .admin
+            .clone()
+            .unwrap_or_else(|| configured_admin_url(config));
+        if let Ok(online) = Online::new(&admin_url, Duration::from_secs(5)) {
+            if online.alive().await.is_ok() {
+                report.deliveries = Some(wait_for_deliveries(&online, id).await?);
+            }
+        }
+    }
+    if access.json {
+        print_json(&report);
+    } else {
+        match (&report.id, &report.error) {
+            (Some(id), _) => println!("{url} answered {status}: accepted as event {id}"),
+            (None, Some(error)) => println!("{url} answered {status}: {error}"),
+            (None, None) => println!("{url} answered {status}"),
+        }
+        match &report.deliveries {
+            Some(deliveries) if deliveries.is_empty() => println!("no targets are configured"),
+            Some(deliveries) => {
+                for (target, status) in deliveries {
+                    println!("target {target}: {}", describe(status));
+                }
+            }
+            None if report.id.is_some() => {
+                println!("(admin API not reachable: delivery status unknown)")
+            }
+            None => {}
+        }
+    }
+    if status != 200 {
+        bail!("the relay did not accept the test event");
+    }
+    Ok(())
+}
+
+/// Polls the event until no target is still waiting for it, for up to 15 s.
+async fn wait_for_deliveries(
+    online: &Online,
+    id: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, ops::DeliveryStatus>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let detail: ops::EventDetail = online.get(&format!("/api/events/{id}")).await?;
+        let waiting = detail
+            .deliveries
+            .values()
+            .any(|s| *s == ops::DeliveryStatus::Queued);
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            return Ok(detail.deliveries);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

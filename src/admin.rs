@@ -34,8 +34,7 @@ use crate::log::{EventId, Log};
 use crate::metrics::Metrics;
 use crate::ops::{self, LiveState, OpsError, TargetsView};
 
-/// The environment variable holding the admin API token.
-pub const ADMIN_TOKEN_ENV: &str = "LEADFLO_RELAY_ADMIN_TOKEN";
+pub use crate::config::ADMIN_TOKEN_ENV;
 
 /// Largest admin request body (replay id lists).
 const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;

@@ -180,6 +180,7 @@ fn open_offline(
                     targets.targets.push((name, None));
                 }
             }
+            log.count_backlogs(&targets.names())?;
             Ok(Backend::Offline { log, targets })
         }
         Err(LogError::Locked { dir }) => match unreachable {

@@ -17,6 +17,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Default inbound secret variable, as in LeadFloAgent's own example.
 pub const DEFAULT_SECRET_ENV: &str = "LEADFLO_WEBHOOK_SECRET";
 
+/// The admin API token's environment variable.
+pub const ADMIN_TOKEN_ENV: &str = "LEADFLO_RELAY_ADMIN_TOKEN";
+
 /// The whole configuration file. Every field has a default, so an empty file
 /// (or none) is valid apart from the inbound secret.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -337,6 +340,12 @@ pub enum ConfigError {
     EmptySecretFile { path: PathBuf },
     #[error("target {target}: environment variable {env} (from `secret_env`) is not set or empty")]
     TargetSecret { target: String, env: String },
+    #[error(
+        "server.admin_listen = {addr} is not a loopback address, so the admin API needs a token: \
+         set {ADMIN_TOKEN_ENV} (clients send it as Authorization: Bearer <token>), or listen on \
+         127.0.0.1"
+    )]
+    NoAdminToken { addr: SocketAddr },
     #[error("--target {value:?}: {message}")]
     TargetFlag { value: String, message: String },
 }
@@ -510,6 +519,20 @@ impl Config {
             Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
             _ => Ok(None),
         }
+    }
+
+    /// The admin API token from `LEADFLO_RELAY_ADMIN_TOKEN`; required when
+    /// `server.admin_listen` is not a loopback address.
+    pub fn admin_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let token = std::env::var_os(ADMIN_TOKEN_ENV)
+            .filter(|value| !value.is_empty())
+            .map(|value| Secret::new(value.into_encoded_bytes()));
+        if token.is_none() && !self.server.admin_listen.ip().is_loopback() {
+            return Err(ConfigError::NoAdminToken {
+                addr: self.server.admin_listen,
+            });
+        }
+        Ok(token)
     }
 
     /// Where the inbound secret comes from, for humans (never the value).

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use leadflo_relay::app::Credentials;
 use leadflo_relay::config::{Config, LogFormat, Overrides, TargetConfig, parse_target_flag};
 use leadflo_relay::log::EventId;
 use leadflo_relay::{Relay, cli, ops};
@@ -350,7 +351,10 @@ fn run_operation(command: Command) -> anyhow::Result<()> {
 
 fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
-    let secret = config.inbound_secret()?;
+    let credentials = Credentials {
+        inbound: config.inbound_secret()?,
+        admin_token: config.admin_token()?,
+    };
     leadflo_relay::telemetry::init(&config.logging)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -360,7 +364,7 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
         // Handlers first: a SIGTERM that arrives while the relay starts must
         // still mean a clean shutdown, not the default sudden death.
         let signals = Signals::install()?;
-        let relay = Relay::build(config, secret).await?;
+        let relay = Relay::build_with(config, credentials).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
         relay.run_until_stopped(shutdown).await
@@ -406,6 +410,7 @@ impl Signals {
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     let secret = config.inbound_secret()?;
+    let admin_token = config.admin_token()?;
     let origin = match &args.config {
         Some(path) => format!("{} with flag overrides", path.display()),
         None => "built-in defaults with flag overrides".to_owned(),
@@ -414,6 +419,9 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     match secret {
         Some(_) => println!("# inbound secret: set (from {})", config.secret_source()),
         None => println!("# inbound secret: NONE (unauthenticated mode)"),
+    }
+    if admin_token.is_some() {
+        println!("# admin API token: set (from environment variable LEADFLO_RELAY_ADMIN_TOKEN)");
     }
     print!("{}", config.to_toml());
     Ok(())

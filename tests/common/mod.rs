@@ -251,14 +251,18 @@ impl RelayProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> RelayProcess {
+        // Loopback port 0 unless the caller names its own addresses.
+        let mut defaults = vec!["serve"];
+        for (flag, value) in [
+            ("--listen", "127.0.0.1:0"),
+            ("--admin-listen", "127.0.0.1:0"),
+        ] {
+            if !extra_args.contains(&flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let mut child = Command::new(binary())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .args(defaults)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)

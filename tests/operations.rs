@@ -1,0 +1,783 @@
+//! The operator commands, run as the real binary, against a running relay
+//! (online, through the admin API) and against its data directory when it
+//! is stopped (offline): replay, events, dead letters, stats, send-test,
+//! the admin token, and retention.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::receiver::{Receiver, Reply};
+use common::*;
+use leadflo_relay::config::TargetConfig;
+use leadflo_relay::log::EventId;
+use leadflo_relay::ops;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn target(name: &str, url: &str, events: Option<&[&str]>) -> TargetConfig {
+    let mut target = TargetConfig::new(name, url);
+    target.events = events.map(|e| e.iter().map(|s| s.to_string()).collect());
+    target.retry.initial = "100ms".parse().unwrap();
+    target.retry.max_interval = "300ms".parse().unwrap();
+    target
+}
+
+/// Writes a config file naming `data_dir` and the targets, for offline use.
+fn write_config(
+    dir: &Path,
+    data_dir: &Path,
+    admin: &str,
+    targets: &[TargetConfig],
+) -> std::path::PathBuf {
+    let mut config = leadflo_relay::config::Config::default();
+    config.storage.data_dir = data_dir.to_owned();
+    config.server.admin_listen = admin.parse().unwrap();
+    config.targets = targets.to_vec();
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    path
+}
+
+/// Runs the CLI off the async workers.
+async fn cli(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(binary())
+            .args(&args)
+            .env("LEADFLO_WEBHOOK_SECRET", SECRET)
+            .env_remove("LEADFLO_RELAY_ADMIN_TOKEN")
+            .output()
+            .expect("the binary runs")
+    })
+    .await
+    .unwrap()
+}
+
+fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout(&output)
+}
+
+fn json(output: Output) -> serde_json::Value {
+    let text = ok(output);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("--json printed non-JSON ({e}): {text}"))
+}
+
+async fn send(relay: &TestRelay, body: Vec<u8>) -> EventId {
+    let (status, answer) = post(&client(), &relay.url(), Some(SECRET), body).await;
+    assert_eq!(status, 200, "{answer}");
+    answer["id"].as_str().unwrap().parse().unwrap()
+}
+
+fn lead(n: usize) -> Vec<u8> {
+    format!(r#"{{"event":"visitor_created","data":{{"visitor":{{"id":"vis_{n}"}}}}}}"#).into_bytes()
+}
+
+/// Every command, online then offline, as text and as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_works_online_and_offline_as_text_and_json() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let strict = Receiver::start(|_, _| Reply::status(400).body("no")).await;
+    let targets = vec![
+        target("crm", &crm.url(), None),
+        target("strict", &strict.url(), Some(&["visitor_created"])),
+    ];
+    let relay = TestRelay::start_with(|c| c.targets = targets.clone()).await;
+    let lead_id = send(&relay, fixture("visitor_created.json")).await;
+    send(&relay, fixture("conversation_ended.json")).await;
+    post(&client(), &relay.url(), Some(SECRET), b"not json".to_vec()).await;
+    eventually("deliveries and a dead letter", WAIT, async || {
+        (crm.count() == 2 && relay.log.dead_letters("strict").unwrap().len() == 1).then_some(())
+    })
+    .await;
+
+    let work = tempfile::tempdir().unwrap();
+    let admin = format!("http://{}", relay.admin);
+    let online = ["--admin", admin.as_str()];
+    let lead = lead_id.to_string();
+
+    check_commands("online", &online, &lead, &fixture("visitor_created.json")).await;
+
+    // Offline: the relay is stopped; the CLI opens the data directory.
+    let dir = relay.stop().await;
+    let config = write_config(work.path(), dir.path(), "127.0.0.1:1", &targets);
+    let offline = ["--config", config.to_str().unwrap()];
+    check_commands("offline", &offline, &lead, &fixture("visitor_created.json")).await;
+    // --data-dir alone also works (targets then come from the log itself).
+    let stats = json(
+        cli(args(&[
+            "stats",
+            "--json",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ]))
+        .await,
+    );
+    assert_eq!(stats["online"], false);
+
+    // Offline changes take effect at the next start: a replay to crm and a
+    // retry of strict's dead letter.
+    let with_config = |parts: &[&str]| {
+        let mut all = args(parts);
+        all.extend(["--config".to_owned(), config.to_str().unwrap().to_owned()]);
+        all
+    };
+    let report = json(
+        cli(with_config(&[
+            "replay", "--target", "crm", "--ids", &lead, "--json",
+        ]))
+        .await,
+    );
+    assert_eq!(report["enqueued"], 1, "{report}");
+    let text = ok(cli(with_config(&[
+        "dlq", "retry", "--target", "strict", "--all",
+    ]))
+    .await);
+    assert!(text.contains("1 of 1"), "{text}");
+    let stats = json(cli(with_config(&["stats", "--json"])).await);
+    let strict_stats = stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "strict")
+        .unwrap();
+    assert_eq!(
+        (
+            strict_stats["backlog"].as_u64(),
+            strict_stats["dead_letters"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{stats}"
+    );
+    let relay = TestRelay::start_in(dir, |c| c.targets = targets.clone()).await;
+    eventually("the offline replay to be delivered", WAIT, async || {
+        (crm.count() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(crm.requests()[2].header("idempotency-key"), lead);
+    eventually("the offline retry to be attempted", WAIT, async || {
+        (strict.count() == 2).then_some(())
+    })
+    .await;
+    relay.stop().await;
+}
+
+async fn check_commands(mode: &str, access: &[&str], lead: &str, lead_body: &[u8]) {
+    let with = |parts: &[&str]| -> Vec<String> {
+        let mut all = args(parts);
+        all.extend(access.iter().map(|s| s.to_string()));
+        all
+    };
+    // stats
+    let text = ok(cli(with(&["stats"])).await);
+    assert!(
+        text.contains("TARGET") && text.contains("strict"),
+        "{mode} stats:\n{text}"
+    );
+    let stats = json(cli(with(&["stats", "--json"])).await);
+    assert_eq!(stats["online"], mode == "online", "{mode}: {stats}");
+    let strict = stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "strict")
+        .unwrap();
+    assert_eq!(strict["dead_letters"], 1, "{mode}: {stats}");
+    assert_eq!(strict["backlog"], 0, "{mode}: {stats}");
+    if mode == "online" {
+        assert_eq!(strict["circuit"], "closed");
+        let crm = stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "crm")
+            .unwrap();
+        assert!(crm["last_success_at"].is_string(), "{stats}");
+    }
+
+    // events list
+    let text = ok(cli(with(&["events", "list"])).await);
+    assert!(
+        text.contains(lead) && text.contains("conversation_ended"),
+        "{mode} events list:\n{text}"
+    );
+    let listed = json(
+        cli(with(&[
+            "events",
+            "list",
+            "--json",
+            "--event",
+            "visitor_created",
+        ]))
+        .await,
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{mode}: {listed}");
+    assert_eq!(listed[0]["id"], lead);
+    let quarantined = json(cli(with(&["events", "list", "--quarantined", "--json"])).await);
+    assert!(
+        quarantined[0]["event"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{quarantined}"
+    );
+
+    // events show
+    let text = ok(cli(with(&["events", "show", lead])).await);
+    assert!(
+        text.contains("target crm: delivered"),
+        "{mode} events show:\n{text}"
+    );
+    assert!(
+        text.contains("target strict: dead letter"),
+        "{mode} events show:\n{text}"
+    );
+    let detail = json(cli(with(&["events", "show", lead, "--json"])).await);
+    assert_eq!(detail["deliveries"]["crm"]["status"], "delivered");
+    let raw = cli(with(&["events", "show", lead, "--raw"])).await;
+    assert!(raw.status.success());
+    assert_eq!(
+        raw.stdout, lead_body,
+        "{mode}: --raw must print the exact stored bytes"
+    );
+
+    // dlq list
+    let text = ok(cli(with(&["dlq", "list"])).await);
+    assert!(
+        text.contains("strict") && text.contains("HTTP 400"),
+        "{mode} dlq list:\n{text}"
+    );
+    let dead = json(cli(with(&["dlq", "list", "--json", "--target", "strict"])).await);
+    assert_eq!(dead[0]["id"], lead);
+    assert_eq!(dead[0]["last_status"], 400);
+
+    // replay --dry-run changes nothing
+    let text = ok(cli(with(&[
+        "replay",
+        "--target",
+        "crm",
+        "--ids",
+        lead,
+        "--dry-run",
+    ]))
+    .await);
+    assert!(
+        text.contains("dry run: 1 events match"),
+        "{mode} replay:\n{text}"
+    );
+    let report = json(
+        cli(with(&[
+            "replay",
+            "--target",
+            "crm",
+            "--ids",
+            lead,
+            "--dry-run",
+            "--json",
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (report["matched"].as_u64(), report["enqueued"].as_u64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn wrong_flags_exit_2_with_a_clear_message() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["replay", "--from", "2025-01-01T00:00:00Z"], "--target"),
+        (
+            &["replay", "--target", "crm", "--from", "yesterday"],
+            "RFC 3339",
+        ),
+        (&["dlq", "retry", "--target", "crm"], "--ids"),
+        (
+            &["dlq", "purge", "--ids", "1", "--all"],
+            "cannot be used with",
+        ),
+        (&["events", "show", "not-an-id"], "not-an-id"),
+    ];
+    for (parts, want) in cases {
+        let output = cli(args(parts)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{parts:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{parts:?} should mention {want}: {stderr}"
+        );
+    }
+    // A replay with no bound at all is refused by the relay's own rule.
+    let dir = tempfile::tempdir().unwrap();
+    let output = cli(args(&[
+        "replay",
+        "--target",
+        "crm",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]))
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    for n in 0..5 {
+        send(&relay, lead(n)).await;
+    }
+    wait_until_delivered(&crm, 5).await;
+    // The clock moves between the batches (ids are microsecond times).
+    let from = ops::rfc3339(ops::now_ms() + 5);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut second = Vec::new();
+    for n in 5..10 {
+        second.push(send(&relay, lead(n)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let to = ops::rfc3339(ops::now_ms());
+    for n in 10..13 {
+        send(&relay, lead(n)).await;
+    }
+    wait_until_delivered(&crm, 13).await;
+
+    let admin = format!("http://{}", relay.admin);
+    let dry = json(
+        cli(args(&[
+            "replay",
+            "--target",
+            "crm",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--dry-run",
+            "--json",
+            "--admin",
+            &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(dry["matched"], 5, "{dry}");
+    assert_eq!(
+        relay.log.queued_count("crm"),
+        0,
+        "--dry-run queued something"
+    );
+
+    let report = json(
+        cli(args(&[
+            "replay", "--target", "crm", "--from", &from, "--to", &to, "--json", "--admin", &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (report["matched"].as_u64(), report["enqueued"].as_u64()),
+        (Some(5), Some(5)),
+        "{report}"
+    );
+    wait_until_delivered(&crm, 18).await;
+    let resent: Vec<_> = crm.requests()[13..].to_vec();
+    let keys: HashSet<String> = resent
+        .iter()
+        .map(|r| r.header("idempotency-key").to_owned())
+        .collect();
+    let want: HashSet<String> = second.iter().map(|id| id.to_string()).collect();
+    assert_eq!(keys, want, "replay resent other events than the range's");
+    for request in &resent {
+        assert_eq!(
+            request.header("x-relay-attempt"),
+            "1",
+            "attempt count restarts"
+        );
+        let n: usize = (5..10)
+            .find(|n| request.body == lead(*n))
+            .expect("body is one of the range's events");
+        let _ = n;
+    }
+    eventually("the queue to drain", WAIT, async || {
+        (relay.log.queued_count("crm") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(crm.count(), 18, "replay sent more than the range");
+    relay.stop().await;
+}
+
+async fn wait_until_delivered(receiver: &Receiver, count: usize) {
+    eventually("deliveries", WAIT, async || {
+        (receiver.count() >= count).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_while_ingest_runs_under_load_loses_nothing() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url(), None);
+        t.concurrency = 8;
+        c.targets = vec![t];
+    })
+    .await;
+    let mut earlier = Vec::new();
+    for n in 0..50 {
+        earlier.push(send(&relay, lead(n)).await);
+    }
+    wait_until_delivered(&crm, 50).await;
+
+    let url = relay.url();
+    let load = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let client = client();
+        for n in 1000..1400 {
+            let (status, answer) = post(&client, &url, Some(SECRET), lead(n)).await;
+            assert_eq!(status, 200);
+            acked.push(answer["id"].as_str().unwrap().to_owned());
+        }
+        acked
+    });
+    let admin = format!("http://{}", relay.admin);
+    let report = json(
+        cli(args(&[
+            "replay",
+            "--target",
+            "crm",
+            "--from",
+            "1970-01-01T00:00:00Z",
+            "--json",
+            "--admin",
+            &admin,
+        ]))
+        .await,
+    );
+    assert!(report["enqueued"].as_u64().unwrap() >= 50, "{report}");
+    let acked = load.await.unwrap();
+    eventually("every event delivered", WAIT, async || {
+        let got: HashSet<String> = crm
+            .requests()
+            .iter()
+            .map(|r| r.header("idempotency-key").to_owned())
+            .collect();
+        (acked.iter().all(|id| got.contains(id))
+            && earlier.iter().all(|id| got.contains(&id.to_string())))
+        .then_some(())
+    })
+    .await;
+    // Every earlier event was delivered twice: once, then by the replay.
+    let requests = crm.requests();
+    for id in &earlier {
+        let times = requests
+            .iter()
+            .filter(|r| r.header("idempotency-key") == id.to_string())
+            .count();
+        assert!(times >= 2, "event {id} was not replayed");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_retry_after_fixing_the_target_delivers_and_empties_the_store() {
+    let crm = Receiver::start(|_, _| Reply::status(422).body("missing field")).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(send(&relay, lead(n)).await);
+    }
+    eventually("three dead letters", WAIT, async || {
+        (relay.log.dead_letters("crm").unwrap().len() == 3).then_some(())
+    })
+    .await;
+    crm.set_behaviour(|_, _| Reply::ok());
+    let admin = format!("http://{}", relay.admin);
+    let text = ok(cli(args(&[
+        "dlq", "retry", "--target", "crm", "--all", "--admin", &admin,
+    ]))
+    .await);
+    assert!(text.contains("3 of 3"), "{text}");
+    eventually("the retried deliveries", WAIT, async || {
+        (relay.log.queued_count("crm") == 0 && crm.count() == 6).then_some(())
+    })
+    .await;
+    assert!(
+        relay.log.dead_letters("crm").unwrap().is_empty(),
+        "the dead-letter store is not empty"
+    );
+    let delivered: Vec<String> = crm.requests()[3..]
+        .iter()
+        .map(|r| r.header("idempotency-key").to_owned())
+        .collect();
+    for id in &ids {
+        assert!(
+            delivered.contains(&id.to_string()),
+            "dead letter {id} was not delivered"
+        );
+    }
+    assert_eq!(
+        scrape(relay.admin, r#"leadflo_relay_dead_letters{target="crm"}"#).await,
+        0.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_only_what_was_asked_and_asks_first() {
+    let crm = Receiver::start(|_, _| Reply::status(400)).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(send(&relay, lead(n)).await);
+    }
+    eventually("three dead letters", WAIT, async || {
+        (relay.log.dead_letters("crm").unwrap().len() == 3).then_some(())
+    })
+    .await;
+    let admin = format!("http://{}", relay.admin);
+    // Without --yes and without a terminal: refused, nothing removed.
+    let refused = cli(args(&["dlq", "purge", "--all", "--admin", &admin])).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(relay.log.dead_letters("crm").unwrap().len(), 3);
+
+    let report = json(
+        cli(args(&[
+            "dlq",
+            "purge",
+            "--ids",
+            &ids[1].to_string(),
+            "--yes",
+            "--json",
+            "--admin",
+            &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(report["changed"], 1, "{report}");
+    let left: Vec<EventId> = relay
+        .log
+        .dead_letters("crm")
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![ids[0], ids[2]],
+        "purge removed the wrong dead letters"
+    );
+    // The events themselves stay (replayable until retention).
+    assert!(relay.log.event(ids[1]).unwrap().is_some());
+
+    // Offline too.
+    let dir = relay.stop().await;
+    let data = dir.path().to_str().unwrap();
+    let text = ok(cli(args(&[
+        "dlq",
+        "purge",
+        "--target",
+        "crm",
+        "--ids",
+        &ids[2].to_string(),
+        "--yes",
+        "--data-dir",
+        data,
+    ]))
+    .await);
+    assert!(text.contains("1 dead letter(s) purged"), "{text}");
+    let left = json(cli(args(&["dlq", "list", "--json", "--data-dir", data])).await);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["id"], ids[0].to_string());
+}
+
+#[tokio::test]
+async fn a_non_loopback_admin_api_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    // No token: serve refuses to start, and says why.
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "0.0.0.0:0",
+                "--data-dir",
+                &data,
+            ])
+            .env("LEADFLO_WEBHOOK_SECRET", SECRET)
+            .env_remove("LEADFLO_RELAY_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("LEADFLO_RELAY_ADMIN_TOKEN") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+
+    // With a token: the API answers 401 without it, 200 with it.
+    let relay = RelayProcess::start_with_env(
+        dir.path(),
+        &["--admin-listen", "0.0.0.0:0"],
+        &[
+            ("LEADFLO_WEBHOOK_SECRET", SECRET),
+            ("LEADFLO_RELAY_ADMIN_TOKEN", "admin-token-1"),
+        ],
+    );
+    let admin = format!("http://127.0.0.1:{}", relay.admin.port());
+    let client = client();
+    let denied = client
+        .get(format!("{admin}/api/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    let wrong = client
+        .get(format!("{admin}/api/stats"))
+        .bearer_auth("admin-token-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let allowed = client
+        .get(format!("{admin}/api/stats"))
+        .bearer_auth("admin-token-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
+    // Probes stay open for load balancers and Prometheus.
+    assert_eq!(
+        client
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // The CLI sends the token from the environment.
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(binary())
+            .args(["stats", "--json", "--admin", &admin])
+            .env("LEADFLO_RELAY_ADMIN_TOKEN", "admin-token-1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(json(output)["online"], true);
+}
+
+#[tokio::test]
+async fn a_locked_data_dir_with_no_reachable_admin_api_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let _relay = RelayProcess::start(dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    // The config points at the relay's data but at an admin port nobody serves.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = write_config(work.path(), dir.path(), &port.to_string(), &[]);
+    let output = cli(args(&["stats", "--config", config.to_str().unwrap()])).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("locked by a running leadflo-relay") && stderr.contains("did not answer"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_sends_the_example_lead_and_reports_each_target() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let work = tempfile::tempdir().unwrap();
+    let mut config = leadflo_relay::config::Config::default();
+    config.server.listen = relay.ingest;
+    config.server.admin_listen = relay.admin;
+    let path = work.path().join("relay.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let text = ok(cli(args(&["send-test", "--config", path.to_str().unwrap()])).await);
+    assert!(text.contains("answered 200: accepted as event"), "{text}");
+    assert!(text.contains("target crm: delivered"), "{text}");
+    assert_eq!(crm.requests()[0].body, fixture("visitor_created.json"));
+
+    let report = json(
+        cli(args(&[
+            "send-test",
+            "--event",
+            "conversation_ended",
+            "--json",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .await,
+    );
+    assert_eq!(report["status"], 200);
+    assert_eq!(report["deliveries"]["crm"]["status"], "delivered");
+    assert_eq!(crm.requests()[1].body, fixture("conversation_ended.json"));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_ones() {
+    let ok_target = Receiver::start(|_, _| Reply::ok()).await;
+    let rejecting = Receiver::start(|_, _| Reply::status(400)).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = TestRelay::start_with(|c| {
+        c.storage.retention = "1s".parse().unwrap();
+        c.targets = vec![
+            target("chats", &ok_target.url(), Some(&["conversation_ended"])),
+            target("strict", &rejecting.url(), Some(&["visitor_created"])),
+            target(
+                "down",
+                &format!("http://{down}/hook"),
+                Some(&["other_event"]),
+            ),
+        ];
+    })
+    .await;
+    let delivered = send(&relay, fixture("conversation_ended.json")).await;
+    let dead = send(&relay, fixture("visitor_created.json")).await;
+    let pending = send(&relay, br#"{"event":"other_event"}"#.to_vec()).await;
+    eventually("the delivered event to be pruned", WAIT, async || {
+        relay.log.event(delivered).unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        relay.log.event(dead).unwrap().is_some(),
+        "an event with a dead letter was pruned"
+    );
+    assert!(
+        relay.log.event(pending).unwrap().is_some(),
+        "an undelivered event was pruned"
+    );
+    assert!(scrape(relay.admin, "leadflo_relay_pruned_events_total").await >= 1.0);
+    relay.stop().await;
+}

@@ -25,7 +25,7 @@ use hyper::{Request, StatusCode};
 use leadflo_relay::config::Secret;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{SecretCheck, event_type, json_response};
-use leadflo_relay::log::{Committer, Entry, Log, LogOptions};
+use leadflo_relay::log::{Committer, Entry, Log};
 use leadflo_relay::metrics::Metrics;
 use support::{SECRET, drive, payload, start_relay};
 use tokio::net::TcpListener;
@@ -51,12 +51,7 @@ fn bench_dir() -> tempfile::TempDir {
 fn bench_append(c: &mut Criterion) {
     let rt = runtime();
     let dir = bench_dir();
-    let options = LogOptions {
-        data_dir: dir.path().to_owned(),
-        cache_capacity_bytes: 64 << 20,
-        quarantine_max_events: 10,
-        quarantine_max_bytes: 1 << 20,
-    };
+    let options = support::log_options(dir.path());
     let log = Log::open(&options).unwrap();
     let (committer, handle) = log
         .start_committer(&options, Vec::new(), Arc::new(Metrics::new()))

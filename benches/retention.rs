@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use leadflo_relay::log::{Entry, Log, LogOptions};
+use leadflo_relay::log::{Entry, Log};
 use leadflo_relay::metrics::Metrics;
 
 #[path = "support/mod.rs"]
@@ -31,12 +31,7 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir_in(".").unwrap();
-    let options = LogOptions {
-        data_dir: dir.path().to_owned(),
-        cache_capacity_bytes: 64 << 20,
-        quarantine_max_events: 10,
-        quarantine_max_bytes: 1 << 20,
-    };
+    let options = support::log_options(dir.path());
     let log = Log::open(&options).unwrap();
     let (committer, handle) = log
         .start_committer(&options, Vec::new(), Arc::new(Metrics::new()))

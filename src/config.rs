@@ -121,15 +121,7 @@ impl TargetConfig {
     /// The secret sent to this target, from `secret_file` or `secret_env`.
     pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
         if let Some(path) = &self.secret_file {
-            let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
-                path: path.clone(),
-                source,
-            })?;
-            let trimmed = trim_line_end(&text);
-            if trimmed.is_empty() {
-                return Err(ConfigError::EmptySecretFile { path: path.clone() });
-            }
-            return Ok(Some(Secret::new(trimmed.to_vec())));
+            return read_secret_file(path).map(Some);
         }
         let Some(env) = &self.secret_env else {
             return Ok(None);
@@ -505,15 +497,7 @@ impl Config {
 
     fn read_secret(&self) -> Result<Option<Secret>, ConfigError> {
         if let Some(path) = &self.auth.secret_file {
-            let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
-                path: path.clone(),
-                source,
-            })?;
-            let trimmed = trim_line_end(&text);
-            if trimmed.is_empty() {
-                return Err(ConfigError::EmptySecretFile { path: path.clone() });
-            }
-            return Ok(Some(Secret::new(trimmed.to_vec())));
+            return read_secret_file(path).map(Some);
         }
         match std::env::var_os(&self.auth.secret_env) {
             Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
@@ -654,6 +638,21 @@ pub fn parse_target_flag(value: &str) -> Result<TargetConfig, ConfigError> {
     validate_target(&target)
         .map_err(|(field, message)| flag_error(&format!("{field}: {message}")))?;
     Ok(target)
+}
+
+/// A secret kept in a file; one trailing newline (or CRLF) is not part of it.
+fn read_secret_file(path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let trimmed = trim_line_end(&text);
+    if trimmed.is_empty() {
+        return Err(ConfigError::EmptySecretFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Secret::new(trimmed.to_vec()))
 }
 
 fn trim_line_end(bytes: &[u8]) -> &[u8] {

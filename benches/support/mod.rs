@@ -13,6 +13,16 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "bench-secret";
 
+/// Log settings for a bench's own data directory.
+pub fn log_options(dir: &std::path::Path) -> leadflo_relay::log::LogOptions {
+    leadflo_relay::log::LogOptions {
+        data_dir: dir.to_owned(),
+        cache_capacity_bytes: 64 << 20,
+        quarantine_max_events: 10,
+        quarantine_max_bytes: 1 << 20,
+    }
+}
+
 /// The seed's `visitor_created` payload, with a name that varies by `n`.
 pub fn payload(n: u64) -> Bytes {
     let template = include_str!("../../tests/fixtures/visitor_created.json");

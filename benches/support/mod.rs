@@ -129,3 +129,198 @@ pub async fn drive_for(addr: SocketAddr, connections: usize, duration: Duration)
     }
     total
 }
+
+/// The real `leadflo-relay serve` binary as a child process.
+pub struct RelayChild {
+    pub child: std::process::Child,
+    pub ingest: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl RelayChild {
+    /// Starts the release binary on loopback port 0 with `data_dir` and
+    /// `extra` flags; waits until it reports both addresses.
+    pub fn start(data_dir: &std::path::Path, extra: &[String]) -> RelayChild {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_leadflo-relay"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("LEADFLO_WEBHOOK_SECRET", SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the relay binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|t| t.strip_prefix("addr="))
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                if let Some(addr) = addr {
+                    let kind = if line.contains("ingest listening") {
+                        "ingest"
+                    } else {
+                        "admin"
+                    };
+                    let _ = tx.send((kind, addr));
+                }
+            }
+        });
+        let (mut ingest, mut admin) = (None, None);
+        while ingest.is_none() || admin.is_none() {
+            match rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("relay reports its addresses")
+            {
+                ("ingest", a) => ingest = Some(a),
+                (_, a) => admin = Some(a),
+            }
+        }
+        RelayChild {
+            child,
+            ingest: ingest.unwrap(),
+            admin: admin.unwrap(),
+        }
+    }
+
+    /// Peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a timed load run saw.
+pub struct LoadRun {
+    pub acked: u64,
+    pub elapsed: Duration,
+    /// Every request's latency in microseconds, sorted.
+    pub latencies_us: Vec<u32>,
+}
+
+impl LoadRun {
+    pub fn rate(&self) -> f64 {
+        self.acked as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The `q` quantile (0..=1) of the latencies, in microseconds.
+    pub fn quantile(&self, q: f64) -> f64 {
+        quantile(&self.latencies_us, q)
+    }
+}
+
+pub fn quantile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[rank] as f64
+}
+
+/// `connections` keep-alive senders POST distinct leads (names and emails
+/// vary) for `duration`, timing every request.
+pub async fn timed_load(
+    addr: SocketAddr,
+    path: &str,
+    connections: usize,
+    duration: Duration,
+) -> LoadRun {
+    let mut senders = Vec::new();
+    for _ in 0..connections {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        senders.push(sender);
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut sender)| {
+            let path = path.to_owned();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let body = lead_payload(c as u64 * 1_000_000_000 + n);
+                    let request = Request::post(path.as_str())
+                        .header("host", "bench")
+                        .header("content-type", "application/json")
+                        .header("x-webhook-secret", SECRET)
+                        .body(Full::new(body))
+                        .unwrap();
+                    let sent = Instant::now();
+                    sender.ready().await.unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    assert_eq!(response.status(), StatusCode::OK);
+                    response.into_body().collect().await.unwrap();
+                    latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    n += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies_us = Vec::new();
+    for task in tasks {
+        latencies_us.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    latencies_us.sort_unstable();
+    LoadRun {
+        acked: latencies_us.len() as u64,
+        elapsed,
+        latencies_us,
+    }
+}
+
+/// The seed's lead with a distinct name, email and phone per `n` (~700 bytes).
+pub fn lead_payload(n: u64) -> Bytes {
+    let template = include_str!("../../tests/fixtures/visitor_created.json");
+    Bytes::from(
+        template
+            .replace("Sarah Johnson", &format!("Sarah Johnson-{n:012}"))
+            .replace("sarah@example.com", &format!("sarah.{n:012}@example.com"))
+            .replace("+1 555 123 4567", &format!("+1 555 {:07}", n % 10_000_000))
+            .replace("vis_xyz", &format!("vis_{n:016x}")),
+    )
+}

@@ -1,0 +1,485 @@
+//! End-to-end load bench against baselines measured in the same run.
+//!
+//! `cargo bench --bench e2e` (add `-- --quick` for a short run) starts, on
+//! loopback:
+//!
+//! 1. **ceiling**: the relay's own hyper front end (same accept loop) with a
+//!    handler that reads the body and answers 200: no secret check, no
+//!    storage; a separate process, like the relay;
+//! 2. **relay, ingest only**: the real release binary, durable, with the
+//!    secret, no targets;
+//! 3. **relay, ingest + delivery**: the same with one fast local target (a
+//!    hyper server answering 200) receiving every event while ingest is
+//!    loaded; after the load stops, the time until the target has them all;
+//! 4. **fsync probe**: 1 KiB append + `fdatasync` in a loop on the data
+//!    directory's filesystem: the physical floor of a durable ack.
+//!
+//! A built-in load generator (hyper client, one keep-alive connection per
+//! sender, the seed's `visitor_created` payload with a different name, email
+//! and phone per request) drives 1-3 at 1, 16 and 64 senders for a fixed time,
+//! several rounds, and prints a markdown table and the ratios the
+//! performance targets are stated in. The numbers are never checked against
+//! thresholds here: they are reported.
+//!
+//! `-- --backlog N`: ingests N events while the target is down, then
+//! restarts the relay with the target up and measures the relay's peak RSS,
+//! the time from start to `/readyz` with that backlog, and the drain rate.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::StatusCode;
+use leadflo_relay::http::{self, ConnectionLimits};
+use leadflo_relay::ingest::json_response;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{LoadRun, RelayChild, timed_load};
+
+const PATH: &str = "/leadflo-webhook";
+const SENDERS: [usize; 3] = [1, 16, 64];
+
+fn limits() -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: 4096,
+        header_read_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(1),
+    }
+}
+
+/// Child role: the ceiling server. Prints its address, serves until killed.
+fn run_ceiling() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("ADDR {}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        let handler = |request: hyper::Request<hyper::body::Incoming>| async move {
+            let _ = Limited::new(request.into_body(), 1 << 20).collect().await;
+            json_response(
+                StatusCode::OK,
+                Bytes::from_static(br#"{"status":"accepted","id":"0"}"#),
+            )
+        };
+        http::serve(listener, limits(), handler, CancellationToken::new()).await;
+    });
+}
+
+struct Ceiling(std::process::Child, SocketAddr);
+
+impl Ceiling {
+    fn start() -> Ceiling {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("E2E_ROLE", "ceiling")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().strip_prefix("ADDR ").unwrap().parse().unwrap();
+        Ceiling(child, addr)
+    }
+}
+
+impl Drop for Ceiling {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fast target in this process: reads each body, answers 200, counts.
+async fn fast_target() -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let received = Arc::new(AtomicU64::new(0));
+    let count = received.clone();
+    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
+        let count = count.clone();
+        async move {
+            let _ = request.into_body().collect().await;
+            count.fetch_add(1, Ordering::Relaxed);
+            json_response(StatusCode::OK, Bytes::from_static(b"{}"))
+        }
+    };
+    tokio::spawn(http::serve(
+        listener,
+        limits(),
+        handler,
+        CancellationToken::new(),
+    ));
+    (url, received)
+}
+
+fn target_config(dir: &std::path::Path, url: &str) -> Vec<String> {
+    let path = dir.join("relay.toml");
+    std::fs::write(
+        &path,
+        format!("[[targets]]\nname = \"fast\"\nurl = \"{url}\"\nconcurrency = 16\n"),
+    )
+    .unwrap();
+    vec!["--config".into(), path.to_str().unwrap().into()]
+}
+
+#[derive(Default)]
+struct Cell {
+    rates: Vec<f64>,
+    latencies: Vec<u32>,
+    deliveries_per_s: Vec<f64>,
+    drains: Vec<f64>,
+    peak_rss: u64,
+    bytes_per_event: Vec<f64>,
+}
+
+impl Cell {
+    fn add(&mut self, run: &LoadRun) {
+        self.rates.push(run.rate());
+        self.latencies.extend(&run.latencies_us);
+    }
+
+    fn rate(&self) -> f64 {
+        median(&self.rates)
+    }
+
+    fn q(&mut self, q: f64) -> f64 {
+        self.latencies.sort_unstable();
+        support::quantile(&self.latencies, q)
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn fsync_probe(iterations: usize) -> Vec<u32> {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let mut file = std::fs::File::create(dir.path().join("probe")).unwrap();
+    let block = [b'x'; 1024];
+    let mut latencies: Vec<u32> = (0..iterations)
+        .map(|_| {
+            let started = Instant::now();
+            file.write_all(&block).unwrap();
+            file.sync_data().unwrap();
+            started.elapsed().as_micros() as u32
+        })
+        .collect();
+    latencies.sort_unstable();
+    latencies
+}
+
+async fn wait_for(count: &AtomicU64, want: u64, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while count.load(Ordering::Relaxed) < want {
+        if started.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Some(started.elapsed())
+}
+
+fn main() {
+    if std::env::var("E2E_ROLE").as_deref() == Ok("ceiling") {
+        return run_ceiling();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let backlog = args
+        .windows(2)
+        .find(|w| w[0] == "--backlog")
+        .map(|w| w[1].parse::<u64>().expect("--backlog N"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Some(events) = backlog {
+        return runtime.block_on(backlog_mode(events));
+    }
+    let (rounds, duration) = if quick {
+        (1, Duration::from_secs(1))
+    } else {
+        (3, Duration::from_secs(5))
+    };
+    runtime.block_on(async {
+        let fsync = fsync_probe(if quick { 300 } else { 2000 });
+        let mut ceiling: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
+        let mut ingest: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
+        let mut delivery: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
+        for round in 0..rounds {
+            eprintln!("round {}/{rounds}", round + 1);
+            for (n, &senders) in SENDERS.iter().enumerate() {
+                // 1. ceiling
+                let server = Ceiling::start();
+                ceiling[n].add(&timed_load(server.1, PATH, senders, duration).await);
+                drop(server);
+
+                // 2. relay, ingest only
+                let dir = tempfile::tempdir_in(".").unwrap();
+                let relay = RelayChild::start(&dir.path().join("data"), &[]);
+                let run = timed_load(relay.ingest, PATH, senders, duration).await;
+                ingest[n].add(&run);
+                ingest[n].peak_rss = ingest[n].peak_rss.max(relay.peak_rss());
+                relay.stop();
+                let stored = leadflo_relay::disk::store_size(&dir.path().join("data")).unwrap();
+                ingest[n]
+                    .bytes_per_event
+                    .push(stored as f64 / run.acked.max(1) as f64);
+
+                // 3. relay, ingest + delivery
+                let dir = tempfile::tempdir_in(".").unwrap();
+                let (url, received) = fast_target().await;
+                let relay =
+                    RelayChild::start(&dir.path().join("data"), &target_config(dir.path(), &url));
+                let run = timed_load(relay.ingest, PATH, senders, duration).await;
+                let during = received.load(Ordering::Relaxed) as f64 / run.elapsed.as_secs_f64();
+                let drain = wait_for(&received, run.acked, Duration::from_secs(300)).await;
+                delivery[n].add(&run);
+                delivery[n].deliveries_per_s.push(during);
+                delivery[n]
+                    .drains
+                    .push(drain.map_or(f64::INFINITY, |d| d.as_secs_f64()));
+                delivery[n].peak_rss = delivery[n].peak_rss.max(relay.peak_rss());
+                relay.stop();
+            }
+        }
+        report(
+            fsync,
+            &mut ceiling,
+            &mut ingest,
+            &mut delivery,
+            rounds,
+            duration,
+        );
+    });
+}
+
+fn report(
+    fsync: Vec<u32>,
+    ceiling: &mut [Cell],
+    ingest: &mut [Cell],
+    delivery: &mut [Cell],
+    rounds: usize,
+    duration: Duration,
+) {
+    let (f50, f99) = (
+        support::quantile(&fsync, 0.5),
+        support::quantile(&fsync, 0.99),
+    );
+    let body = support::lead_payload(0).len();
+    println!();
+    println!(
+        "{rounds} round(s) of {} s per cell; payload {body} bytes; fsync probe (1 KiB + fdatasync): p50 {f50:.0} µs, p99 {f99:.0} µs\n",
+        duration.as_secs()
+    );
+    println!(
+        "| setup | senders | req/s | ack p50 µs | p99 µs | p99.9 µs | deliveries/s during load | drain after load | peak RSS MiB | disk bytes/event |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mib = |b: u64| {
+        if b == 0 {
+            "—".to_owned()
+        } else {
+            format!("{:.1}", b as f64 / 1048576.0)
+        }
+    };
+    for (name, cells) in [
+        ("ceiling", &mut *ceiling),
+        ("relay, ingest only", &mut *ingest),
+        ("relay, ingest + delivery", &mut *delivery),
+    ] {
+        for (n, cell) in cells.iter_mut().enumerate() {
+            let deliveries = if cell.deliveries_per_s.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.0}", median(&cell.deliveries_per_s))
+            };
+            let drain = if cell.drains.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.2} s", median(&cell.drains))
+            };
+            let disk = if cell.bytes_per_event.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.0}", median(&cell.bytes_per_event))
+            };
+            println!(
+                "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {deliveries} | {drain} | {} | {disk} |",
+                SENDERS[n],
+                cell.rate(),
+                cell.q(0.5),
+                cell.q(0.99),
+                cell.q(0.999),
+                mib(cell.peak_rss),
+            );
+        }
+    }
+    let at = |cells: &[Cell], senders: usize| {
+        SENDERS
+            .iter()
+            .position(|&s| s == senders)
+            .map(|i| cells[i].rate())
+            .unwrap()
+    };
+    let relay64 = at(ingest, 64);
+    let ratio64 = relay64 / at(ceiling, 64);
+    let ack50 = ingest[0].q(0.5);
+    let ack99_16 = ingest[1].q(0.99);
+    let deliveries64 = median(&delivery[2].deliveries_per_s);
+    let with_delivery = at(delivery, 64) / relay64;
+    let disk = median(&ingest[2].bytes_per_event) / body as f64;
+    println!();
+    println!("| target | measured | goal | met |");
+    println!("|---|---|---|---|");
+    let row = |what: &str, measured: String, goal: String, met: bool| {
+        println!(
+            "| {what} | {measured} | {goal} | {} |",
+            if met { "yes" } else { "no" }
+        );
+    };
+    row(
+        "durable ingest / ceiling at 64 senders",
+        format!("{ratio64:.2}×"),
+        "≥ 0.70×".into(),
+        ratio64 >= 0.7,
+    );
+    row(
+        "ack p50 at 1 sender vs fsync p50",
+        format!("{ack50:.0} µs ({:.2}× fsync)", ack50 / f50),
+        format!("≤ {:.0} µs (1.5× fsync + 100 µs)", 1.5 * f50 + 100.0),
+        ack50 <= 1.5 * f50 + 100.0,
+    );
+    row(
+        "ack p99 at 16 senders vs fsync p99",
+        format!("{ack99_16:.0} µs"),
+        format!("≤ {:.0} µs (3× fsync p99 + 1 ms)", 3.0 * f99 + 1000.0),
+        ack99_16 <= 3.0 * f99 + 1000.0,
+    );
+    row(
+        "deliveries/s during load vs ingest at 64",
+        format!("{deliveries64:.0} vs {:.0}", at(delivery, 64)),
+        "≥ ingest".into(),
+        deliveries64 >= at(delivery, 64),
+    );
+    row(
+        "ingest with delivery / ingest alone at 64",
+        format!("{with_delivery:.2}×"),
+        "≥ 0.80×".into(),
+        with_delivery >= 0.8,
+    );
+    row(
+        "disk per event / body size (not pruned)",
+        format!("{disk:.2}×"),
+        "≤ 2.5× once pruned".into(),
+        disk <= 2.5,
+    );
+}
+
+async fn backlog_mode(events: u64) {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let data = dir.path().join("data");
+    // The target's address, reserved and closed: connections are refused.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let url = format!("http://{target_addr}/hook");
+    let config = target_config(dir.path(), &url);
+
+    let relay = RelayChild::start(&data, &config);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < events {
+        let run = support::timed_load(relay.ingest, PATH, 64, Duration::from_secs(2)).await;
+        sent += run.acked;
+        eprintln!("ingested {sent} / {events}");
+    }
+    let ingest_time = started.elapsed();
+    let rss_ingest = relay.peak_rss();
+    relay.stop();
+    let store = leadflo_relay::disk::store_size(&data).unwrap();
+
+    // The target comes back; the relay restarts with the backlog.
+    let listener = TcpListener::bind(target_addr)
+        .await
+        .expect("target port still free");
+    let received = Arc::new(AtomicU64::new(0));
+    let count = received.clone();
+    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
+        let count = count.clone();
+        async move {
+            let _ = request.into_body().collect().await;
+            count.fetch_add(1, Ordering::Relaxed);
+            json_response(StatusCode::OK, Bytes::from_static(b"{}"))
+        }
+    };
+    tokio::spawn(http::serve(
+        listener,
+        limits(),
+        handler,
+        CancellationToken::new(),
+    ));
+    let started = Instant::now();
+    let relay = RelayChild::start(&data, &config);
+    wait_until_ready(relay.admin).await;
+    let ready = started.elapsed();
+    let drain = wait_for(&received, sent, Duration::from_secs(3600)).await;
+    let rss_drain = relay.peak_rss();
+    relay.stop();
+    println!();
+    println!(
+        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | drain | drain rate | peak RSS (drain) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {} | {} | {:.1} MiB |",
+        ingest_time.as_secs_f64(),
+        store as f64 / 1048576.0,
+        rss_ingest as f64 / 1048576.0,
+        ready.as_secs_f64(),
+        drain.map_or("not within 1 h".into(), |d| format!(
+            "{:.1} s",
+            d.as_secs_f64()
+        )),
+        drain.map_or("—".into(), |d| format!(
+            "{:.0}/s",
+            sent as f64 / d.as_secs_f64()
+        )),
+        rss_drain as f64 / 1048576.0,
+    );
+}
+
+/// Polls `/readyz` until it answers 200 (raw HTTP, no client library).
+async fn wait_until_ready(admin: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
+            let _ = stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await;
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            if answer.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

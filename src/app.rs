@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 pub struct Credentials {
     /// The secret LeadFloAgent sends; `None` only in unauthenticated mode.
     pub inbound: Option<Secret>,
+    /// The previous secret, still accepted while a rotation is under way.
+    pub previous_inbound: Option<Secret>,
     /// The admin API's bearer token; required when `admin_listen` is not
     /// a loopback address.
     pub admin_token: Option<Secret>,
@@ -35,6 +37,7 @@ pub struct Credentials {
 pub struct Relay {
     config: Config,
     secret: Option<Secret>,
+    previous_secret: Option<Secret>,
     admin_token: Option<Secret>,
     ingest_listener: TcpListener,
     admin_listener: TcpListener,
@@ -50,20 +53,18 @@ impl Relay {
     /// Opens the log and binds both listeners. `secret` is `None` only when
     /// `auth.allow_unauthenticated` is set.
     pub async fn build(config: Config, secret: Option<Secret>) -> anyhow::Result<Relay> {
-        Relay::build_with(
-            config,
-            Credentials {
-                inbound: secret,
-                admin_token: None,
-            },
-        )
-        .await
+        let credentials = Credentials {
+            inbound: secret,
+            ..Credentials::default()
+        };
+        Relay::build_with(config, credentials).await
     }
 
     /// Like [`Relay::build`], with every credential.
     pub async fn build_with(config: Config, credentials: Credentials) -> anyhow::Result<Relay> {
         let Credentials {
             inbound: secret,
+            previous_inbound,
             admin_token,
         } = credentials;
         anyhow::ensure!(
@@ -118,6 +119,7 @@ impl Relay {
         Ok(Relay {
             config,
             secret,
+            previous_secret: previous_inbound,
             admin_token,
             ingest_listener,
             admin_listener,
@@ -163,7 +165,10 @@ impl Relay {
         let ingest = Arc::new(Ingest::new(
             IngestSettings {
                 path: server.path.clone(),
-                secret: self.secret.as_ref().map(SecretCheck::new),
+                secret: self
+                    .secret
+                    .as_ref()
+                    .map(|s| SecretCheck::new(s).with_previous(self.previous_secret.as_ref())),
                 max_body_bytes: server.max_body_bytes,
                 request_timeout: server.request_timeout.get(),
                 commit_timeout: self.config.storage.commit_timeout.get(),

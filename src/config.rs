@@ -211,6 +211,13 @@ pub struct AuthConfig {
     pub secret_file: Option<PathBuf>,
     /// Accept requests without checking any secret. Refused unless asked for.
     pub allow_unauthenticated: bool,
+    /// During a secret rotation: an environment variable holding the
+    /// previous secret, accepted alongside the current one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_secret_env: Option<String>,
+    /// Or a file holding it; wins over `previous_secret_env`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_secret_file: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -219,6 +226,8 @@ impl Default for AuthConfig {
             secret_env: DEFAULT_SECRET_ENV.to_owned(),
             secret_file: None,
             allow_unauthenticated: false,
+            previous_secret_env: None,
+            previous_secret_file: None,
         }
     }
 }
@@ -330,6 +339,8 @@ pub enum ConfigError {
     },
     #[error("secret file {path} is empty")]
     EmptySecretFile { path: PathBuf },
+    #[error("environment variable {env} (from `auth.previous_secret_env`) is not set or empty")]
+    PreviousSecret { env: String },
     #[error("target {target}: environment variable {env} (from `secret_env`) is not set or empty")]
     TargetSecret { target: String, env: String },
     #[error(
@@ -502,6 +513,22 @@ impl Config {
         match std::env::var_os(&self.auth.secret_env) {
             Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
             _ => Ok(None),
+        }
+    }
+
+    /// The previous inbound secret, accepted during a rotation; an error if
+    /// it is configured but cannot be read (a rotation that silently
+    /// rejected the old secret would drop events).
+    pub fn previous_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.auth.previous_secret_file {
+            return read_secret_file(path).map(Some);
+        }
+        let Some(env) = &self.auth.previous_secret_env else {
+            return Ok(None);
+        };
+        match std::env::var_os(env) {
+            Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+            _ => Err(ConfigError::PreviousSecret { env: env.clone() }),
         }
     }
 

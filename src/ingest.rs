@@ -32,27 +32,42 @@ pub const SECRET_HEADER: &str = "x-webhook-secret";
 /// The longest `event` value accepted.
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 
-/// Checks a provided secret against the configured one in constant time.
+/// Checks a provided secret against the configured one (and, while a
+/// rotation is under way, the previous one) in constant time.
 ///
-/// Both sides are hashed with SHA-256 first and the fixed-length digests
-/// compared with `subtle`, so neither the content nor the length of the
+/// Every side is hashed with SHA-256 first and the fixed-length digests
+/// compared with `subtle`, so neither the content nor the length of a
 /// configured secret shows in the comparison's timing. (Hashing the provided
 /// value takes time in proportion to *its* length, which its sender knows.)
+/// All configured digests are always compared, so timing does not tell
+/// which one matched either.
 #[derive(Clone)]
 pub struct SecretCheck {
-    digest: [u8; 32],
+    digests: Vec<[u8; 32]>,
 }
 
 impl SecretCheck {
     pub fn new(secret: &Secret) -> SecretCheck {
         SecretCheck {
-            digest: Sha256::digest(secret.expose()).into(),
+            digests: vec![Sha256::digest(secret.expose()).into()],
         }
+    }
+
+    /// Also accepts `previous` (secret rotation).
+    pub fn with_previous(mut self, previous: Option<&Secret>) -> SecretCheck {
+        if let Some(previous) = previous {
+            self.digests.push(Sha256::digest(previous.expose()).into());
+        }
+        self
     }
 
     pub fn matches(&self, provided: &[u8]) -> bool {
         let provided: [u8; 32] = Sha256::digest(provided).into();
-        provided.ct_eq(&self.digest).into()
+        let mut matched = subtle::Choice::from(0);
+        for digest in &self.digests {
+            matched |= provided.ct_eq(digest);
+        }
+        matched.into()
     }
 }
 
@@ -420,6 +435,14 @@ mod tests {
                 .unwrap_err()
                 .contains("longer than")
         );
+    }
+
+    #[test]
+    fn during_rotation_both_secrets_are_accepted() {
+        let check = SecretCheck::new(&Secret::new("new-secret"))
+            .with_previous(Some(&Secret::new("old-secret")));
+        assert!(check.matches(b"new-secret") && check.matches(b"old-secret"));
+        assert!(!check.matches(b"other-secret") && !check.matches(b""));
     }
 
     #[test]

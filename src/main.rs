@@ -353,6 +353,7 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     let credentials = Credentials {
         inbound: config.inbound_secret()?,
+        previous_inbound: config.previous_secret()?,
         admin_token: config.admin_token()?,
     };
     leadflo_relay::telemetry::init(&config.logging)?;
@@ -411,6 +412,7 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     let secret = config.inbound_secret()?;
     let admin_token = config.admin_token()?;
+    let previous = config.previous_secret()?;
     let origin = match &args.config {
         Some(path) => format!("{} with flag overrides", path.display()),
         None => "built-in defaults with flag overrides".to_owned(),
@@ -419,6 +421,9 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     match secret {
         Some(_) => println!("# inbound secret: set (from {})", config.secret_source()),
         None => println!("# inbound secret: NONE (unauthenticated mode)"),
+    }
+    if previous.is_some() {
+        println!("# previous inbound secret: set (accepted during the rotation)");
     }
     if admin_token.is_some() {
         println!("# admin API token: set (from environment variable LEADFLO_RELAY_ADMIN_TOKEN)");

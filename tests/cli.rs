@@ -201,3 +201,47 @@ fn the_example_config_is_valid_and_matches_the_defaults() {
     );
     assert!(output.status.success(), "{}", text(&output));
 }
+
+#[tokio::test]
+async fn secret_rotation_accepts_the_previous_secret_until_it_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nprevious_secret_env = \"LEADFLO_WEBHOOK_SECRET_PREVIOUS\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    // The previous secret named but not set: refuse to start rather than
+    // silently reject the senders still using it.
+    let output = run(
+        &["check-config", "--config", &config],
+        &[("LEADFLO_WEBHOOK_SECRET", "new")],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output).contains("LEADFLO_WEBHOOK_SECRET_PREVIOUS"),
+        "{}",
+        text(&output)
+    );
+
+    let relay = RelayProcess::start_with_env(
+        &dir.path().join("data"),
+        &["--config", &config],
+        &[
+            ("LEADFLO_WEBHOOK_SECRET", SECRET),
+            ("LEADFLO_WEBHOOK_SECRET_PREVIOUS", "old-secret"),
+        ],
+    );
+    let client = client();
+    for (secret, want) in [(SECRET, 200), ("old-secret", 200), ("older-secret", 401)] {
+        let (status, json) = post(
+            &client,
+            &relay.url(),
+            Some(secret),
+            fixture("visitor_created.json"),
+        )
+        .await;
+        assert_eq!(status, want, "{secret}: {json}");
+    }
+}

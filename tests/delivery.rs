@@ -349,7 +349,12 @@ async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
 
 #[tokio::test]
 async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
-    let crm = Receiver::start(|_, _| Reply::status(500).after(Duration::from_millis(100))).await;
+    let crm = Receiver::start(|n, _| {
+        // The first attempts hang long enough for all four slots to fill.
+        let delay = if n < 4 { 800 } else { 100 };
+        Reply::status(500).after(Duration::from_millis(delay))
+    })
+    .await;
     let relay = TestRelay::start_with(|c| {
         let mut t = target("crm", &crm.url());
         t.concurrency = 4;

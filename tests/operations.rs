@@ -354,6 +354,8 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     let to = ops::rfc3339(ops::now_ms());
+    // Later events must fall in a later millisecond than `to`.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     for n in 10..13 {
         send(&relay, lead(n)).await;
     }

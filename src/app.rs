@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -238,6 +239,12 @@ impl Relay {
             );
             dispatchers.push(tokio::spawn(run));
         }
+        let stuck_watch = tokio::spawn(watch_for_a_stuck_log(
+            self.log.health(),
+            self.disk.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
         shutdown.cancelled().await;
         tracing::info!("shutting down: no new connections; finishing open requests and attempts");
         ingest_task.await.context("ingest listener task")?;
@@ -247,9 +254,57 @@ impl Relay {
         admin_task.await.context("admin listener task")?;
         disk_watch.await.context("disk watch task")?;
         pruner.await.context("retention task")?;
+        let stuck = stuck_watch.await.context("log watch task")?;
         self.committer_handle.close().await;
+        anyhow::ensure!(
+            !stuck,
+            "the log kept failing to write although the disk has room again (sled cannot \
+             recover from a write error in place, e.g. after the disk filled up); exiting so \
+             that a supervisor restarts the relay. Events acknowledged before are on disk."
+        );
         tracing::info!("stopped; the log is flushed");
         Ok(())
+    }
+}
+
+/// How long commits may keep failing while the disk has room again before
+/// the relay stops itself for a restart.
+pub const STUCK_LOG_GRACE: Duration = Duration::from_secs(10);
+
+/// sled stays failed after a write error (measured: after ENOSPC, every
+/// later flush fails even once space is back), and only reopening the
+/// database heals it. So when commits keep failing for [`STUCK_LOG_GRACE`]
+/// while the disk has room, this cancels `shutdown` and returns `true`: the
+/// relay exits non-zero and its supervisor starts it again, which recovers.
+async fn watch_for_a_stuck_log(
+    health: Arc<crate::log::CommitHealth>,
+    disk: Arc<DiskGuard>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> bool {
+    let mut since: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let failures = metrics.commit_failures.get();
+        if !health.is_failing() || disk.refusal().is_some() {
+            since = None;
+            continue;
+        }
+        match since {
+            None => since = Some((tokio::time::Instant::now(), failures)),
+            Some((start, before)) if start.elapsed() >= STUCK_LOG_GRACE && failures > before => {
+                tracing::error!(
+                    "the log keeps failing to write although the disk has room; stopping so the \
+                     relay can be restarted"
+                );
+                shutdown.cancel();
+                return true;
+            }
+            Some(_) => {}
+        }
     }
 }
 

@@ -246,24 +246,37 @@ async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_even
         stop.store(true, Ordering::Relaxed);
         acked_ever.extend(sending.await.unwrap());
     }
-    // A last start with no load: it only drains what is queued.
+    // A last start with no load: it only drains what is queued. The
+    // deadline grows with the backlog; a miss reports what is missing.
     let relay = RelayProcess::start(dir.path(), &["--target", &target]);
-    eventually(
-        "every acknowledged event at the target",
-        Duration::from_secs(60),
-        async || {
-            let got: std::collections::HashSet<String> = crm
-                .requests()
-                .iter()
-                .map(|r| r.header("idempotency-key").to_owned())
-                .collect();
-            acked_ever
-                .keys()
-                .all(|id| got.contains(&id.to_string()))
-                .then_some(())
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now()
+        + Duration::from_secs(60)
+        + Duration::from_millis(10) * acked_ever.len() as u32;
+    loop {
+        let got: std::collections::HashSet<String> = crm
+            .requests()
+            .iter()
+            .map(|r| r.header("idempotency-key").to_owned())
+            .collect();
+        let missing: Vec<&EventId> = acked_ever
+            .keys()
+            .filter(|id| !got.contains(&id.to_string()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let backlog =
+                scrape(relay.admin, r#"leadflo_relay_backlog_events{target="crm"}"#).await;
+            panic!(
+                "{} of {} acknowledged events never reached the target (relay backlog {backlog}); first missing: {:?}",
+                missing.len(),
+                acked_ever.len(),
+                &missing[..missing.len().min(5)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let requests = crm.requests();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for request in &requests {

@@ -32,24 +32,12 @@ const SENDERS: usize = 64;
 async fn fast_target() -> (String, Arc<AtomicU64>, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let received = Arc::new(AtomicU64::new(0));
-    let count = received.clone();
     let shutdown = CancellationToken::new();
-    let limits = ConnectionLimits {
-        max_connections: 1024,
-        header_read_timeout: Duration::from_secs(30),
-        shutdown_grace: Duration::from_secs(1),
-    };
-    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
-        let count = count.clone();
-        async move {
-            let _ = request.into_body().collect().await;
-            count.fetch_add(1, Ordering::Relaxed);
-            json_response(StatusCode::OK, Bytes::from_static(b"{}"))
-        }
-    };
-    tokio::spawn(http::serve(listener, limits, handler, shutdown.clone()));
-    (url, received, shutdown)
+    (
+        url,
+        support::counting_target(listener, shutdown.clone()),
+        shutdown,
+    )
 }
 
 struct Row {

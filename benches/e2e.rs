@@ -105,23 +105,10 @@ impl Drop for Ceiling {
 async fn fast_target() -> (String, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let received = Arc::new(AtomicU64::new(0));
-    let count = received.clone();
-    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
-        let count = count.clone();
-        async move {
-            let _ = request.into_body().collect().await;
-            count.fetch_add(1, Ordering::Relaxed);
-            json_response(StatusCode::OK, Bytes::from_static(b"{}"))
-        }
-    };
-    tokio::spawn(http::serve(
-        listener,
-        limits(),
-        handler,
-        CancellationToken::new(),
-    ));
-    (url, received)
+    (
+        url,
+        support::counting_target(listener, CancellationToken::new()),
+    )
 }
 
 fn target_config(dir: &std::path::Path, url: &str) -> Vec<String> {
@@ -420,22 +407,7 @@ async fn backlog_mode(events: u64) {
     let listener = TcpListener::bind(target_addr)
         .await
         .expect("target port still free");
-    let received = Arc::new(AtomicU64::new(0));
-    let count = received.clone();
-    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
-        let count = count.clone();
-        async move {
-            let _ = request.into_body().collect().await;
-            count.fetch_add(1, Ordering::Relaxed);
-            json_response(StatusCode::OK, Bytes::from_static(b"{}"))
-        }
-    };
-    tokio::spawn(http::serve(
-        listener,
-        limits(),
-        handler,
-        CancellationToken::new(),
-    ));
+    let received = support::counting_target(listener, CancellationToken::new());
     let started = Instant::now();
     let relay = RelayChild::start(&data, &config);
     wait_until_ready(relay.admin).await;

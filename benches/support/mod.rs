@@ -324,3 +324,31 @@ pub fn lead_payload(n: u64) -> Bytes {
             .replace("vis_xyz", &format!("vis_{n:016x}")),
     )
 }
+
+/// Serves a fast target on `listener`: reads each body, answers 200, and
+/// counts what it got, until `shutdown`.
+pub fn counting_target(
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let count = received.clone();
+    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
+        let count = count.clone();
+        async move {
+            let _ = request.into_body().collect().await;
+            count.fetch_add(1, Ordering::Relaxed);
+            leadflo_relay::ingest::json_response(StatusCode::OK, Bytes::from_static(b"{}"))
+        }
+    };
+    let limits = leadflo_relay::http::ConnectionLimits {
+        max_connections: 4096,
+        header_read_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    tokio::spawn(leadflo_relay::http::serve(
+        listener, limits, handler, shutdown,
+    ));
+    received
+}

@@ -14,12 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::StatusCode;
 use leadflo_relay::config::TargetConfig;
-use leadflo_relay::http::{self, ConnectionLimits};
-use leadflo_relay::ingest::json_response;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

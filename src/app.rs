@@ -335,6 +335,7 @@ fn build_targets(
             concurrency: target.concurrency,
             rate_per_second: target.rate_per_second,
             circuit_failures: target.circuit_failures,
+            probe_max_interval: target.probe_max_interval.get(),
             wake,
             shutdown_grace: config
                 .server

@@ -62,6 +62,10 @@ pub struct TargetConfig {
     /// Consecutive failures that open the circuit breaker.
     #[serde(default = "default_circuit_failures")]
     pub circuit_failures: u32,
+    /// Longest wait between two probes while the circuit is open, so a
+    /// target back from a long outage gets its backlog within this time.
+    #[serde(default = "default_probe_max_interval")]
+    pub probe_max_interval: HumanDuration,
     #[serde(default)]
     pub retry: RetryConfig,
 }
@@ -72,6 +76,10 @@ fn default_target_timeout() -> HumanDuration {
 
 fn default_concurrency() -> usize {
     4
+}
+
+fn default_probe_max_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_circuit_failures() -> u32 {
@@ -91,6 +99,7 @@ impl TargetConfig {
             concurrency: default_concurrency(),
             rate_per_second: None,
             circuit_failures: default_circuit_failures(),
+            probe_max_interval: default_probe_max_interval(),
             retry: RetryConfig::default(),
         }
     }
@@ -623,6 +632,12 @@ fn validate_target(t: &TargetConfig) -> Result<(), (&'static str, String)> {
     }
     if t.circuit_failures == 0 {
         return Err(("circuit_failures", "expected at least 1, got 0".to_owned()));
+    }
+    if t.probe_max_interval.0.is_zero() {
+        return Err((
+            "probe_max_interval",
+            "expected a duration above zero".to_owned(),
+        ));
     }
     let retry = &t.retry;
     if retry.initial.0.is_zero() {

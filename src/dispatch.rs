@@ -32,6 +32,8 @@ pub struct Target {
     pub concurrency: usize,
     pub rate_per_second: Option<f64>,
     pub circuit_failures: u32,
+    /// Longest wait between two probes of an open circuit.
+    pub probe_max_interval: Duration,
     /// Woken by the committer when new deliveries are queued.
     pub wake: Arc<Notify>,
     /// Time in-flight attempts get to finish at shutdown.
@@ -220,8 +222,13 @@ fn record_verdict(
                 .consecutive_failures
                 .saturating_sub(target.circuit_failures);
             if circuit.consecutive_failures >= target.circuit_failures {
-                // Probe interval: the backoff for the failures beyond the threshold.
-                let interval = target.policy.ceiling(beyond + 1);
+                // Probe interval: the backoff for the failures beyond the
+                // threshold, capped so a target that comes back after a long
+                // outage is noticed within `probe_max_interval`.
+                let interval = target
+                    .policy
+                    .ceiling(beyond + 1)
+                    .min(target.probe_max_interval);
                 if circuit.open_until.is_none() {
                     gauge.set(1);
                     tracing::warn!(

@@ -548,3 +548,48 @@ async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() {
+    // Backoff so long that, uncapped, the next probe would be ten minutes away.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{port}/hook");
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &url);
+        t.circuit_failures = 1;
+        t.retry.initial = "10m".parse().unwrap();
+        t.retry.max_interval = "1h".parse().unwrap();
+        t.probe_max_interval = "200ms".parse().unwrap();
+        c.targets = vec![t];
+    })
+    .await;
+    let ids = [
+        send(&relay, visitor(1)).await,
+        send(&relay, visitor(2)).await,
+    ];
+    eventually("the circuit to open", WAIT, async || {
+        (scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await == 1.0)
+            .then_some(())
+    })
+    .await;
+    let crm = Receiver::start_on(port, |_, _| Reply::ok()).await;
+    eventually("the backlog after the target's return", WAIT, async || {
+        (relay.log.queued_count("crm") == 0).then_some(())
+    })
+    .await;
+    let got: Vec<String> = crm
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key").to_owned())
+        .collect();
+    for id in ids {
+        assert!(
+            got.contains(&id.to_string()),
+            "event {id} not delivered after the outage"
+        );
+    }
+    relay.stop().await;
+}

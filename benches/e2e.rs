@@ -21,6 +21,9 @@
 //! performance targets are stated in. The numbers are never checked against
 //! thresholds here: they are reported.
 //!
+//! `-- --outage SECONDS`: the target refuses connections for that long while
+//! 3,000 leads arrive, then comes back; reports how long until it has them.
+//!
 //! `-- --backlog N`: ingests N events while the target is down, then
 //! restarts the relay with the target up and measures the relay's peak RSS,
 //! the time from start to `/readyz` with that backlog, and the drain rate.
@@ -199,6 +202,13 @@ fn main() {
         .unwrap();
     if let Some(events) = backlog {
         return runtime.block_on(backlog_mode(events));
+    }
+    let outage = args
+        .windows(2)
+        .find(|w| w[0] == "--outage")
+        .map(|w| w[1].parse::<u64>().expect("--outage SECONDS"));
+    if let Some(seconds) = outage {
+        return runtime.block_on(outage_mode(Duration::from_secs(seconds), 3000));
     }
     let (rounds, duration) = if quick {
         (1, Duration::from_secs(1))
@@ -435,6 +445,45 @@ async fn backlog_mode(events: u64) {
             sent as f64 / d.as_secs_f64()
         )),
         rss_drain as f64 / 1048576.0,
+    );
+}
+
+/// The target refuses connections for `outage` while `events` leads arrive
+/// spread over it, then comes back: how long until it has them all?
+async fn outage_mode(outage: Duration, events: u64) {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let config = target_config(dir.path(), &format!("http://{target_addr}/hook"));
+    let relay = RelayChild::start(&dir.path().join("data"), &config);
+    let started = Instant::now();
+    let pause = outage / events as u32;
+    let mut sent = 0;
+    while sent < events {
+        let run =
+            support::timed_load(relay.ingest, PATH, 1, pause.max(Duration::from_millis(1))).await;
+        sent += run.acked;
+        let due = started + pause * sent as u32;
+        tokio::time::sleep_until(due.into()).await;
+    }
+    tokio::time::sleep_until((started + outage).into()).await;
+    let listener = TcpListener::bind(target_addr)
+        .await
+        .expect("target port still free");
+    let received = support::counting_target(listener, CancellationToken::new());
+    let delivered = wait_for(&received, sent, Duration::from_secs(600)).await;
+    relay.stop();
+    println!();
+    println!("| outage | events during it | all delivered after the target's return |");
+    println!("|---|---|---|");
+    println!(
+        "| {} s | {sent} | {} |",
+        outage.as_secs(),
+        delivered.map_or("not within 600 s".into(), |d| format!(
+            "{:.2} s",
+            d.as_secs_f64()
+        ))
     );
 }
 

@@ -506,11 +506,16 @@ impl Log {
     }
 
     /// The target took the event: the delivery leaves the queue.
+    ///
+    /// Two single-key removes, not a batch: a sled batch takes a process-wide
+    /// write lock that stalls every other reader and writer (the committer
+    /// included), and deliveries are frequent. The order makes a crash in
+    /// between harmless: the queue entry goes last, so at worst the delivery
+    /// is made once more.
     pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
-        let mut batch = sled::Batch::default();
-        batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
-        batch.remove(pending_key(target, delivery.id));
-        self.db.apply_batch(batch)?;
+        self.db.remove(pending_key(target, delivery.id))?;
+        self.db
+            .remove(queue_key(target, delivery.due_ms, delivery.id))?;
         self.tallies.change(target, -1, 0);
         Ok(())
     }
@@ -523,13 +528,16 @@ impl Log {
         due_ms: u64,
         state: &DeliveryState,
     ) -> Result<(), LogError> {
-        let mut batch = sled::Batch::default();
-        batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
-        batch.insert(
+        // New entry first, old one second (single-key writes, see
+        // `delivered`): a crash in between leaves two entries, so at worst
+        // one extra attempt, never none.
+        self.db.insert(
             queue_key(target, due_ms, delivery.id),
             record::encode_state(state),
-        );
-        Ok(self.db.apply_batch(batch)?)
+        )?;
+        self.db
+            .remove(queue_key(target, delivery.due_ms, delivery.id))?;
+        Ok(())
     }
 
     /// Moves a delivery out of the queue into the dead-letter store.

@@ -8,7 +8,7 @@
 //! or dead target only slows its own dispatcher: targets share nothing but
 //! the log. This module never logs a body or a target URL.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -100,8 +100,10 @@ pub fn now_ms() -> u64 {
 /// attempts the grace period and abandons the rest (they stay queued).
 pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let target = Arc::new(target);
-    let mut in_flight: HashSet<EventId> = HashSet::new();
-    let mut attempts: JoinSet<(EventId, Verdict)> = JoinSet::new();
+    // The deliveries being attempted, by the task attempting them (so that
+    // even a panicked attempt frees its slot).
+    let mut in_flight: HashMap<tokio::task::Id, EventId> = HashMap::new();
+    let mut attempts: JoinSet<Verdict> = JoinSet::new();
     let mut circuit = Circuit {
         consecutive_failures: 0,
         open_until: None,
@@ -140,19 +142,18 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                 limit,
                 ignore_due,
                 after: cursor,
-                skip: &|id| in_flight.contains(&id),
+                skip: &|id| in_flight.values().any(|&busy| busy == id),
             };
             match log.due_deliveries(&target.name, &query) {
                 Ok((due, next_due_ms)) => {
                     cursor = due.last().map(|d| (d.due_ms, d.id));
                     for delivery in due {
                         limiter.take();
-                        in_flight.insert(delivery.id);
+                        let id = delivery.id;
                         let (log, target, metrics) = (log.clone(), target.clone(), metrics.clone());
-                        attempts.spawn(async move {
-                            let id = delivery.id;
-                            (id, attempt(&log, &target, &metrics, delivery).await)
-                        });
+                        let task = attempts
+                            .spawn(async move { attempt(&log, &target, &metrics, delivery).await });
+                        in_flight.insert(task.id(), id);
                     }
                     if let Some(due_ms) = next_due_ms {
                         let wait = Duration::from_millis(due_ms.saturating_sub(now_ms()));
@@ -174,10 +175,17 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
 
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(joined) = attempts.join_next(), if !attempts.is_empty() => {
-                if let Ok((id, verdict)) = joined {
-                    in_flight.remove(&id);
-                    record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
+            Some(joined) = attempts.join_next_with_id(), if !attempts.is_empty() => {
+                match joined {
+                    Ok((task, verdict)) => {
+                        in_flight.remove(&task);
+                        record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
+                    }
+                    Err(err) => {
+                        // The delivery stays queued; it is tried again later.
+                        in_flight.remove(&err.id());
+                        tracing::error!(target = %target.name, "a delivery attempt panicked");
+                    }
                 }
             }
             _ = target.wake.notified() => {}

@@ -111,15 +111,14 @@ fn fault_target(name: &str, url: &str, timeout: &str) -> TargetConfig {
     target
 }
 
-/// Starts a relay with the faulty target `bad` and a healthy one, sends
-/// three events, and checks the healthy target gets all three while `bad`
-/// is being tried.
-async fn with_fault(how: Misbehaviour, timeout: &str, check: impl AsyncFnOnce(&TestRelay)) {
-    let (addr, _) = bad_target(how).await;
+/// Starts a relay with the faulty target `bad` at `url` and a healthy one,
+/// sends three events, and checks the healthy target gets all three while
+/// `bad` is being tried.
+async fn with_faulty_url(url: &str, timeout: &str, check: impl AsyncFnOnce(&TestRelay)) {
     let healthy = Receiver::start(|_, _| Reply::ok()).await;
     let relay = TestRelay::start_with(|c| {
         c.targets = vec![
-            fault_target("bad", &format!("http://{addr}/hook"), timeout),
+            fault_target("bad", url, timeout),
             fault_target("healthy", &healthy.url(), "5s"),
         ];
     })
@@ -140,6 +139,12 @@ async fn with_fault(how: Misbehaviour, timeout: &str, check: impl AsyncFnOnce(&T
     .await;
     check(&relay).await;
     relay.stop().await;
+}
+
+/// [`with_faulty_url`] with a raw-TCP target that misbehaves as `how` says.
+async fn with_fault(how: Misbehaviour, timeout: &str, check: impl AsyncFnOnce(&TestRelay)) {
+    let (addr, _) = bad_target(how).await;
+    with_faulty_url(&format!("http://{addr}/hook"), timeout, check).await;
 }
 
 async fn retries_at_least(relay: &TestRelay, attempts: u64) {
@@ -235,56 +240,22 @@ async fn a_huge_rejection_body_is_cut_not_buffered() {
 async fn a_tls_mismatch_is_retried() {
     // An https URL to a server that does not speak TLS.
     let (addr, connections) = bad_target(Misbehaviour::CloseImmediately).await;
-    let healthy = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| {
-        c.targets = vec![
-            fault_target("bad", &format!("https://{addr}/hook"), "2s"),
-            fault_target("healthy", &healthy.url(), "5s"),
-        ];
+    with_faulty_url(&format!("https://{addr}/hook"), "2s", async |relay| {
+        retries_at_least(relay, 2).await;
+        assert!(connections.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     })
     .await;
-    let (status, _) = post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
-    )
-    .await;
-    assert_eq!(status, 200);
-    retries_at_least(&relay, 2).await;
-    assert!(connections.load(std::sync::atomic::Ordering::Relaxed) >= 2);
-    eventually("the healthy target", WAIT, async || {
-        (healthy.count() == 1).then_some(())
-    })
-    .await;
-    relay.stop().await;
 }
 
 #[tokio::test]
 async fn a_name_that_resolves_nowhere_is_retried() {
-    let healthy = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| {
-        c.targets = vec![
-            // RFC 2606: .invalid never resolves.
-            fault_target("bad", "http://leadflo-relay-test.invalid/hook", "2s"),
-            fault_target("healthy", &healthy.url(), "5s"),
-        ];
-    })
-    .await;
-    let (status, _) = post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
+    // RFC 2606: .invalid never resolves.
+    with_faulty_url(
+        "http://leadflo-relay-test.invalid/hook",
+        "2s",
+        async |relay| retries_at_least(relay, 2).await,
     )
     .await;
-    assert_eq!(status, 200);
-    retries_at_least(&relay, 2).await;
-    eventually("the healthy target", WAIT, async || {
-        (healthy.count() == 1).then_some(())
-    })
-    .await;
-    relay.stop().await;
 }
 
 #[tokio::test]

@@ -49,9 +49,11 @@ pub async fn start_relay(
     (addr, admin, shutdown)
 }
 
-/// `connections` keep-alive HTTP/1.1 connections, each sending its share of
-/// `iters` requests one after another; returns the wall time.
-pub async fn drive(addr: SocketAddr, connections: usize, iters: u64) -> Duration {
+/// `connections` keep-alive HTTP/1.1 connections to `addr`, handshaken.
+pub async fn connect_senders(
+    addr: SocketAddr,
+    connections: usize,
+) -> Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
     let mut senders = Vec::new();
     for _ in 0..connections {
         let stream = TcpStream::connect(addr).await.unwrap();
@@ -63,6 +65,13 @@ pub async fn drive(addr: SocketAddr, connections: usize, iters: u64) -> Duration
         tokio::spawn(connection);
         senders.push(sender);
     }
+    senders
+}
+
+/// `connections` keep-alive HTTP/1.1 connections, each sending its share of
+/// `iters` requests one after another; returns the wall time.
+pub async fn drive(addr: SocketAddr, connections: usize, iters: u64) -> Duration {
+    let senders = connect_senders(addr, connections).await;
     let started = Instant::now();
     let tasks: Vec<_> = senders
         .into_iter()
@@ -95,39 +104,9 @@ pub async fn drive(addr: SocketAddr, connections: usize, iters: u64) -> Duration
 /// Like [`drive`], for a fixed `duration` instead of a count; returns how
 /// many requests were acknowledged.
 pub async fn drive_for(addr: SocketAddr, connections: usize, duration: Duration) -> u64 {
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        tasks.push(tokio::spawn(async move {
-            let mut acked = 0u64;
-            while Instant::now() < deadline {
-                let request = Request::post("/leadflo-webhook")
-                    .header("host", "bench")
-                    .header("content-type", "application/json")
-                    .header("x-webhook-secret", SECRET)
-                    .body(Full::new(payload(acked)))
-                    .unwrap();
-                sender.ready().await.unwrap();
-                let response = sender.send_request(request).await.unwrap();
-                assert_eq!(response.status(), StatusCode::OK);
-                response.into_body().collect().await.unwrap();
-                acked += 1;
-            }
-            acked
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.unwrap();
-    }
-    total
+    timed_load(addr, "/leadflo-webhook", connections, duration)
+        .await
+        .acked
 }
 
 /// The real `leadflo-relay serve` binary as a child process.
@@ -259,17 +238,7 @@ pub async fn timed_load(
     connections: usize,
     duration: Duration,
 ) -> LoadRun {
-    let mut senders = Vec::new();
-    for _ in 0..connections {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        senders.push(sender);
-    }
+    let senders = connect_senders(addr, connections).await;
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = senders

@@ -247,21 +247,34 @@ impl Relay {
         ));
         shutdown.cancelled().await;
         tracing::info!("shutting down: no new connections; finishing open requests and attempts");
-        ingest_task.await.context("ingest listener task")?;
-        for dispatcher in dispatchers {
-            dispatcher.await.context("dispatcher task")?;
-        }
-        admin_task.await.context("admin listener task")?;
-        disk_watch.await.context("disk watch task")?;
-        pruner.await.context("retention task")?;
+        // The watch returns as soon as shutdown is cancelled.
         let stuck = stuck_watch.await.context("log watch task")?;
-        self.committer_handle.close().await;
-        anyhow::ensure!(
-            !stuck,
-            "the log kept failing to write although the disk has room again (sled cannot \
-             recover from a write error in place, e.g. after the disk filled up); exiting so \
-             that a supervisor restarts the relay. Events acknowledged before are on disk."
-        );
+        let drain = async {
+            ingest_task.await.context("ingest listener task")?;
+            for dispatcher in dispatchers {
+                dispatcher.await.context("dispatcher task")?;
+            }
+            admin_task.await.context("admin listener task")?;
+            disk_watch.await.context("disk watch task")?;
+            pruner.await.context("retention task")?;
+            self.committer_handle.close().await;
+            anyhow::Ok(())
+        };
+        if !stuck {
+            drain.await?;
+        } else {
+            // A log that hangs may hang the drain too (a commit that never
+            // returns, a delivery stuck on the same lock): bounded, and then
+            // the process exits anyway, which ends the stuck thread.
+            if tokio::time::timeout(STUCK_LOG_GRACE, drain).await.is_err() {
+                tracing::error!("shutdown could not finish: the log's writer is hung");
+            }
+            anyhow::bail!(
+                "the log kept failing to write although the disk has room again (sled cannot \
+                 recover from a write error in place, e.g. after the disk filled up); exiting so \
+                 that a supervisor restarts the relay. Events acknowledged before are on disk."
+            );
+        }
         tracing::info!("stopped; the log is flushed");
         Ok(())
     }
@@ -272,10 +285,11 @@ impl Relay {
 pub const STUCK_LOG_GRACE: Duration = Duration::from_secs(10);
 
 /// sled stays failed after a write error (measured: after ENOSPC, every
-/// later flush fails even once space is back), and only reopening the
-/// database heals it. So when commits keep failing for [`STUCK_LOG_GRACE`]
-/// while the disk has room, this cancels `shutdown` and returns `true`: the
-/// relay exits non-zero and its supervisor starts it again, which recovers.
+/// later flush fails even once space is back, or the next write never
+/// returns), and only reopening the database heals it. So when commits keep
+/// failing, or one hangs, for [`STUCK_LOG_GRACE`] while the disk has room,
+/// this cancels `shutdown` and returns `true`: the relay exits non-zero and
+/// its supervisor starts it again, which recovers.
 async fn watch_for_a_stuck_log(
     health: Arc<crate::log::CommitHealth>,
     disk: Arc<DiskGuard>,
@@ -295,7 +309,10 @@ async fn watch_for_a_stuck_log(
         }
         match since {
             None => since = Some((tokio::time::Instant::now(), failures)),
-            Some((start, before)) if start.elapsed() >= STUCK_LOG_GRACE && failures > before => {
+            Some((start, before))
+                if start.elapsed() >= STUCK_LOG_GRACE
+                    && (failures > before || health.busy_for() >= STUCK_LOG_GRACE) =>
+            {
                 tracing::error!(
                     "the log keeps failing to write although the disk has room; stopping so the \
                      relay can be restarted"

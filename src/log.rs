@@ -34,7 +34,7 @@ use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -244,15 +244,57 @@ pub struct QuarantinedBody {
     pub body: Vec<u8>,
 }
 
-/// Whether the last commit reached disk; read by `/readyz`.
-#[derive(Debug, Default)]
+/// Whether the last commit reached disk, and whether one is taking too long;
+/// read by `/readyz` and by the relay's stuck-log watch.
+#[derive(Debug)]
 pub struct CommitHealth {
     failing: AtomicBool,
+    /// When the commit in progress started, in ms after `epoch` plus one
+    /// (0: no commit in progress).
+    busy_since: AtomicU64,
+    epoch: Instant,
 }
 
+impl Default for CommitHealth {
+    fn default() -> Self {
+        CommitHealth {
+            failing: AtomicBool::new(false),
+            busy_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// A commit running longer than this makes the log count as failing: the
+/// sender's deadline is 5 s, so such a commit cannot answer anyone in time.
+pub const COMMIT_STALL: Duration = Duration::from_secs(5);
+
 impl CommitHealth {
+    /// The last commit failed, or the one in progress has run for longer
+    /// than [`COMMIT_STALL`].
     pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
+        self.failing.load(Ordering::Relaxed) || self.busy_for() >= COMMIT_STALL
+    }
+
+    /// How long the commit in progress has been running (zero when idle).
+    /// A write that never returns (seen in sled after ENOSPC) shows here.
+    pub fn busy_for(&self) -> Duration {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since - 1)),
+        }
+    }
+
+    fn begin(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.busy_since.store(now, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.busy_since.store(0, Ordering::Relaxed);
     }
 }
 
@@ -1014,11 +1056,13 @@ impl CommitState {
         }
         batch.insert(META_LAST_ID, &self.last_id.to_be_bytes());
 
+        self.health.begin();
         let outcome = self
             .db
             .apply_batch(batch)
             .map_err(|e| e.to_string())
             .and_then(|()| self.make_durable(bytes >= BLOB_SYNC_MIN_BATCH_BYTES));
+        self.health.end();
         let metrics = &self.metrics;
         metrics
             .commit_duration

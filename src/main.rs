@@ -361,7 +361,7 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         // Handlers first: a SIGTERM that arrives while the relay starts must
         // still mean a clean shutdown, not the default sudden death.
         let signals = Signals::install()?;
@@ -369,7 +369,11 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
         relay.run_until_stopped(shutdown).await
-    })
+    });
+    // A clean stop leaves nothing running; after a hung log, a blocking
+    // task may still wait on it, and dropping the runtime would wait forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 /// SIGTERM and SIGINT, registered as soon as this is created.

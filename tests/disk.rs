@@ -189,21 +189,36 @@ async fn a_write_failing_with_enospc_gets_503_and_loses_nothing_acknowledged() {
     // notices and exits non-zero for its supervisor to restart it.
     fs.resize("64m");
     let url = relay.url();
-    let exit = eventually(
-        "the relay to stop itself",
-        Duration::from_secs(60),
-        async || {
-            // Keep traffic coming (it fails) until the relay gives up.
-            let _ = client
-                .post(&url)
-                .header("x-webhook-secret", SECRET)
-                .body(padded_lead(10))
-                .send()
-                .await;
-            relay.child.try_wait().unwrap()
-        },
-    )
-    .await;
+    // Either every commit fails, or the next one never returns (both seen
+    // in sled after ENOSPC); the relay must notice either way.
+    let start = std::time::Instant::now();
+    let exit = loop {
+        // Keep traffic coming (it fails) until the relay gives up.
+        let answer = client
+            .post(&url)
+            .header("x-webhook-secret", SECRET)
+            .body(padded_lead(10))
+            .send()
+            .await
+            .map(|response| response.status());
+        if let Some(exit) = relay.child.try_wait().unwrap() {
+            break exit;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let metrics = metrics_text(relay.admin).await;
+            let commits: Vec<&str> = metrics
+                .lines()
+                .filter(|line| line.starts_with("leadflo_relay_commit"))
+                .collect();
+            panic!(
+                "the relay did not stop itself within 60s; last answer {answer:?}\n\
+                 stderr:\n{}\ncommit metrics:\n{}",
+                relay.stderr_text(),
+                commits.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(!exit.success(), "a stuck log must not exit 0");
     assert!(
         relay.stderr_text().contains("keeps failing to write"),

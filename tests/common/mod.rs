@@ -204,17 +204,18 @@ pub async fn eventually<T>(
     }
 }
 
+/// The whole /metrics page (empty when the relay does not answer).
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    match client().get(format!("http://{admin}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// Reads a metric sample (`name` with labels exactly as printed, e.g.
 /// `leadflo_relay_ingest_requests_total{result="accepted"}`) from /metrics.
 pub async fn scrape(admin: SocketAddr, sample: &str) -> f64 {
-    let text = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(admin).await;
     metric_value(&text, sample).unwrap_or_else(|| panic!("{sample} not in /metrics:\n{text}"))
 }
 

@@ -216,10 +216,14 @@ impl Relay {
             max_connections: 64,
             ..limits
         };
-        let ingest_task = tokio::spawn(http::serve(
+        let ingest_task = tokio::spawn(http::serve_counting(
             self.ingest_listener,
             limits,
             move |request| ingest.clone().handle(request),
+            {
+                let evicted = self.metrics.connections_evicted.clone();
+                Arc::new(move || evicted.inc())
+            },
             shutdown.clone(),
         ));
         let admin_task = tokio::spawn(http::serve(

@@ -182,7 +182,9 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Largest accepted body; larger ones get 413 before they are read.
     pub max_body_bytes: u64,
-    /// Open connections beyond this wait in the kernel's accept queue.
+    /// Open connections at most; at the cap a new connection closes the
+    /// one idle longest (or waits, when every connection has a request in
+    /// progress).
     pub max_connections: usize,
     /// Time a client has to send a request's headers (and an idle
     /// keep-alive connection to start its next request).

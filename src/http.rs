@@ -1,13 +1,15 @@
 //! The accept loop shared by the ingest and admin listeners: a cap on open
-//! connections, hyper's header read timeout (which also closes idle
-//! keep-alive connections), and graceful shutdown.
+//! connections that closes the longest-idle connection to make room for a
+//! new one, hyper's header read timeout (which also closes idle keep-alive
+//! connections), and graceful shutdown.
 //!
 //! It knows nothing of webhooks: it calls a handler per request.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,7 +18,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,9 @@ pub struct ConnectionLimits {
     pub shutdown_grace: Duration,
 }
 
+/// Called once per connection closed to make room for a new one.
+pub type OnEvict = Arc<dyn Fn() + Send + Sync>;
+
 /// Serves `handler` on `listener` until `shutdown` is cancelled, then stops
 /// accepting and lets open requests finish within the grace period.
 pub async fn serve<H, F>(
@@ -41,8 +45,29 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    serve_counting(listener, limits, handler, Arc::new(|| {}), shutdown).await
+}
+
+/// [`serve`], calling `on_evict` for each connection closed to make room.
+///
+/// At `max_connections`, a new connection closes the one that has been idle
+/// longest (no request in progress; hyper lets a request that has begun
+/// finish first), so thousands of idle or slow connections cannot lock
+/// honest senders out until their timeouts expire. Only when every
+/// connection is busy does the new one wait for a free slot.
+pub async fn serve_counting<H, F>(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    handler: H,
+    on_evict: OnEvict,
+    shutdown: CancellationToken,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let max = limits.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max));
+    let open = Arc::new(OpenConnections::default());
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -50,11 +75,6 @@ pub async fn serve<H, F>(
         .max_buf_size(64 * 1024);
 
     loop {
-        // Past the cap, new connections wait in the kernel's accept queue.
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
-        };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -67,24 +87,145 @@ pub async fn serve<H, F>(
                 }
             },
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if open.evict_longest_idle() {
+                    on_evict();
+                }
+                // The evicted connection closes at once when idle; if every
+                // connection is busy, this waits for the first to finish.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let (id, close) = open.register();
         let handler = handler.clone();
+        let tracked = open.clone();
         let service = service_fn(move |request| {
             let response = handler(request);
-            async move { Ok::<_, Infallible>(response.await) }
+            let guard = tracked.busy(id);
+            async move {
+                let response = response.await;
+                drop(guard);
+                Ok::<_, Infallible>(response)
+            }
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let shutdown = shutdown.clone();
+        let open = open.clone();
         tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
             // Errors here are clients going away or timing out: not ours to log.
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = close.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.as_mut().await;
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.as_mut().await;
+                }
+            }
+            open.remove(id);
             drop(permit);
         });
     }
     drop(listener);
+    // Every connection holds a permit until it ends: all of them back means
+    // every connection has closed.
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = permits.acquire_many(max as u32) => {}
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!("connections still open after the shutdown grace period; closing them");
+        }
+    }
+}
+
+/// The open connections of one listener: whether each has a request in
+/// progress and since when it has been idle.
+#[derive(Default)]
+struct OpenConnections {
+    next_id: std::sync::atomic::AtomicU64,
+    by_id: Mutex<HashMap<u64, Connection>>,
+}
+
+struct Connection {
+    /// Requests in progress (more than one only with pipelining).
+    busy: usize,
+    /// Since when no request has been in progress (or since it opened).
+    idle_since: Instant,
+    close: CancellationToken,
+}
+
+impl OpenConnections {
+    fn register(&self) -> (u64, CancellationToken) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let close = CancellationToken::new();
+        self.lock().insert(
+            id,
+            Connection {
+                busy: 0,
+                idle_since: Instant::now(),
+                close: close.clone(),
+            },
+        );
+        (id, close)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Marks a request in progress on `id` until the guard drops.
+    fn busy(self: &Arc<Self>, id: u64) -> BusyGuard {
+        if let Some(connection) = self.lock().get_mut(&id) {
+            connection.busy += 1;
+        }
+        BusyGuard {
+            open: self.clone(),
+            id,
+        }
+    }
+
+    /// Asks the connection idle for longest to close; false when every
+    /// connection has a request in progress (or was already asked).
+    fn evict_longest_idle(&self) -> bool {
+        let map = self.lock();
+        let longest = map
+            .values()
+            .filter(|c| c.busy == 0 && !c.close.is_cancelled())
+            .min_by_key(|c| c.idle_since);
+        match longest {
+            Some(connection) => {
+                connection.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Connection>> {
+        self.by_id.lock().expect("connection table lock")
+    }
+}
+
+struct BusyGuard {
+    open: Arc<OpenConnections>,
+    id: u64,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Some(connection) = self.open.lock().get_mut(&self.id) {
+            connection.busy = connection.busy.saturating_sub(1);
+            connection.idle_since = Instant::now();
         }
     }
 }

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     pub commit_batch_size: Histogram,
     pub quarantined: IntCounter,
+    pub connections_evicted: IntCounter,
     pub build_info: IntGaugeVec,
     pub delivery_attempts: IntCounterVec,
     pub delivery_duration: HistogramVec,
@@ -156,6 +157,11 @@ impl Metrics {
         let quarantined = IntCounter::new(
             "leadflo_relay_quarantined_total",
             "Authenticated but malformed bodies kept in quarantine.",
+        )
+        .expect("valid metric");
+        let connections_evicted = IntCounter::new(
+            "leadflo_relay_connections_evicted_total",
+            "Idle ingest connections closed to make room for new ones at server.max_connections.",
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
@@ -250,6 +256,7 @@ impl Metrics {
             commit_duration,
             commit_batch_size,
             quarantined,
+            connections_evicted,
             build_info,
             delivery_attempts,
             delivery_duration,
@@ -268,7 +275,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -278,6 +285,7 @@ impl Metrics {
             Box::new(self.commit_duration.clone()),
             Box::new(self.commit_batch_size.clone()),
             Box::new(self.quarantined.clone()),
+            Box::new(self.connections_evicted.clone()),
             Box::new(self.build_info.clone()),
             Box::new(self.delivery_attempts.clone()),
             Box::new(self.delivery_duration.clone()),

@@ -182,3 +182,65 @@ async fn slowloris_connections_do_not_stop_honest_senders() {
 async fn hundreds_of_idle_connections_do_not_stop_honest_senders() {
     honest_sender_during(800, false).await;
 }
+
+/// Far more idle connections than `server.max_connections`, with a header
+/// timeout longer than the honest client's patience: only closing idle
+/// connections to make room lets honest senders in (without it they would
+/// wait in the accept queue for the timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_cap_make_room_for_honest_senders() {
+    let relay = TestRelay::start_with(|c| {
+        c.server.max_connections = 32;
+        c.server.header_read_timeout = "60s".parse().unwrap();
+    })
+    .await;
+    // The kernel's accept queue hides a listener that stopped accepting
+    // for a while, then connecting blocks: every connect has a deadline.
+    let connect = async || {
+        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(relay.ingest))
+            .await
+            .expect("the relay stopped accepting connections")
+            .unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        held.push(connect().await);
+    }
+    // Each honest request on a fresh connection, as LeadFloAgent sends.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut latencies = Vec::new();
+    for n in 0..50 {
+        // Keep new idle connections coming between honest requests.
+        for _ in 0..20 {
+            held.push(connect().await);
+        }
+        let started = Instant::now();
+        let answer = client
+            .post(relay.url())
+            .header("x-webhook-secret", SECRET)
+            .body(LEAD)
+            .send()
+            .await;
+        let status = answer.map(|r| r.status().as_u16());
+        assert!(
+            matches!(status, Ok(200)),
+            "honest request {n} during the idle flood: {status:?}"
+        );
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    let evicted = scrape(relay.admin, "leadflo_relay_connections_evicted_total").await;
+    assert!(evicted >= 1000.0, "only {evicted} idle connections closed");
+    eprintln!(
+        "{} idle connections at max_connections = 32: honest p50 {:?}, max {:?}, {evicted} evicted",
+        held.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    drop(held);
+    relay.stop().await;
+}

@@ -296,6 +296,7 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
                 .inc();
             let seconds = now_ms() as f64 / 1000.0;
             metrics.last_success.with_label_values(&[name]).set(seconds);
+            crate::crashpoint::reached(crate::crashpoint::DELIVERY_ANSWERED);
             (Verdict::Healthy, log.delivered(name, &delivery))
         }
         Outcome::Retry {

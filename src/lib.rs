@@ -28,6 +28,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod deliver;
 pub mod disk;
 pub mod dispatch;

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::crashpoint;
 use crate::metrics::Metrics;
 
 const EVENT_PREFIX: u8 = b'e';
@@ -556,6 +557,7 @@ impl Log {
     /// is made once more.
     pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
         self.db.remove(pending_key(target, delivery.id))?;
+        crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
         self.db
             .remove(queue_key(target, delivery.due_ms, delivery.id))?;
         self.tallies.change(target, -1, 0);
@@ -577,6 +579,7 @@ impl Log {
             queue_key(target, due_ms, delivery.id),
             record::encode_state(state),
         )?;
+        crashpoint::reached(crashpoint::RESCHEDULE_HALF_RECORDED);
         self.db
             .remove(queue_key(target, delivery.due_ms, delivery.id))?;
         Ok(())
@@ -1061,7 +1064,10 @@ impl CommitState {
             .db
             .apply_batch(batch)
             .map_err(|e| e.to_string())
-            .and_then(|()| self.make_durable(bytes >= BLOB_SYNC_MIN_BATCH_BYTES));
+            .and_then(|()| {
+                crashpoint::reached(crashpoint::COMMIT_APPLIED);
+                self.make_durable(bytes >= BLOB_SYNC_MIN_BATCH_BYTES)
+            });
         self.health.end();
         let metrics = &self.metrics;
         metrics
@@ -1070,6 +1076,7 @@ impl CommitState {
         metrics.commit_batch_size.observe(requests.len() as f64);
         match outcome {
             Ok(()) => {
+                crashpoint::reached(crashpoint::COMMIT_SYNCED);
                 metrics.commits.inc();
                 if self.health.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("log commits succeed again");
@@ -1118,6 +1125,7 @@ impl CommitState {
     fn make_durable(&self, sync_blobs: bool) -> Result<(), String> {
         let started = SystemTime::now();
         self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+        crashpoint::reached(crashpoint::COMMIT_FLUSHED);
         self.data_file
             .sync_data()
             .map_err(|e| format!("fdatasync of the log: {e}"))?;

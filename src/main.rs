@@ -290,6 +290,7 @@ fn main() -> ExitCode {
 
 /// The operator commands: a small runtime, then the library's `cli` module.
 fn run_operation(command: Command) -> anyhow::Result<()> {
+    leadflo_relay::crashpoint::arm_from_env().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -357,6 +358,7 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
         admin_token: config.admin_token()?,
     };
     leadflo_relay::telemetry::init(&config.logging)?;
+    leadflo_relay::crashpoint::arm_from_env().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

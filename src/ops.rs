@@ -227,6 +227,7 @@ pub fn replay(
         let queued = log.enqueue(&request.target, chunk, first_due, spacing_ms)?;
         report.enqueued += queued;
         report.already_queued += chunk.len() - queued;
+        crate::crashpoint::reached(crate::crashpoint::REPLAY_CHUNK);
         progress((n + 1) * REPLAY_CHUNK);
     }
     Ok(report)

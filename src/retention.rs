@@ -72,6 +72,9 @@ pub async fn prune_pass(
         .await??;
         deleted += step.deleted;
         metrics.pruned_events.inc_by(step.deleted as u64);
+        if step.deleted > 0 {
+            crate::crashpoint::reached(crate::crashpoint::PRUNE_BATCH);
+        }
         if step.examined < BATCH || shutdown.is_cancelled() {
             return Ok(deleted);
         }

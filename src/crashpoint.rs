@@ -1,0 +1,130 @@
+//! Crash points for the crash matrix: exact places where the relay can be
+//! killed on purpose, so a test can crash it between two particular writes
+//! rather than at whatever moment a timed `kill -9` lands.
+//!
+//! `LEADFLO_RELAY_CRASH_AT=<point>:<n>` makes the process SIGKILL itself the
+//! `n`th time execution reaches `<point>` (no destructor, no flush: the same
+//! as `kill -9`). For tests only; unset, each point costs one load of a
+//! value read once at start. The points are listed in [`POINTS`].
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The environment variable that arms a crash point.
+pub const ENV: &str = "LEADFLO_RELAY_CRASH_AT";
+
+/// A group commit is applied to sled's memory, not yet flushed.
+pub const COMMIT_APPLIED: &str = "commit.applied";
+/// sled has flushed the commit; the data file is not yet fdatasync'ed.
+pub const COMMIT_FLUSHED: &str = "commit.flushed";
+/// The commit is durable; no sender has its 200 yet.
+pub const COMMIT_SYNCED: &str = "commit.synced";
+/// A target answered 2xx; the log does not know yet.
+pub const DELIVERY_ANSWERED: &str = "delivery.answered";
+/// Between the two writes that record a delivery as done.
+pub const DELIVERY_HALF_RECORDED: &str = "delivery.half_recorded";
+/// Between the two writes that move a failed delivery to its next attempt.
+pub const RESCHEDULE_HALF_RECORDED: &str = "reschedule.half_recorded";
+/// A replay has queued one chunk of events and not the next.
+pub const REPLAY_CHUNK: &str = "replay.chunk";
+/// Retention has deleted one batch of events and not the next.
+pub const PRUNE_BATCH: &str = "prune.batch";
+
+/// Every crash point.
+pub const POINTS: [&str; 8] = [
+    COMMIT_APPLIED,
+    COMMIT_FLUSHED,
+    COMMIT_SYNCED,
+    DELIVERY_ANSWERED,
+    DELIVERY_HALF_RECORDED,
+    RESCHEDULE_HALF_RECORDED,
+    REPLAY_CHUNK,
+    PRUNE_BATCH,
+];
+
+struct Armed {
+    point: String,
+    /// Hits left before the crash.
+    left: AtomicU64,
+}
+
+static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+
+/// Reads [`ENV`]; returns an error naming a bad value. Call once at start so
+/// a typo fails loudly instead of never crashing.
+pub fn arm_from_env() -> Result<(), String> {
+    let parsed = match std::env::var(ENV) {
+        Ok(value) => Some(parse(&value)?),
+        Err(_) => None,
+    };
+    let armed = ARMED.get_or_init(|| parsed);
+    if let Some(armed) = armed {
+        tracing::warn!(
+            point = %armed.point,
+            hits = armed.left.load(Ordering::Relaxed),
+            "crash point armed ({ENV}): this process will kill itself there"
+        );
+    }
+    Ok(())
+}
+
+fn parse(value: &str) -> Result<Armed, String> {
+    let (point, n) = value.rsplit_once(':').unwrap_or((value, "1"));
+    if !POINTS.contains(&point) {
+        return Err(format!(
+            "{ENV}={value:?}: unknown crash point {point:?}; expected one of {}",
+            POINTS.join(", ")
+        ));
+    }
+    let n: u64 = n
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("{ENV}={value:?}: the hit count must be a number from 1"))?;
+    Ok(Armed {
+        point: point.to_owned(),
+        left: AtomicU64::new(n),
+    })
+}
+
+/// Execution reached `point`: crash here if it is armed and this is the
+/// hit it waits for.
+pub fn reached(point: &'static str) {
+    let Some(Some(armed)) = ARMED.get() else {
+        return;
+    };
+    if armed.point != point || armed.left.fetch_sub(1, Ordering::SeqCst) != 1 {
+        return;
+    }
+    eprintln!("crash point {point} reached: killing this process (SIGKILL)");
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status();
+    // `kill` missing: abort is the next best thing (no destructors either).
+    std::process::abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_points_and_counts() {
+        let armed = parse("commit.flushed:3").unwrap();
+        assert_eq!(armed.point, "commit.flushed");
+        assert_eq!(armed.left.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            parse("prune.batch").unwrap().left.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_choices() {
+        let err = parse("commit.nowhere:1").err().unwrap();
+        assert!(err.contains(ENV) && err.contains("commit.applied"), "{err}");
+        let err = parse("commit.applied:0").err().unwrap();
+        assert!(err.contains("hit count"), "{err}");
+    }
+}

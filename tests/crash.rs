@@ -407,18 +407,16 @@ async fn kill_9_during_pruning_never_loses_an_undelivered_event() {
     let crm = Receiver::start(|_, _| Reply::ok()).await;
     // Conversations also go to a target that is down: those must survive
     // every pruning pass, killed or not.
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let down = RefusingPort::new();
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("relay.toml");
     std::fs::write(
         &config,
         format!(
             "[storage]\nretention = \"1s\"\n\n[[targets]]\nname = \"crm\"\nurl = \"{}\"\n\n\
-             [[targets]]\nname = \"archive\"\nurl = \"http://{down}/hook\"\nevents = [\"conversation_ended\"]\n",
-            crm.url()
+             [[targets]]\nname = \"archive\"\nurl = \"http://{}/hook\"\nevents = [\"conversation_ended\"]\n",
+            crm.url(),
+            down.addr
         ),
     )
     .unwrap();

@@ -43,7 +43,7 @@ struct Matrix {
     crm: Receiver,
     /// Conversations also go here; it is down, so they are never delivered
     /// and must survive every pruning pass.
-    archive: std::net::SocketAddr,
+    archive: RefusingPort,
     config: std::path::PathBuf,
     _work: tempfile::TempDir,
     dir: tempfile::TempDir,
@@ -71,10 +71,7 @@ impl Matrix {
             }
         })
         .await;
-        let archive = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let archive = RefusingPort::new();
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("relay.toml");
         std::fs::write(
@@ -83,9 +80,10 @@ impl Matrix {
                 "[storage]\nretention = \"{retention}\"\n\n\
                  [[targets]]\nname = \"crm\"\nurl = \"{}\"\ncircuit_failures = 1000000\n\n\
                  [targets.retry]\ninitial = \"20ms\"\nmax_interval = \"200ms\"\n\n\
-                 [[targets]]\nname = \"archive\"\nurl = \"http://{archive}/hook\"\n\
+                 [[targets]]\nname = \"archive\"\nurl = \"http://{}/hook\"\n\
                  events = [\"conversation_ended\"]\n",
-                crm.url()
+                crm.url(),
+                archive.addr
             ),
         )
         .unwrap();
@@ -262,7 +260,7 @@ impl Matrix {
                 ""
             }
         );
-        let _ = self.archive;
+        drop(self.archive);
     }
 }
 

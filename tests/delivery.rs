@@ -202,11 +202,9 @@ async fn client_errors_and_redirects_are_dead_lettered_at_once() {
 
 #[tokio::test]
 async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
-    // Reserve a port, then close it: connections are refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Connections are refused until the target comes back on this port.
+    let mut down = RefusingPort::new();
+    let port = down.addr;
     let url = format!("http://{port}/hook");
     let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &url)]).await;
     let mut ids = Vec::new();
@@ -219,7 +217,7 @@ async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
         async || (relay.metrics.attempts("crm", "retry") >= 5).then_some(()),
     )
     .await;
-    let crm = Receiver::start_on(port, |_, _| Reply::ok()).await;
+    let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
     eventually("every event at the target", WAIT, async || {
         (relay.log.queued_count("crm") == 0).then_some(())
     })
@@ -552,10 +550,8 @@ async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
 #[tokio::test]
 async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() {
     // Backoff so long that, uncapped, the next probe would be ten minutes away.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let mut down = RefusingPort::new();
+    let port = down.addr;
     let url = format!("http://{port}/hook");
     let relay = TestRelay::start_with(|c| {
         let mut t = target("crm", &url);
@@ -575,7 +571,7 @@ async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() 
             .then_some(())
     })
     .await;
-    let crm = Receiver::start_on(port, |_, _| Reply::ok()).await;
+    let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
     eventually("the backlog after the target's return", WAIT, async || {
         (relay.log.queued_count("crm") == 0).then_some(())
     })

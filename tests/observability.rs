@@ -155,11 +155,8 @@ async fn counters_and_gauges_follow_what_happens() {
 
 #[tokio::test]
 async fn backlog_figures_are_rebuilt_at_start() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let down = format!("http://{port}/hook");
+    let port = RefusingPort::new();
+    let down = format!("http://{}/hook", port.addr);
     let relay = TestRelay::start_with(|c| c.targets = vec![quick_target("crm", &down)]).await;
     for _ in 0..4 {
         post(

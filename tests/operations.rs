@@ -748,10 +748,7 @@ async fn send_test_sends_the_example_lead_and_reports_each_target() {
 async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_ones() {
     let ok_target = Receiver::start(|_, _| Reply::ok()).await;
     let rejecting = Receiver::start(|_, _| Reply::status(400)).await;
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let down = RefusingPort::new();
     let relay = TestRelay::start_with(|c| {
         c.storage.retention = "1s".parse().unwrap();
         c.targets = vec![
@@ -759,7 +756,7 @@ async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_on
             target("strict", &rejecting.url(), Some(&["visitor_created"])),
             target(
                 "down",
-                &format!("http://{down}/hook"),
+                &format!("http://{}/hook", down.addr),
                 Some(&["other_event"]),
             ),
         ];

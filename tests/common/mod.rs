@@ -357,3 +357,31 @@ pub fn open_log(dir: &Path) -> Log {
     let config = test_config(dir);
     Log::open(&leadflo_relay::app::log_options(&config)).expect("log opens after the relay stopped")
 }
+
+/// A loopback port where connections are refused and that no other socket
+/// can take while this lives (bound, never listening). A port merely
+/// reserved and closed again can be handed to another test's listener
+/// running in parallel, which then answers in the "down" target's place.
+pub struct RefusingPort {
+    socket: Option<tokio::net::TcpSocket>,
+    pub addr: SocketAddr,
+}
+
+impl RefusingPort {
+    pub fn new() -> RefusingPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        RefusingPort {
+            socket: Some(socket),
+            addr,
+        }
+    }
+
+    /// Frees the port so that a server can listen on it (the target comes
+    /// back).
+    pub fn release(&mut self) -> SocketAddr {
+        self.socket.take();
+        self.addr
+    }
+}

@@ -371,6 +371,7 @@ fn build_targets(
 pub fn log_options(config: &Config) -> LogOptions {
     LogOptions {
         data_dir: config.storage.data_dir.clone(),
+        checkpoint_interval: config.storage.checkpoint_interval.get(),
         cache_capacity_bytes: config.storage.cache_capacity_bytes,
         quarantine_max_events: config.storage.quarantine_max_events,
         quarantine_max_bytes: config.storage.quarantine_max_bytes,

@@ -254,6 +254,10 @@ pub struct StorageConfig {
     /// Longest a request waits for its group commit before it is answered
     /// 503; must stay inside the sender's 5 s deadline.
     pub commit_timeout: HumanDuration,
+    /// Time between two checkpoints while events arrive: sled made durable
+    /// on its own and the write-ahead log emptied. Longer means less work,
+    /// and more to replay from the write-ahead log after a crash.
+    pub checkpoint_interval: HumanDuration,
     /// Most malformed bodies kept in quarantine; the oldest go first.
     pub quarantine_max_events: usize,
     /// Most bytes of malformed bodies kept in quarantine.
@@ -276,6 +280,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             cache_capacity_bytes: 16 * 1024 * 1024,
             commit_timeout: HumanDuration(Duration::from_secs(3)),
+            checkpoint_interval: HumanDuration(Duration::from_secs(1)),
             quarantine_max_events: 1000,
             quarantine_max_bytes: 64 * 1024 * 1024,
             min_free_bytes: None,
@@ -454,6 +459,10 @@ impl Config {
             ("server.header_read_timeout", server.header_read_timeout),
             ("server.request_timeout", server.request_timeout),
             ("storage.commit_timeout", self.storage.commit_timeout),
+            (
+                "storage.checkpoint_interval",
+                self.storage.checkpoint_interval,
+            ),
             ("storage.retention", self.storage.retention),
         ] {
             if value.0.is_zero() {

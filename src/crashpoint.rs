@@ -13,12 +13,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The environment variable that arms a crash point.
 pub const ENV: &str = "LEADFLO_RELAY_CRASH_AT";
 
-/// A group commit is applied to sled's memory, not yet flushed.
+/// Half of a group commit's frame is in the write-ahead log (a torn write).
+pub const COMMIT_TORN: &str = "commit.torn";
+/// A group commit is in the write-ahead log and fdatasync'ed, not yet in sled.
+pub const COMMIT_LOGGED: &str = "commit.logged";
+/// The commit is also in sled's memory; no sender has its 200 yet.
 pub const COMMIT_APPLIED: &str = "commit.applied";
-/// sled has flushed the commit; the data file is not yet fdatasync'ed.
-pub const COMMIT_FLUSHED: &str = "commit.flushed";
-/// The commit is durable; no sender has its 200 yet.
-pub const COMMIT_SYNCED: &str = "commit.synced";
+/// A checkpoint has flushed sled; its data file is not yet fdatasync'ed and
+/// the write-ahead log not yet emptied.
+pub const CHECKPOINT_FLUSHED: &str = "checkpoint.flushed";
 /// A target answered 2xx; the log does not know yet.
 pub const DELIVERY_ANSWERED: &str = "delivery.answered";
 /// Between the two writes that record a delivery as done.
@@ -31,10 +34,11 @@ pub const REPLAY_CHUNK: &str = "replay.chunk";
 pub const PRUNE_BATCH: &str = "prune.batch";
 
 /// Every crash point.
-pub const POINTS: [&str; 8] = [
+pub const POINTS: [&str; 9] = [
+    COMMIT_TORN,
+    COMMIT_LOGGED,
     COMMIT_APPLIED,
-    COMMIT_FLUSHED,
-    COMMIT_SYNCED,
+    CHECKPOINT_FLUSHED,
     DELIVERY_ANSWERED,
     DELIVERY_HALF_RECORDED,
     RESCHEDULE_HALF_RECORDED,
@@ -90,12 +94,22 @@ fn parse(value: &str) -> Result<Armed, String> {
 /// Execution reached `point`: crash here if it is armed and this is the
 /// hit it waits for.
 pub fn reached(point: &'static str) {
-    let Some(Some(armed)) = ARMED.get() else {
-        return;
-    };
-    if armed.point != point || armed.left.fetch_sub(1, Ordering::SeqCst) != 1 {
-        return;
+    if hits(point) {
+        crash(point);
     }
+}
+
+/// Counts a hit of `point`; true when this is the hit to crash at (for a
+/// point that must do something first, such as write half a frame).
+pub fn hits(point: &'static str) -> bool {
+    let Some(Some(armed)) = ARMED.get() else {
+        return false;
+    };
+    armed.point == point && armed.left.fetch_sub(1, Ordering::SeqCst) == 1
+}
+
+/// Kills this process with SIGKILL, as `kill -9` would.
+pub fn crash(point: &'static str) -> ! {
     eprintln!("crash point {point} reached: killing this process (SIGKILL)");
     let pid = std::process::id().to_string();
     let _ = std::process::Command::new("kill")
@@ -111,8 +125,8 @@ mod tests {
 
     #[test]
     fn parses_points_and_counts() {
-        let armed = parse("commit.flushed:3").unwrap();
-        assert_eq!(armed.point, "commit.flushed");
+        let armed = parse("commit.logged:3").unwrap();
+        assert_eq!(armed.point, "commit.logged");
         assert_eq!(armed.left.load(Ordering::Relaxed), 3);
         assert_eq!(
             parse("prune.batch").unwrap().left.load(Ordering::Relaxed),
@@ -123,7 +137,7 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable_and_the_choices() {
         let err = parse("commit.nowhere:1").err().unwrap();
-        assert!(err.contains(ENV) && err.contains("commit.applied"), "{err}");
+        assert!(err.contains(ENV) && err.contains("commit.torn"), "{err}");
         let err = parse("commit.applied:0").err().unwrap();
         assert!(err.contains("hit count"), "{err}");
     }

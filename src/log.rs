@@ -19,10 +19,14 @@
 //! deliveries are written in the same batch as the event itself.
 //!
 //! Writes go through one committer thread ([`Committer`]): it gathers every
-//! request waiting, applies them as one batch, then makes them durable with
-//! sled's `flush` **and** an `fdatasync` of sled's data file, because sled
-//! 0.34's flush ends in `sync_file_range`, which does not survive a power cut
-//! (see DESIGN.md). Only after that does any request hear "committed". One
+//! request waiting, appends them as one frame to the relay's write-ahead log
+//! ([`wal`]) and `fdatasync`s it (one trip to the disk), applies them to
+//! sled as one batch, and only then answers any of them. Every
+//! `storage.checkpoint_interval` (and at shutdown) a checkpoint makes sled
+//! itself durable, with sled's `flush` **and** an `fdatasync` of its data
+//! file (sled 0.34's flush ends in `sync_file_range`, which does not survive
+//! a power cut; see DESIGN.md), and empties the write-ahead log. Opening the
+//! log replays what the write-ahead log holds beyond sled's highest id. One
 //! thread, one flush at a time: concurrent sled flushes deadlock (sled
 //! #1308), and a single committer turns concurrency into bigger batches
 //! instead of queued fsyncs.
@@ -42,6 +46,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::crashpoint;
+use wal::{Frame, Wal};
+
+pub mod wal;
 use crate::metrics::Metrics;
 
 const EVENT_PREFIX: u8 = b'e';
@@ -58,9 +65,8 @@ const DEAD_PREFIX: u8 = b'd';
 const MAX_BATCH: usize = 1024;
 /// Requests that may wait for the committer before senders feel backpressure.
 const QUEUE_DEPTH: usize = 8192;
-/// Batches larger than this may have put values in sled's `blobs/` files,
-/// which sled writes without any sync; the committer syncs them itself.
-const BLOB_SYNC_MIN_BATCH_BYTES: usize = 32 * 1024;
+/// A write-ahead log this large gets a checkpoint before the interval is up.
+const CHECKPOINT_WAL_BYTES: u64 = 64 * 1024 * 1024;
 
 /// An event's id: unique, increasing, never reused. Ids start from the
 /// current time in microseconds, so even a wiped data directory does not
@@ -99,6 +105,8 @@ impl std::str::FromStr for EventId {
 #[derive(Debug, Clone)]
 pub struct LogOptions {
     pub data_dir: PathBuf,
+    /// Time between two checkpoints while commits arrive.
+    pub checkpoint_interval: Duration,
     pub cache_capacity_bytes: u64,
     pub quarantine_max_events: usize,
     pub quarantine_max_bytes: u64,
@@ -219,14 +227,6 @@ pub enum Entry {
     Quarantine { reason: String, body: Bytes },
 }
 
-impl Entry {
-    fn body_len(&self) -> usize {
-        match self {
-            Entry::Event { body, .. } | Entry::Quarantine { body, .. } => body.len(),
-        }
-    }
-}
-
 /// An event as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -250,6 +250,9 @@ pub struct QuarantinedBody {
 #[derive(Debug)]
 pub struct CommitHealth {
     failing: AtomicBool,
+    /// The last checkpoint failed: sled cannot make itself durable (the
+    /// write-ahead log still holds everything, and grows).
+    checkpoint_failing: AtomicBool,
     /// When the commit in progress started, in ms after `epoch` plus one
     /// (0: no commit in progress).
     busy_since: AtomicU64,
@@ -260,6 +263,7 @@ impl Default for CommitHealth {
     fn default() -> Self {
         CommitHealth {
             failing: AtomicBool::new(false),
+            checkpoint_failing: AtomicBool::new(false),
             busy_since: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -271,10 +275,12 @@ impl Default for CommitHealth {
 pub const COMMIT_STALL: Duration = Duration::from_secs(5);
 
 impl CommitHealth {
-    /// The last commit failed, or the one in progress has run for longer
-    /// than [`COMMIT_STALL`].
+    /// The last commit or checkpoint failed, or the commit in progress has
+    /// run for longer than [`COMMIT_STALL`].
     pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed) || self.busy_for() >= COMMIT_STALL
+        self.failing.load(Ordering::Relaxed)
+            || self.checkpoint_failing.load(Ordering::Relaxed)
+            || self.busy_for() >= COMMIT_STALL
     }
 
     /// How long the commit in progress has been running (zero when idle).
@@ -346,6 +352,8 @@ pub struct Log {
     dir: PathBuf,
     health: Arc<CommitHealth>,
     tallies: Arc<Tallies>,
+    /// The write-ahead log, until the committer takes it.
+    wal: Arc<std::sync::Mutex<Option<Wal>>>,
 }
 
 impl Log {
@@ -366,12 +374,85 @@ impl Log {
                     source,
                 },
             })?;
-        Ok(Log {
+        let (wal, entries) = Wal::open(&dir).map_err(|source| LogError::DataFile {
+            path: dir.join(wal::FILE_NAME),
+            source,
+        })?;
+        let log = Log {
             db,
             dir,
             health: Arc::default(),
             tallies: Arc::default(),
-        })
+            wal: Arc::new(std::sync::Mutex::new(None)),
+        };
+        let mut wal = wal;
+        log.recover(&mut wal, entries)?;
+        *log.wal.lock().expect("wal lock") = Some(wal);
+        Ok(log)
+    }
+
+    /// Puts what the write-ahead log holds beyond sled's highest id into
+    /// sled (a crash came before the checkpoint), makes sled durable, and
+    /// empties the write-ahead log.
+    fn recover(&self, wal: &mut Wal, entries: Vec<wal::Entry>) -> Result<(), LogError> {
+        if entries.is_empty() && wal.is_empty() {
+            return Ok(());
+        }
+        let known = self.recover_last_id()?;
+        let mut batch = sled::Batch::default();
+        let mut last = known;
+        let mut replayed = 0;
+        for entry in entries.iter().filter(|e| e.id > known) {
+            let id = entry.id;
+            match entry.kind {
+                wal::KIND_EVENT => {
+                    let received_at_ms = record::decode_event(&entry.value)
+                        .map_err(|reason| LogError::Corrupt {
+                            key: id_key(EVENT_PREFIX, id).to_vec(),
+                            reason,
+                        })?
+                        .received_at_ms;
+                    batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
+                    let state = record::encode_state(&DeliveryState {
+                        enqueued_ms: received_at_ms,
+                        ..Default::default()
+                    });
+                    for target in &entry.targets {
+                        batch.insert(
+                            queue_key(target, received_at_ms, EventId(id)),
+                            state.clone(),
+                        );
+                        batch.insert(
+                            pending_key(target, EventId(id)),
+                            &received_at_ms.to_be_bytes(),
+                        );
+                    }
+                }
+                _ => batch.insert(&id_key(QUARANTINE_PREFIX, id), entry.value.as_slice()),
+            }
+            last = last.max(id);
+            replayed += 1;
+        }
+        batch.insert(META_LAST_ID, &last.to_be_bytes());
+        let io = |source: std::io::Error| LogError::DataFile {
+            path: self.dir.clone(),
+            source,
+        };
+        self.db.apply_batch(batch)?;
+        let started = SystemTime::now();
+        self.db.flush()?;
+        File::open(self.dir.join("db"))
+            .and_then(|f| f.sync_data())
+            .map_err(io)?;
+        sync_recent_blobs(&self.dir, started).map_err(io)?;
+        wal.reset().map_err(io)?;
+        if replayed > 0 {
+            tracing::info!(
+                replayed,
+                "recovered acknowledged events from the write-ahead log"
+            );
+        }
+        Ok(())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -399,10 +480,20 @@ impl Log {
                 source,
             })?;
         let quarantine = self.quarantine_index()?;
+        let wal = self
+            .wal
+            .lock()
+            .expect("wal lock")
+            .take()
+            .expect("the committer starts once per open log");
         let mut state = CommitState {
             db: self.db.clone(),
             dir: self.dir.clone(),
             data_file,
+            wal,
+            checkpoint_interval: options.checkpoint_interval,
+            last_checkpoint: Instant::now(),
+            last_checkpoint_wall: SystemTime::now(),
             last_id: self.recover_last_id()?,
             quarantine,
             quarantine_max_events: options.quarantine_max_events.max(1),
@@ -967,6 +1058,12 @@ struct CommitState {
     db: sled::Db,
     dir: PathBuf,
     data_file: File,
+    wal: Wal,
+    checkpoint_interval: Duration,
+    last_checkpoint: Instant,
+    /// When the last checkpoint began: sled blob files written since then
+    /// are fsynced by the next one.
+    last_checkpoint_wall: SystemTime,
     last_id: u64,
     /// Key and size of each quarantined body, oldest first (bounded by the
     /// quarantine limits, so it never grows with traffic).
@@ -1007,7 +1104,7 @@ impl CommitState {
                 let _ = request.reply.send(Err(CommitError::Closed));
             }
         }
-        if let Err(err) = self.make_durable(false) {
+        if let Err(err) = self.checkpoint() {
             tracing::error!(error = %err, "final flush of the log failed");
         }
     }
@@ -1015,8 +1112,8 @@ impl CommitState {
     fn commit(&mut self, requests: &mut Vec<Request>) {
         let started = Instant::now();
         let mut batch = sled::Batch::default();
+        let mut frame = Frame::new();
         let mut ids = Vec::with_capacity(requests.len());
-        let mut bytes = 0;
         let mut enqueued = vec![0i64; self.subscriptions.len()];
         for request in requests.iter() {
             self.last_id = self
@@ -1024,11 +1121,17 @@ impl CommitState {
                 .saturating_add(1)
                 .max(unix_micros(request.received));
             let id = self.last_id;
-            bytes += request.entry.body_len();
             let received_at_ms = unix_micros(request.received) / 1000;
             match &request.entry {
                 Entry::Event { event, body } => {
-                    let value = record::encode_event(received_at_ms, event, body);
+                    let value = sled::IVec::from(record::encode_event(received_at_ms, event, body));
+                    let subscribed = self.subscriptions.iter().filter(|s| s.wants(event));
+                    frame.push(
+                        wal::KIND_EVENT,
+                        id,
+                        &value,
+                        subscribed.map(|s| s.target.as_str()),
+                    );
                     batch.insert(&id_key(EVENT_PREFIX, id), value);
                     let state = DeliveryState {
                         enqueued_ms: received_at_ms,
@@ -1049,6 +1152,7 @@ impl CommitState {
                 }
                 Entry::Quarantine { reason, body } => {
                     let value = record::encode_quarantine(received_at_ms, reason, body);
+                    frame.push(wal::KIND_QUARANTINE, id, &value, []);
                     let key = sled::IVec::from(&id_key(QUARANTINE_PREFIX, id));
                     self.quarantine.push_back((key.clone(), value.len() as u64));
                     batch.insert(key, value);
@@ -1061,12 +1165,13 @@ impl CommitState {
 
         self.health.begin();
         let outcome = self
-            .db
-            .apply_batch(batch)
-            .map_err(|e| e.to_string())
+            .wal
+            .append(&mut frame)
+            .map_err(|e| format!("write-ahead log: {e}"))
             .and_then(|()| {
-                crashpoint::reached(crashpoint::COMMIT_APPLIED);
-                self.make_durable(bytes >= BLOB_SYNC_MIN_BATCH_BYTES)
+                self.metrics.fsyncs.inc();
+                crashpoint::reached(crashpoint::COMMIT_LOGGED);
+                self.db.apply_batch(batch).map_err(|e| e.to_string())
             });
         self.health.end();
         let metrics = &self.metrics;
@@ -1076,7 +1181,7 @@ impl CommitState {
         metrics.commit_batch_size.observe(requests.len() as f64);
         match outcome {
             Ok(()) => {
-                crashpoint::reached(crashpoint::COMMIT_SYNCED);
+                crashpoint::reached(crashpoint::COMMIT_APPLIED);
                 metrics.commits.inc();
                 if self.health.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("log commits succeed again");
@@ -1104,6 +1209,33 @@ impl CommitState {
                 }
             }
         }
+        if self.last_checkpoint.elapsed() >= self.checkpoint_interval
+            || self.wal.len() >= CHECKPOINT_WAL_BYTES
+        {
+            self.health.begin();
+            let checkpointed = self.checkpoint();
+            self.health.end();
+            match checkpointed {
+                Ok(()) => {
+                    if self
+                        .health
+                        .checkpoint_failing
+                        .swap(false, Ordering::Relaxed)
+                    {
+                        tracing::info!("log checkpoints succeed again");
+                    }
+                }
+                Err(err) => {
+                    // The write-ahead log keeps everything meanwhile and
+                    // commits go on; the next checkpoint tries again, and
+                    // the relay restarts itself if they keep failing.
+                    self.metrics.commit_failures.inc();
+                    if !self.health.checkpoint_failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %err, "log checkpoint failed; will try again");
+                    }
+                }
+            }
+        }
     }
 
     /// Drops the oldest quarantined bodies beyond the limits.
@@ -1120,20 +1252,25 @@ impl CommitState {
         }
     }
 
-    /// sled's flush (out of its buffers: survives `kill -9`), then an
-    /// fdatasync of its data file (survives a power cut).
-    fn make_durable(&self, sync_blobs: bool) -> Result<(), String> {
+    /// Makes sled itself durable (its flush, out of its buffers, survives
+    /// `kill -9`; the fdatasync of its data file and of the blob files
+    /// written since the last checkpoint survives a power cut), then empties
+    /// the write-ahead log, which it made redundant.
+    fn checkpoint(&mut self) -> Result<(), String> {
         let started = SystemTime::now();
+        self.last_checkpoint = Instant::now();
         self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
-        crashpoint::reached(crashpoint::COMMIT_FLUSHED);
+        crashpoint::reached(crashpoint::CHECKPOINT_FLUSHED);
         self.data_file
             .sync_data()
             .map_err(|e| format!("fdatasync of the log: {e}"))?;
-        self.metrics.fsyncs.inc();
-        if sync_blobs {
-            sync_recent_blobs(&self.dir, started)
-                .map_err(|e| format!("fsync of sled blobs: {e}"))?;
-        }
+        sync_recent_blobs(&self.dir, self.last_checkpoint_wall)
+            .map_err(|e| format!("fsync of sled blobs: {e}"))?;
+        self.last_checkpoint_wall = started;
+        self.wal
+            .reset()
+            .map_err(|e| format!("emptying the write-ahead log: {e}"))?;
+        self.metrics.checkpoints.inc();
         Ok(())
     }
 }

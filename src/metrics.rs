@@ -76,6 +76,7 @@ pub struct Metrics {
     pub commits: IntCounter,
     pub commit_failures: IntCounter,
     pub fsyncs: IntCounter,
+    pub checkpoints: IntCounter,
     pub commit_duration: Histogram,
     pub commit_batch_size: Histogram,
     pub quarantined: IntCounter,
@@ -135,7 +136,12 @@ impl Metrics {
         .expect("valid metric");
         let fsyncs = IntCounter::new(
             "leadflo_relay_fsyncs_total",
-            "fdatasync calls on the log's data file made by the committer.",
+            "fdatasync calls on the write-ahead log, one per group commit.",
+        )
+        .expect("valid metric");
+        let checkpoints = IntCounter::new(
+            "leadflo_relay_checkpoints_total",
+            "Checkpoints: sled flushed and fsynced, the write-ahead log emptied.",
         )
         .expect("valid metric");
         let commit_duration = Histogram::with_opts(
@@ -253,6 +259,7 @@ impl Metrics {
             commits,
             commit_failures,
             fsyncs,
+            checkpoints,
             commit_duration,
             commit_batch_size,
             quarantined,
@@ -275,13 +282,14 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
             Box::new(self.commits.clone()),
             Box::new(self.commit_failures.clone()),
             Box::new(self.fsyncs.clone()),
+            Box::new(self.checkpoints.clone()),
             Box::new(self.commit_duration.clone()),
             Box::new(self.commit_batch_size.clone()),
             Box::new(self.quarantined.clone()),

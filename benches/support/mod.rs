@@ -17,7 +17,8 @@ pub const SECRET: &str = "bench-secret";
 pub fn log_options(dir: &std::path::Path) -> leadflo_relay::log::LogOptions {
     leadflo_relay::log::LogOptions {
         data_dir: dir.to_owned(),
-        cache_capacity_bytes: 64 << 20,
+        checkpoint_interval: std::time::Duration::from_secs(1),
+        cache_capacity_bytes: 16 << 20,
         quarantine_max_events: 10,
         quarantine_max_bytes: 1 << 20,
     }

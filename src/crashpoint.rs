@@ -15,10 +15,12 @@ pub const ENV: &str = "LEADFLO_RELAY_CRASH_AT";
 
 /// Half of a group commit's frame is in the write-ahead log (a torn write).
 pub const COMMIT_TORN: &str = "commit.torn";
-/// A group commit is in the write-ahead log and fdatasync'ed, not yet in sled.
+/// A group commit is in the write-ahead log and fdatasync'ed; no sender has
+/// its 200 yet.
 pub const COMMIT_LOGGED: &str = "commit.logged";
-/// The commit is also in sled's memory; no sender has its 200 yet.
-pub const COMMIT_APPLIED: &str = "commit.applied";
+/// The senders of a group commit have their 200s; sled does not have the
+/// commit yet (only the write-ahead log does).
+pub const COMMIT_ACKNOWLEDGED: &str = "commit.acknowledged";
 /// A checkpoint has flushed sled; its data file is not yet fdatasync'ed and
 /// the write-ahead log not yet emptied.
 pub const CHECKPOINT_FLUSHED: &str = "checkpoint.flushed";
@@ -37,7 +39,7 @@ pub const PRUNE_BATCH: &str = "prune.batch";
 pub const POINTS: [&str; 9] = [
     COMMIT_TORN,
     COMMIT_LOGGED,
-    COMMIT_APPLIED,
+    COMMIT_ACKNOWLEDGED,
     CHECKPOINT_FLUSHED,
     DELIVERY_ANSWERED,
     DELIVERY_HALF_RECORDED,

@@ -491,6 +491,7 @@ impl Log {
             dir: self.dir.clone(),
             data_file,
             wal,
+            sled_missing_commits: false,
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
             last_checkpoint_wall: SystemTime::now(),
@@ -1059,6 +1060,9 @@ struct CommitState {
     dir: PathBuf,
     data_file: File,
     wal: Wal,
+    /// sled failed to apply a commit that was acknowledged: the
+    /// write-ahead log must not be emptied before a restart replays it.
+    sled_missing_commits: bool,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     /// When the last checkpoint began: sled blob files written since then
@@ -1164,34 +1168,51 @@ impl CommitState {
         batch.insert(META_LAST_ID, &self.last_id.to_be_bytes());
 
         self.health.begin();
-        let outcome = self
-            .wal
-            .append(&mut frame)
-            .map_err(|e| format!("write-ahead log: {e}"))
-            .and_then(|()| {
-                self.metrics.fsyncs.inc();
-                crashpoint::reached(crashpoint::COMMIT_LOGGED);
-                self.db.apply_batch(batch).map_err(|e| e.to_string())
-            });
+        let logged = self.wal.append(&mut frame);
         self.health.end();
         let metrics = &self.metrics;
+        metrics.commit_batch_size.observe(requests.len() as f64);
+        if let Err(err) = logged {
+            metrics
+                .commit_duration
+                .observe(started.elapsed().as_secs_f64());
+            metrics.commit_failures.inc();
+            if !self.health.failing.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %err, "log commit failed (write-ahead log); answering 503 until it recovers");
+            }
+            for request in requests.drain(..) {
+                let _ = request.reply.send(Err(CommitError::Failed));
+            }
+            return;
+        }
+        // Durable: the write-ahead log has it. The senders hear so now; sled
+        // gets it right after (its apply costs tens of µs that no ack waits
+        // for), and until a checkpoint the write-ahead log stands for it.
+        metrics.fsyncs.inc();
+        metrics.commits.inc();
+        crashpoint::reached(crashpoint::COMMIT_LOGGED);
+        if self.health.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("log commits succeed again");
+        }
+        for (request, id) in requests.drain(..).zip(ids) {
+            if matches!(request.entry, Entry::Quarantine { .. }) {
+                metrics.quarantined.inc();
+            }
+            let _ = request.reply.send(Ok(id));
+        }
         metrics
             .commit_duration
             .observe(started.elapsed().as_secs_f64());
-        metrics.commit_batch_size.observe(requests.len() as f64);
-        match outcome {
+        if crashpoint::hits(crashpoint::COMMIT_ACKNOWLEDGED) {
+            // Let the 200s reach the senders before dying.
+            std::thread::sleep(Duration::from_millis(50));
+            crashpoint::crash(crashpoint::COMMIT_ACKNOWLEDGED);
+        }
+        self.health.begin();
+        let applied = self.db.apply_batch(batch);
+        self.health.end();
+        match applied {
             Ok(()) => {
-                crashpoint::reached(crashpoint::COMMIT_APPLIED);
-                metrics.commits.inc();
-                if self.health.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("log commits succeed again");
-                }
-                for (request, id) in requests.drain(..).zip(ids) {
-                    if matches!(request.entry, Entry::Quarantine { .. }) {
-                        metrics.quarantined.inc();
-                    }
-                    let _ = request.reply.send(Ok(id));
-                }
                 for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
                     if added > 0 {
                         self.tallies.change(&subscription.target, added, 0);
@@ -1200,13 +1221,15 @@ impl CommitState {
                 }
             }
             Err(err) => {
+                // Acknowledged and in the write-ahead log, but not in sled:
+                // no checkpoint may empty that log now. The relay restarts
+                // itself (checkpoints keep failing) and replays it.
+                self.sled_missing_commits = true;
                 metrics.commit_failures.inc();
-                if !self.health.failing.swap(true, Ordering::Relaxed) {
-                    tracing::error!(error = %err, "log commit failed; answering 503 until it recovers");
-                }
-                for request in requests.drain(..) {
-                    let _ = request.reply.send(Err(CommitError::Failed));
-                }
+                self.health
+                    .checkpoint_failing
+                    .store(true, Ordering::Relaxed);
+                tracing::error!(error = %err, "sled rejected an acknowledged commit; it is kept in the write-ahead log until a restart replays it");
             }
         }
         if self.last_checkpoint.elapsed() >= self.checkpoint_interval
@@ -1257,6 +1280,13 @@ impl CommitState {
     /// written since the last checkpoint survives a power cut), then empties
     /// the write-ahead log, which it made redundant.
     fn checkpoint(&mut self) -> Result<(), String> {
+        if self.sled_missing_commits {
+            return Err(
+                "sled is missing acknowledged commits that only the write-ahead log \
+                        holds; a restart replays them"
+                    .to_owned(),
+            );
+        }
         let started = SystemTime::now();
         self.last_checkpoint = Instant::now();
         self.db.flush().map_err(|e| format!("sled flush: {e}"))?;

@@ -76,9 +76,9 @@ impl Matrix {
         // acknowledged is only in the write-ahead log (and sled's memory):
         // the restart must replay it. Kills in a checkpoint need many.
         let checkpoints = match point {
-            crashpoint::COMMIT_TORN | crashpoint::COMMIT_LOGGED | crashpoint::COMMIT_APPLIED => {
-                "1h"
-            }
+            crashpoint::COMMIT_TORN
+            | crashpoint::COMMIT_LOGGED
+            | crashpoint::COMMIT_ACKNOWLEDGED => "1h",
             crashpoint::CHECKPOINT_FLUSHED => "20ms",
             _ => "1s",
         };
@@ -372,13 +372,19 @@ async fn killed_with_half_a_commit_in_the_write_ahead_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_after_the_write_ahead_log_is_synced_before_sled_has_it() {
+async fn killed_after_the_write_ahead_log_is_synced_before_any_200() {
     run(crashpoint::COMMIT_LOGGED, Traffic::Stream, "7d", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_after_a_durable_commit_before_any_200() {
-    run(crashpoint::COMMIT_APPLIED, Traffic::Stream, "7d", false).await;
+async fn killed_after_the_200s_before_sled_has_the_commit() {
+    run(
+        crashpoint::COMMIT_ACKNOWLEDGED,
+        Traffic::Stream,
+        "7d",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,7 +140,7 @@ mod tests {
     fn bad_values_name_the_variable_and_the_choices() {
         let err = parse("commit.nowhere:1").err().unwrap();
         assert!(err.contains(ENV) && err.contains("commit.torn"), "{err}");
-        let err = parse("commit.applied:0").err().unwrap();
+        let err = parse("commit.logged:0").err().unwrap();
         assert!(err.contains("hit count"), "{err}");
     }
 }

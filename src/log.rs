@@ -67,6 +67,8 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 8192;
 /// A write-ahead log this large gets a checkpoint before the interval is up.
 const CHECKPOINT_WAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Group commits that may wait for the apply thread.
+const APPLY_QUEUE_DEPTH: usize = 4096;
 
 /// An event's id: unique, increasing, never reused. Ids start from the
 /// current time in microseconds, so even a wiped data directory does not
@@ -256,6 +258,8 @@ pub struct CommitHealth {
     /// When the commit in progress started, in ms after `epoch` plus one
     /// (0: no commit in progress).
     busy_since: AtomicU64,
+    /// The same for the apply thread's sled write or checkpoint.
+    applying_since: AtomicU64,
     epoch: Instant,
 }
 
@@ -265,6 +269,7 @@ impl Default for CommitHealth {
             failing: AtomicBool::new(false),
             checkpoint_failing: AtomicBool::new(false),
             busy_since: AtomicU64::new(0),
+            applying_since: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -286,22 +291,34 @@ impl CommitHealth {
     /// How long the commit in progress has been running (zero when idle).
     /// A write that never returns (seen in sled after ENOSPC) shows here.
     pub fn busy_for(&self) -> Duration {
-        match self.busy_since.load(Ordering::Relaxed) {
+        let running = |since: &AtomicU64| match since.load(Ordering::Relaxed) {
             0 => Duration::ZERO,
             since => self
                 .epoch
                 .elapsed()
                 .saturating_sub(Duration::from_millis(since - 1)),
-        }
+        };
+        running(&self.busy_since).max(running(&self.applying_since))
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
     }
 
     fn begin(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        self.busy_since.store(now, Ordering::Relaxed);
+        self.busy_since.store(self.now(), Ordering::Relaxed);
     }
 
     fn end(&self) {
         self.busy_since.store(0, Ordering::Relaxed);
+    }
+
+    fn begin_apply(&self) {
+        self.applying_since.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn end_apply(&self) {
+        self.applying_since.store(0, Ordering::Relaxed);
     }
 }
 
@@ -374,8 +391,8 @@ impl Log {
                     source,
                 },
             })?;
-        let (wal, entries) = Wal::open(&dir).map_err(|source| LogError::DataFile {
-            path: dir.join(wal::FILE_NAME),
+        let (wal, entries, last_old) = Wal::open(&dir).map_err(|source| LogError::DataFile {
+            path: dir.join(wal::FILE_PREFIX),
             source,
         })?;
         let log = Log {
@@ -385,8 +402,7 @@ impl Log {
             tallies: Arc::default(),
             wal: Arc::new(std::sync::Mutex::new(None)),
         };
-        let mut wal = wal;
-        log.recover(&mut wal, entries)?;
+        log.recover(entries, last_old)?;
         *log.wal.lock().expect("wal lock") = Some(wal);
         Ok(log)
     }
@@ -394,8 +410,8 @@ impl Log {
     /// Puts what the write-ahead log holds beyond sled's highest id into
     /// sled (a crash came before the checkpoint), makes sled durable, and
     /// empties the write-ahead log.
-    fn recover(&self, wal: &mut Wal, entries: Vec<wal::Entry>) -> Result<(), LogError> {
-        if entries.is_empty() && wal.is_empty() {
+    fn recover(&self, entries: Vec<wal::Entry>, last_old: u64) -> Result<(), LogError> {
+        if last_old == 0 {
             return Ok(());
         }
         let known = self.recover_last_id()?;
@@ -445,7 +461,7 @@ impl Log {
             .and_then(|f| f.sync_data())
             .map_err(io)?;
         sync_recent_blobs(&self.dir, started).map_err(io)?;
-        wal.reset().map_err(io)?;
+        wal::remove_through(&self.dir, last_old).map_err(io)?;
         if replayed > 0 {
             tracing::info!(
                 replayed,
@@ -486,15 +502,28 @@ impl Log {
             .expect("wal lock")
             .take()
             .expect("the committer starts once per open log");
-        let mut state = CommitState {
+        let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel(APPLY_QUEUE_DEPTH);
+        let mut applier = ApplyState {
             db: self.db.clone(),
             dir: self.dir.clone(),
             data_file,
-            wal,
             sled_missing_commits: false,
+            last_checkpoint_wall: SystemTime::now(),
+            subscriptions: subscriptions.clone(),
+            metrics: metrics.clone(),
+            health: self.health.clone(),
+            tallies: self.tallies.clone(),
+        };
+        let applier = std::thread::Builder::new()
+            .name("leadflo-apply".to_owned())
+            .spawn(move || applier.run(apply_rx))
+            .expect("spawning the apply thread");
+        let mut state = CommitState {
+            wal,
+            apply_tx,
+            applier: Some(applier),
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
-            last_checkpoint_wall: SystemTime::now(),
             last_id: self.recover_last_id()?,
             quarantine,
             quarantine_max_events: options.quarantine_max_events.max(1),
@@ -502,7 +531,6 @@ impl Log {
             subscriptions,
             metrics,
             health: self.health.clone(),
-            tallies: self.tallies.clone(),
         };
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
@@ -1054,26 +1082,49 @@ struct Request {
     reply: oneshot::Sender<Result<EventId, CommitError>>,
 }
 
-/// Everything the committer thread owns.
+/// Everything the committer thread owns: it assigns ids, appends each
+/// group commit to the write-ahead log, answers, and hands the sled writes
+/// to the apply thread.
 struct CommitState {
-    db: sled::Db,
-    dir: PathBuf,
-    data_file: File,
     wal: Wal,
-    /// sled failed to apply a commit that was acknowledged: the
-    /// write-ahead log must not be emptied before a restart replays it.
-    sled_missing_commits: bool,
+    apply_tx: std::sync::mpsc::SyncSender<ApplyJob>,
+    applier: Option<JoinHandle<()>>,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
-    /// When the last checkpoint began: sled blob files written since then
-    /// are fsynced by the next one.
-    last_checkpoint_wall: SystemTime,
     last_id: u64,
     /// Key and size of each quarantined body, oldest first (bounded by the
     /// quarantine limits, so it never grows with traffic).
     quarantine: VecDeque<(sled::IVec, u64)>,
     quarantine_max_events: usize,
     quarantine_max_bytes: u64,
+    subscriptions: Vec<Subscription>,
+    metrics: Arc<Metrics>,
+    health: Arc<CommitHealth>,
+}
+
+/// What the apply thread does, in the order the committer asks.
+enum ApplyJob {
+    /// Put a group commit (already in the write-ahead log) into sled.
+    Batch {
+        batch: sled::Batch,
+        enqueued: Vec<i64>,
+    },
+    /// Make sled durable, then delete the write-ahead log's segments up to
+    /// `through_seq`: every batch they hold was sent before this job.
+    Checkpoint { through_seq: u64 },
+}
+
+/// Everything the apply thread owns.
+struct ApplyState {
+    db: sled::Db,
+    dir: PathBuf,
+    data_file: File,
+    /// sled failed to apply a commit that was acknowledged: the
+    /// write-ahead log must be kept until a restart replays it.
+    sled_missing_commits: bool,
+    /// When the last checkpoint began: sled blob files written since then
+    /// are fsynced by the next one.
+    last_checkpoint_wall: SystemTime,
     subscriptions: Vec<Subscription>,
     metrics: Arc<Metrics>,
     health: Arc<CommitHealth>,
@@ -1108,8 +1159,12 @@ impl CommitState {
                 let _ = request.reply.send(Err(CommitError::Closed));
             }
         }
-        if let Err(err) = self.checkpoint() {
-            tracing::error!(error = %err, "final flush of the log failed");
+        self.request_checkpoint();
+        // The apply thread finishes its queue, checkpoints, and stops.
+        let (tx, _) = std::sync::mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.apply_tx, tx));
+        if let Some(applier) = self.applier.take() {
+            let _ = applier.join();
         }
     }
 
@@ -1208,55 +1263,33 @@ impl CommitState {
             std::thread::sleep(Duration::from_millis(50));
             crashpoint::crash(crashpoint::COMMIT_ACKNOWLEDGED);
         }
-        self.health.begin();
-        let applied = self.db.apply_batch(batch);
-        self.health.end();
-        match applied {
-            Ok(()) => {
-                for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
-                    if added > 0 {
-                        self.tallies.change(&subscription.target, added, 0);
-                        subscription.wake.notify_one();
-                    }
-                }
-            }
-            Err(err) => {
-                // Acknowledged and in the write-ahead log, but not in sled:
-                // no checkpoint may empty that log now. The relay restarts
-                // itself (checkpoints keep failing) and replays it.
-                self.sled_missing_commits = true;
-                metrics.commit_failures.inc();
-                self.health
-                    .checkpoint_failing
-                    .store(true, Ordering::Relaxed);
-                tracing::error!(error = %err, "sled rejected an acknowledged commit; it is kept in the write-ahead log until a restart replays it");
-            }
-        }
+        // A full queue (sled far behind) holds the committer back here:
+        // senders then feel it as commit time, never as a lost event.
+        let _ = self.apply_tx.send(ApplyJob::Batch { batch, enqueued });
         if self.last_checkpoint.elapsed() >= self.checkpoint_interval
             || self.wal.len() >= CHECKPOINT_WAL_BYTES
         {
-            self.health.begin();
-            let checkpointed = self.checkpoint();
-            self.health.end();
-            match checkpointed {
-                Ok(()) => {
-                    if self
-                        .health
-                        .checkpoint_failing
-                        .swap(false, Ordering::Relaxed)
-                    {
-                        tracing::info!("log checkpoints succeed again");
-                    }
-                }
-                Err(err) => {
-                    // The write-ahead log keeps everything meanwhile and
-                    // commits go on; the next checkpoint tries again, and
-                    // the relay restarts itself if they keep failing.
-                    self.metrics.commit_failures.inc();
-                    if !self.health.checkpoint_failing.swap(true, Ordering::Relaxed) {
-                        tracing::error!(error = %err, "log checkpoint failed; will try again");
-                    }
-                }
+            self.request_checkpoint();
+        }
+    }
+
+    /// Starts a new write-ahead log segment and asks the apply thread for a
+    /// checkpoint covering the older ones.
+    fn request_checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        if self.wal.is_empty() {
+            return;
+        }
+        match self.wal.rotate() {
+            Ok(through_seq) => {
+                let _ = self.apply_tx.send(ApplyJob::Checkpoint { through_seq });
+            }
+            Err(err) => {
+                self.metrics.commit_failures.inc();
+                self.health
+                    .checkpoint_failing
+                    .store(true, Ordering::Relaxed);
+                tracing::error!(error = %err, "cannot start a new write-ahead log segment; will try again");
             }
         }
     }
@@ -1274,21 +1307,81 @@ impl CommitState {
             batch.remove(key);
         }
     }
+}
+
+impl ApplyState {
+    fn run(&mut self, rx: std::sync::mpsc::Receiver<ApplyJob>) {
+        for job in rx {
+            self.health.begin_apply();
+            match job {
+                ApplyJob::Batch { batch, enqueued } => self.apply(batch, enqueued),
+                ApplyJob::Checkpoint { through_seq } => self.checkpoint(through_seq),
+            }
+            self.health.end_apply();
+        }
+    }
+
+    fn apply(&mut self, batch: sled::Batch, enqueued: Vec<i64>) {
+        match self.db.apply_batch(batch) {
+            Ok(()) => {
+                for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
+                    if added > 0 {
+                        self.tallies.change(&subscription.target, added, 0);
+                        subscription.wake.notify_one();
+                    }
+                }
+            }
+            Err(err) => {
+                // Acknowledged and in the write-ahead log, but not in sled:
+                // no checkpoint may delete that log now. The relay restarts
+                // itself (checkpoints keep failing) and replays it.
+                self.sled_missing_commits = true;
+                self.metrics.commit_failures.inc();
+                self.health
+                    .checkpoint_failing
+                    .store(true, Ordering::Relaxed);
+                tracing::error!(error = %err, "sled rejected an acknowledged commit; it is kept in the write-ahead log until a restart replays it");
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, through_seq: u64) {
+        match self.make_durable(through_seq) {
+            Ok(()) => {
+                self.metrics.checkpoints.inc();
+                if self
+                    .health
+                    .checkpoint_failing
+                    .swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!("log checkpoints succeed again");
+                }
+            }
+            Err(err) => {
+                // The write-ahead log keeps everything meanwhile and commits
+                // go on; the next checkpoint tries again, and the relay
+                // restarts itself if they keep failing.
+                self.metrics.commit_failures.inc();
+                if !self.health.checkpoint_failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %err, "log checkpoint failed; will try again");
+                }
+            }
+        }
+    }
 
     /// Makes sled itself durable (its flush, out of its buffers, survives
     /// `kill -9`; the fdatasync of its data file and of the blob files
-    /// written since the last checkpoint survives a power cut), then empties
-    /// the write-ahead log, which it made redundant.
-    fn checkpoint(&mut self) -> Result<(), String> {
+    /// written since the last checkpoint survives a power cut), then deletes
+    /// the write-ahead log segments it made redundant.
+    fn make_durable(&mut self, through_seq: u64) -> Result<(), String> {
         if self.sled_missing_commits {
             return Err(
-                "sled is missing acknowledged commits that only the write-ahead log \
-                        holds; a restart replays them"
+                "sled is missing acknowledged commits that only the write-ahead log holds; \
+                 a restart replays them"
                     .to_owned(),
             );
         }
         let started = SystemTime::now();
-        self.last_checkpoint = Instant::now();
         self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
         crashpoint::reached(crashpoint::CHECKPOINT_FLUSHED);
         self.data_file
@@ -1297,10 +1390,8 @@ impl CommitState {
         sync_recent_blobs(&self.dir, self.last_checkpoint_wall)
             .map_err(|e| format!("fsync of sled blobs: {e}"))?;
         self.last_checkpoint_wall = started;
-        self.wal
-            .reset()
-            .map_err(|e| format!("emptying the write-ahead log: {e}"))?;
-        self.metrics.checkpoints.inc();
+        wal::remove_through(&self.dir, through_seq)
+            .map_err(|e| format!("deleting old write-ahead log segments: {e}"))?;
         Ok(())
     }
 }

@@ -34,7 +34,10 @@ async fn http_1_0_is_served_and_closed() {
         "{answer}"
     );
     assert!(answer.contains(r#""status":"accepted""#), "{answer}");
-    assert_eq!(relay.log.events().count(), 1);
+    eventually("the event in sled", Duration::from_secs(10), async || {
+        (relay.log.events().count() == 1).then_some(())
+    })
+    .await;
     relay.stop().await;
 }
 

@@ -32,11 +32,7 @@ async fn accepted_event_gets_200_with_its_id_and_is_stored() {
         .expect("id is a string")
         .parse()
         .unwrap();
-    let stored = relay
-        .log
-        .event(id)
-        .unwrap()
-        .expect("acknowledged event is stored");
+    let stored = stored_event(&relay.log, id).await;
     assert_eq!(stored.body, VISITOR.as_bytes());
     assert_eq!(stored.event, "visitor_created");
     assert!(
@@ -561,7 +557,13 @@ async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
     );
     let torn = torn.to_bytes();
     bytes.extend_from_slice(&torn[..torn.len() - 3]);
-    std::fs::write(dir.path().join(wal::FILE_NAME), bytes).unwrap();
+    // The newest segment, as a crash left it.
+    let newest = wal::segments(dir.path())
+        .unwrap()
+        .last()
+        .copied()
+        .unwrap_or(0);
+    std::fs::write(wal::segment_path(dir.path(), newest + 1), bytes).unwrap();
 
     let log = open_log(dir.path());
     for (id, body) in lost {
@@ -579,12 +581,14 @@ async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
     );
     assert!(log.event(known).unwrap().is_some());
     drop(log);
+    // Replayed into sled, the old segments are gone; one new, empty one.
+    let left = wal::segments(dir.path()).unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(
-        std::fs::metadata(dir.path().join(wal::FILE_NAME))
+        std::fs::metadata(wal::segment_path(dir.path(), left[0]))
             .unwrap()
             .len(),
-        0,
-        "replayed, then emptied"
+        0
     );
 
     // Ids go on above the replayed ones.

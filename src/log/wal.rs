@@ -17,8 +17,10 @@
 //! event was queued for. A frame that is cut short or fails its CRC ends the
 //! log (a torn write at a crash): it was never acknowledged.
 //!
-//! A checkpoint (sled flushed and fsynced) empties the file; entries at or
-//! below sled's highest id are already in sled and are skipped on replay.
+//! The log is a run of segment files (`relay.wal.<sequence>`). A checkpoint
+//! starts a new segment; once sled is flushed and fsynced with everything
+//! the older segments hold, they are deleted. Entries at or below sled's
+//! highest id are already in sled and are skipped on replay.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -26,8 +28,42 @@ use std::path::{Path, PathBuf};
 
 use crate::crashpoint;
 
-/// The log's file name inside the data directory.
-pub const FILE_NAME: &str = "relay.wal";
+/// Segment files are named this, then a dot and their sequence number.
+pub const FILE_PREFIX: &str = "relay.wal";
+
+/// Where segment `seq` of the log in `dir` lives.
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{FILE_PREFIX}.{seq:020}"))
+}
+
+/// The sequence numbers of the segments in `dir`, oldest first.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = name
+            .strip_prefix(FILE_PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|seq| seq.parse().ok())
+        {
+            found.push(seq);
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Deletes the segments up to and including `seq`: sled holds all of it.
+pub fn remove_through(dir: &Path, seq: u64) -> std::io::Result<()> {
+    for old in segments(dir)?.into_iter().filter(|s| *s <= seq) {
+        match std::fs::remove_file(segment_path(dir, old)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 pub const KIND_EVENT: u8 = 1;
 pub const KIND_QUARANTINE: u8 = 2;
@@ -98,47 +134,61 @@ impl Frame {
     }
 }
 
-/// The open log file, positioned at its end.
+/// The log's current segment, open for appending.
 pub struct Wal {
+    dir: PathBuf,
+    seq: u64,
     file: File,
-    path: PathBuf,
     len: u64,
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir` and reads back every whole frame;
-    /// a torn tail is cut off.
-    pub fn open(dir: &Path) -> std::io::Result<(Wal, Vec<Entry>)> {
-        let path = dir.join(FILE_NAME);
-        let mut file = File::options()
-            .read(true)
+    /// Reads back every whole frame of every segment in `dir` (a torn tail
+    /// ends a segment), then starts a new segment after them. Returns the
+    /// entries and the sequence number of the last old segment (0: none).
+    pub fn open(dir: &Path) -> std::io::Result<(Wal, Vec<Entry>, u64)> {
+        let old = segments(dir)?;
+        let mut entries = Vec::new();
+        for seq in &old {
+            let mut bytes = Vec::new();
+            File::open(segment_path(dir, *seq))?.read_to_end(&mut bytes)?;
+            entries.append(&mut read_frames(&bytes).0);
+        }
+        let last_old = old.last().copied().unwrap_or(0);
+        let wal = Wal::create(dir, last_old + 1)?;
+        Ok((wal, entries, last_old))
+    }
+
+    fn create(dir: &Path, seq: u64) -> std::io::Result<Wal> {
+        let file = File::options()
             .write(true)
             .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let (entries, valid) = read_frames(&bytes);
-        if valid as usize != bytes.len() {
-            file.set_len(valid)?;
-            file.sync_data()?;
-        }
-        file.seek(SeekFrom::Start(valid))?;
-        Ok((
-            Wal {
-                file,
-                path,
-                len: valid,
-            },
-            entries,
-        ))
+            .truncate(true)
+            .open(segment_path(dir, seq))?;
+        // The new file's name must survive a power cut too.
+        File::open(dir)?.sync_all()?;
+        Ok(Wal {
+            dir: dir.to_owned(),
+            seq,
+            file,
+            len: 0,
+        })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Sequence number of the current segment.
+    pub fn seq(&self) -> u64 {
+        self.seq
     }
 
-    /// Bytes in the log since the last checkpoint.
+    /// Starts the next segment; returns the sequence number of the one
+    /// before, which a checkpoint can then make redundant.
+    pub fn rotate(&mut self) -> std::io::Result<u64> {
+        let next = Wal::create(&self.dir, self.seq + 1)?;
+        let old = std::mem::replace(self, next);
+        Ok(old.seq)
+    }
+
+    /// Bytes in the current segment.
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -174,15 +224,6 @@ impl Wal {
                 Err(err)
             }
         }
-    }
-
-    /// Empties the log: everything in it is durable in sled.
-    pub fn reset(&mut self) -> std::io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.sync_data()?;
-        self.len = 0;
-        Ok(())
     }
 }
 
@@ -284,30 +325,30 @@ mod tests {
     }
 
     #[test]
-    fn append_reset_and_reopen() {
+    fn segments_read_back_in_order_and_rotate() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, entries) = Wal::open(dir.path()).unwrap();
+        let (mut wal, entries, last_old) = Wal::open(dir.path()).unwrap();
         assert!(entries.is_empty());
+        assert_eq!((last_old, wal.seq()), (0, 1));
         let mut f = Frame::new();
         f.push(KIND_EVENT, 1, b"one", ["crm"]);
         wal.append(&mut f).unwrap();
-        drop(wal);
-        // A torn frame after the whole one is cut off at open.
-        let path = dir.path().join(FILE_NAME);
-        let mut file = File::options().append(true).open(&path).unwrap();
-        file.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
-        drop(file);
-        let (mut wal, entries) = Wal::open(dir.path()).unwrap();
-        assert_eq!(entries.len(), 1);
+        assert_eq!(wal.rotate().unwrap(), 1);
         let mut f = Frame::new();
         f.push(KIND_EVENT, 2, b"two", ["crm"]);
         wal.append(&mut f).unwrap();
         drop(wal);
-        let (mut wal, entries) = Wal::open(dir.path()).unwrap();
+        // A torn frame at the end of the newest segment is ignored.
+        let mut file = File::options()
+            .append(true)
+            .open(segment_path(dir.path(), 2))
+            .unwrap();
+        file.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        drop(file);
+        let (wal, entries, last_old) = Wal::open(dir.path()).unwrap();
         assert_eq!(entries.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2]);
-        wal.reset().unwrap();
-        drop(wal);
-        let (wal, entries) = Wal::open(dir.path()).unwrap();
-        assert!(entries.is_empty() && wal.is_empty());
+        assert_eq!((last_old, wal.seq()), (2, 3));
+        remove_through(dir.path(), last_old).unwrap();
+        assert_eq!(segments(dir.path()).unwrap(), vec![3]);
     }
 }

@@ -385,3 +385,18 @@ impl RefusingPort {
         self.addr
     }
 }
+
+/// The stored event `id`, waiting (with a deadline) for it to reach sled:
+/// a 200 means the event is durable in the write-ahead log, and sled gets
+/// it from the apply thread a moment later.
+pub async fn stored_event(
+    log: &Log,
+    id: leadflo_relay::log::EventId,
+) -> leadflo_relay::log::StoredEvent {
+    eventually(
+        "the acknowledged event in sled",
+        Duration::from_secs(10),
+        async || log.event(id).unwrap(),
+    )
+    .await
+}

@@ -66,7 +66,7 @@ const MAX_BATCH: usize = 1024;
 /// Requests that may wait for the committer before senders feel backpressure.
 const QUEUE_DEPTH: usize = 8192;
 /// A write-ahead log this large gets a checkpoint before the interval is up.
-const CHECKPOINT_WAL_BYTES: u64 = 64 * 1024 * 1024;
+const CHECKPOINT_WAL_BYTES: u64 = wal::SEGMENT_BYTES;
 /// Group commits that may wait for the apply thread.
 const APPLY_QUEUE_DEPTH: usize = 4096;
 
@@ -1392,6 +1392,11 @@ impl ApplyState {
         self.last_checkpoint_wall = started;
         wal::remove_through(&self.dir, through_seq)
             .map_err(|e| format!("deleting old write-ahead log segments: {e}"))?;
+        if let Err(err) = wal::prepare_spare(&self.dir) {
+            // Only a speed-up: segments then grow as they are written.
+            tracing::debug!(error = %err, "no spare write-ahead log segment");
+            let _ = std::fs::remove_file(self.dir.join(wal::SPARE_NAME));
+        }
         Ok(())
     }
 }

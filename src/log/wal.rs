@@ -64,7 +64,7 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
 pub const SPARE_NAME: &str = "relay.wal.spare";
 
 /// Size a spare segment is made to before it is used.
-pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
+pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Retires the segments up to and including `seq` (sled holds all of
 /// them): one becomes the spare when there is none, the others are deleted.

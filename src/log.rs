@@ -1105,13 +1105,25 @@ struct CommitState {
 /// What the apply thread does, in the order the committer asks.
 enum ApplyJob {
     /// Put a group commit (already in the write-ahead log) into sled.
-    Batch {
-        batch: sled::Batch,
-        enqueued: Vec<i64>,
-    },
+    Batch { batch: Writes, enqueued: Vec<i64> },
     /// Make sled durable, then delete the write-ahead log's segments up to
     /// `through_seq`: every batch they hold was sent before this job.
     Checkpoint { through_seq: u64 },
+}
+
+/// The sled writes of a group commit, in order (a `sled::Batch` cannot be
+/// merged with another; this can).
+#[derive(Default)]
+struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
+
+impl Writes {
+    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.0.push((key.into(), Some(value.into())));
+    }
+
+    fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.0.push((key.into(), None));
+    }
 }
 
 /// Everything the apply thread owns.
@@ -1170,7 +1182,7 @@ impl CommitState {
 
     fn commit(&mut self, requests: &mut Vec<Request>) {
         let started = Instant::now();
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         let mut frame = Frame::new();
         let mut ids = Vec::with_capacity(requests.len());
         let mut enqueued = vec![0i64; self.subscriptions.len()];
@@ -1295,7 +1307,7 @@ impl CommitState {
     }
 
     /// Drops the oldest quarantined bodies beyond the limits.
-    fn evict_quarantine(&mut self, batch: &mut sled::Batch) {
+    fn evict_quarantine(&mut self, batch: &mut Writes) {
         let mut total: u64 = self.quarantine.iter().map(|(_, size)| size).sum();
         while self.quarantine.len() > self.quarantine_max_events
             || (total > self.quarantine_max_bytes && self.quarantine.len() > 1)
@@ -1311,17 +1323,56 @@ impl CommitState {
 
 impl ApplyState {
     fn run(&mut self, rx: std::sync::mpsc::Receiver<ApplyJob>) {
-        for job in rx {
+        let mut next = None;
+        loop {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+            };
             self.health.begin_apply();
             match job {
-                ApplyJob::Batch { batch, enqueued } => self.apply(batch, enqueued),
+                ApplyJob::Batch {
+                    mut batch,
+                    mut enqueued,
+                } => {
+                    // Every group commit waiting joins one sled batch: one
+                    // write lock and one apply instead of many.
+                    while let Ok(job) = rx.try_recv() {
+                        match job {
+                            ApplyJob::Batch {
+                                batch: more,
+                                enqueued: added,
+                            } => {
+                                batch.0.extend(more.0);
+                                for (total, n) in enqueued.iter_mut().zip(added) {
+                                    *total += n;
+                                }
+                            }
+                            checkpoint => {
+                                next = Some(checkpoint);
+                                break;
+                            }
+                        }
+                    }
+                    self.apply(batch, enqueued);
+                }
                 ApplyJob::Checkpoint { through_seq } => self.checkpoint(through_seq),
             }
             self.health.end_apply();
         }
     }
 
-    fn apply(&mut self, batch: sled::Batch, enqueued: Vec<i64>) {
+    fn apply(&mut self, writes: Writes, enqueued: Vec<i64>) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes.0 {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
         match self.db.apply_batch(batch) {
             Ok(()) => {
                 for (subscription, added) in self.subscriptions.iter().zip(enqueued) {

@@ -232,6 +232,10 @@ impl Relay {
             move |request| admin.clone().handle(request),
             shutdown.clone(),
         ));
+        // Delivery runs on a worker pool of its own, so that the operating
+        // system, not the order of tasks in one queue, shares the cores
+        // between a flood of ingest requests and the dispatchers.
+        let delivery = DeliveryRuntime::start()?;
         let mut dispatchers = Vec::new();
         for target in self.targets {
             tracing::info!(target = %target.name, "delivering");
@@ -241,7 +245,7 @@ impl Relay {
                 self.metrics.clone(),
                 shutdown.clone(),
             );
-            dispatchers.push(tokio::spawn(run));
+            dispatchers.push(delivery.spawn(run));
         }
         let stuck_watch = tokio::spawn(watch_for_a_stuck_log(
             self.log.health(),
@@ -281,6 +285,39 @@ impl Relay {
         }
         tracing::info!("stopped; the log is flushed");
         Ok(())
+    }
+}
+
+/// The delivery worker pool. Shut down without waiting when dropped (a
+/// runtime may not block inside another), after its dispatchers have
+/// finished.
+struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
+
+impl DeliveryRuntime {
+    fn start() -> anyhow::Result<DeliveryRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("leadflo-deliver")
+            .enable_all()
+            .build()
+            .context("cannot start the delivery worker pool")?;
+        Ok(DeliveryRuntime(Some(runtime)))
+    }
+
+    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.as_ref().expect("running").spawn(task)
+    }
+}
+
+impl Drop for DeliveryRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

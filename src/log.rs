@@ -415,7 +415,7 @@ impl Log {
             return Ok(());
         }
         let known = self.recover_last_id()?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         let mut last = known;
         let mut replayed = 0;
         for entry in entries.iter().filter(|e| e.id > known) {
@@ -429,19 +429,9 @@ impl Log {
                         })?
                         .received_at_ms;
                     batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
-                    let state = record::encode_state(&DeliveryState {
-                        enqueued_ms: received_at_ms,
-                        ..Default::default()
-                    });
+                    let state = new_delivery_state(received_at_ms);
                     for target in &entry.targets {
-                        batch.insert(
-                            queue_key(target, received_at_ms, EventId(id)),
-                            state.clone(),
-                        );
-                        batch.insert(
-                            pending_key(target, EventId(id)),
-                            &received_at_ms.to_be_bytes(),
-                        );
+                        batch.queue_new(target, received_at_ms, EventId(id), &state);
                     }
                 }
                 _ => batch.insert(&id_key(QUARANTINE_PREFIX, id), entry.value.as_slice()),
@@ -454,7 +444,7 @@ impl Log {
             path: self.dir.clone(),
             source,
         };
-        self.db.apply_batch(batch)?;
+        self.db.apply_batch(batch.into_batch())?;
         let started = SystemTime::now();
         self.db.flush()?;
         File::open(self.dir.join("db"))
@@ -1124,6 +1114,33 @@ impl Writes {
     fn remove(&mut self, key: impl Into<sled::IVec>) {
         self.0.push((key.into(), None));
     }
+
+    /// A new event's delivery to `target`: its queue entry and its pending
+    /// mark, the writes a commit and a replay of the write-ahead log share.
+    fn queue_new(&mut self, target: &str, received_at_ms: u64, id: EventId, state: &sled::IVec) {
+        self.insert(queue_key(target, received_at_ms, id), state.clone());
+        self.insert(pending_key(target, id), &received_at_ms.to_be_bytes());
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.0 {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
+    }
+}
+
+/// The state a new delivery starts with, encoded once per event.
+fn new_delivery_state(received_at_ms: u64) -> sled::IVec {
+    record::encode_state(&DeliveryState {
+        enqueued_ms: received_at_ms,
+        ..Default::default()
+    })
+    .into()
 }
 
 /// Everything the apply thread owns.
@@ -1204,18 +1221,14 @@ impl CommitState {
                         subscribed.map(|s| s.target.as_str()),
                     );
                     batch.insert(&id_key(EVENT_PREFIX, id), value);
-                    let state = DeliveryState {
-                        enqueued_ms: received_at_ms,
-                        ..Default::default()
-                    };
+                    let state = new_delivery_state(received_at_ms);
                     for (n, subscription) in self.subscriptions.iter().enumerate() {
                         if subscription.wants(event) {
-                            let target = &subscription.target;
-                            let queued = queue_key(target, received_at_ms, EventId(id));
-                            batch.insert(queued, record::encode_state(&state));
-                            batch.insert(
-                                pending_key(target, EventId(id)),
-                                &received_at_ms.to_be_bytes(),
+                            batch.queue_new(
+                                &subscription.target,
+                                received_at_ms,
+                                EventId(id),
+                                &state,
                             );
                             enqueued[n] += 1;
                         }
@@ -1366,14 +1379,7 @@ impl ApplyState {
     }
 
     fn apply(&mut self, writes: Writes, enqueued: Vec<i64>) {
-        let mut batch = sled::Batch::default();
-        for (key, value) in writes.0 {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
-        match self.db.apply_batch(batch) {
+        match self.db.apply_batch(writes.into_batch()) {
             Ok(()) => {
                 for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
                     if added > 0 {

@@ -261,6 +261,15 @@ impl Matrix {
                 .or_default() += 1;
         }
         let duplicates: usize = seen.values().map(|n| n - 1).sum();
+        assert!(
+            !self
+                .crm
+                .requests()
+                .iter()
+                .any(|r| r.body == FORGED.as_bytes()),
+            "{}: an unauthenticated lead was delivered",
+            self.point
+        );
         eprintln!(
             "crash point {}: {rounds} rounds, {rounds} kills, {} acknowledged events, 0 lost, \
              all delivered; {duplicates} duplicate first attempts{}",
@@ -275,6 +284,9 @@ impl Matrix {
         drop(self.archive);
     }
 }
+
+/// Sent with a wrong secret during every streaming round.
+const FORGED: &str = r#"{"event":"visitor_created","visitor":{"id":"forged"}}"#;
 
 fn is_conversation(body: &[u8]) -> bool {
     std::str::from_utf8(body)
@@ -308,6 +320,16 @@ async fn stream_until_dead(url: &str, round: usize) -> Vec<(EventId, Vec<u8>)> {
             for n in 0.. {
                 if dead.load(Ordering::Relaxed) {
                     break;
+                }
+                if n % 10 == 0 {
+                    // A forged lead (wrong secret) among the real ones: it
+                    // must never be stored, so never delivered.
+                    let _ = client
+                        .post(&url)
+                        .header("x-webhook-secret", "not-the-secret")
+                        .body(FORGED)
+                        .send()
+                        .await;
                 }
                 let body = lead(round, sender, n);
                 let answer = client

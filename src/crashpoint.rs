@@ -21,6 +21,9 @@ pub const COMMIT_LOGGED: &str = "commit.logged";
 /// The senders of a group commit have their 200s; sled does not have the
 /// commit yet (only the write-ahead log does).
 pub const COMMIT_ACKNOWLEDGED: &str = "commit.acknowledged";
+/// sled has part of a group commit on disk: the writes up to one event's
+/// record (flushed), not that event's deliveries nor the rest of the group.
+pub const APPLY_PARTIAL: &str = "apply.partial";
 /// A checkpoint has flushed sled; its data file is not yet fdatasync'ed and
 /// the write-ahead log not yet emptied.
 pub const CHECKPOINT_FLUSHED: &str = "checkpoint.flushed";
@@ -36,10 +39,11 @@ pub const REPLAY_CHUNK: &str = "replay.chunk";
 pub const PRUNE_BATCH: &str = "prune.batch";
 
 /// Every crash point.
-pub const POINTS: [&str; 9] = [
+pub const POINTS: [&str; 10] = [
     COMMIT_TORN,
     COMMIT_LOGGED,
     COMMIT_ACKNOWLEDGED,
+    APPLY_PARTIAL,
     CHECKPOINT_FLUSHED,
     DELIVERY_ANSWERED,
     DELIVERY_HALF_RECORDED,

@@ -177,7 +177,9 @@ impl Ingest {
     /// Answers one request; never fails (every outcome is a response).
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
+        let in_flight = InFlight::begin(&self.metrics.ingest_in_flight);
         let outcome = self.accept(request).await;
+        drop(in_flight);
         let response = match &outcome {
             Ok(id) => accepted_response(*id),
             Err(rejection) => rejection_response(rejection),
@@ -274,6 +276,23 @@ impl Ingest {
                 budget.as_millis()
             ))),
         }
+    }
+}
+
+/// Counts a request in progress until dropped (also when its connection
+/// goes away mid-request and the handler's future is dropped).
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn begin(gauge: &'a prometheus::IntGauge) -> InFlight<'a> {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,8 +1,6 @@
 //! The durable event log: the only module that touches sled.
 //!
-//! Everything lives in one sled tree, under one-byte key prefixes, so that one
-//! `apply_batch` covers every write a commit makes (sled batches are atomic
-//! within a tree, not across trees):
+//! Everything lives in one sled tree, under one-byte key prefixes:
 //!
 //! | key                         | value                                   |
 //! |-----------------------------|-----------------------------------------|
@@ -16,12 +14,14 @@
 //! The delivery queue of a target is its `q` range, ordered by due time (ms
 //! since the epoch) then id: the dispatcher reads it from the front, so the
 //! queue lives on disk and memory does not grow with the backlog. An event's
-//! deliveries are written in the same batch as the event itself.
+//! deliveries are in the same write-ahead log frame as the event itself.
 //!
 //! Writes go through one committer thread ([`Committer`]): it gathers every
 //! request waiting, appends them as one frame to the relay's write-ahead log
-//! ([`wal`]) and `fdatasync`s it (one trip to the disk), applies them to
-//! sled as one batch, and only then answers any of them. Every
+//! ([`wal`]) and `fdatasync`s it (one trip to the disk), answers them, and
+//! hands the writes to an apply thread that puts them into sled key by key,
+//! each group's `m/last_id` last (sled recovers a prefix of its writes; a
+//! group commit above that mark is replayed whole on open). Every
 //! `storage.checkpoint_interval` (and at shutdown) a checkpoint makes sled
 //! itself durable, with sled's `flush` **and** an `fdatasync` of its data
 //! file (sled 0.34's flush ends in `sync_file_range`, which does not survive
@@ -67,6 +67,11 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 8192;
 /// A write-ahead log this large gets a checkpoint before the interval is up.
 const CHECKPOINT_WAL_BYTES: u64 = wal::SEGMENT_BYTES;
+/// How often sled writes out its log buffer (in the background; this
+/// makes nothing durable). It bounds how far sled lags behind after a
+/// crash, and so the deliveries whose done-marks a `kill -9` loses and that
+/// are then made again: sled's own default (500 ms) resent hundreds per kill.
+const SLED_FLUSH_EVERY_MS: u64 = 10;
 /// Group commits that may wait for the apply thread.
 const APPLY_QUEUE_DEPTH: usize = 4096;
 
@@ -380,7 +385,7 @@ impl Log {
         let db = sled::Config::new()
             .path(&dir)
             .cache_capacity(options.cache_capacity_bytes)
-            .flush_every_ms(Some(500))
+            .flush_every_ms(Some(SLED_FLUSH_EVERY_MS))
             .open()
             .map_err(|source| match &source {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -414,11 +419,14 @@ impl Log {
         if last_old == 0 {
             return Ok(());
         }
-        let known = self.recover_last_id()?;
+        // sled applies a group commit key by key, its `m/last_id` last: a
+        // group above that mark may be in sled in part (keys of later
+        // events included), so it is written again whole.
+        let applied = self.applied_through()?;
         let mut batch = Writes::default();
-        let mut last = known;
+        let mut last = self.recover_last_id()?;
         let mut replayed = 0;
-        for entry in entries.iter().filter(|e| e.id > known) {
+        for entry in entries.iter().filter(|e| e.id > applied) {
             let id = entry.id;
             match entry.kind {
                 wal::KIND_EVENT => {
@@ -534,13 +542,18 @@ impl Log {
         Ok((Committer { tx }, handle))
     }
 
+    /// The id of the last group commit sled has every write of.
+    fn applied_through(&self) -> Result<u64, LogError> {
+        Ok(match self.db.get(META_LAST_ID)? {
+            Some(v) => decode_u64(&v).unwrap_or(0),
+            None => 0,
+        })
+    }
+
     /// The highest id ever assigned: the stored high-water mark, or any
     /// higher key (belt and braces for a log written by an older version).
     fn recover_last_id(&self) -> Result<u64, LogError> {
-        let mut last = match self.db.get(META_LAST_ID)? {
-            Some(v) => decode_u64(&v).unwrap_or(0),
-            None => 0,
-        };
+        let mut last = self.applied_through()?;
         for prefix in [EVENT_PREFIX, QUARANTINE_PREFIX] {
             if let Some((key, _)) = self.db.scan_prefix([prefix]).next_back().transpose()? {
                 last = last.max(decode_u64(&key[1..]).unwrap_or(0));
@@ -1122,6 +1135,22 @@ impl Writes {
         self.insert(pending_key(target, id), &received_at_ms.to_be_bytes());
     }
 
+    /// Writes them one key at a time, in order (see [`ApplyState::apply`]).
+    fn apply_to(self, db: &sled::Db) -> sled::Result<()> {
+        for (key, value) in self.0 {
+            let event = key.first() == Some(&EVENT_PREFIX);
+            match value {
+                Some(value) => db.insert(key, value).map(drop)?,
+                None => db.remove(key).map(drop)?,
+            }
+            if event && crashpoint::hits(crashpoint::APPLY_PARTIAL) {
+                db.flush()?;
+                crashpoint::crash(crashpoint::APPLY_PARTIAL);
+            }
+        }
+        Ok(())
+    }
+
     fn into_batch(self) -> sled::Batch {
         let mut batch = sled::Batch::default();
         for (key, value) in self.0 {
@@ -1351,8 +1380,7 @@ impl ApplyState {
                     mut batch,
                     mut enqueued,
                 } => {
-                    // Every group commit waiting joins one sled batch: one
-                    // write lock and one apply instead of many.
+                    // Every group commit waiting is applied in one go.
                     while let Ok(job) = rx.try_recv() {
                         match job {
                             ApplyJob::Batch {
@@ -1378,8 +1406,20 @@ impl ApplyState {
         }
     }
 
+    /// Puts acknowledged commits into sled, key by key and in commit order.
+    ///
+    /// Not as a sled batch: sled 0.34 seals and writes its log buffer
+    /// before and after every batch (`pin_log`), each write ending in a
+    /// `sync_file_range(WAIT)`, so one batch per group commit doubled the
+    /// relay's trips to the disk and woke sled's writer threads every
+    /// commit. Single-key writes fill sled's buffer instead, written when
+    /// full or by its flusher. Atomicity is not needed: sled recovers a
+    /// prefix of its writes, each group commit's `m/last_id` comes after
+    /// the group's own writes, and opening the log replays every
+    /// write-ahead log frame above that id, so a group cut short by a crash
+    /// is written again whole (the same keys, the same values).
     fn apply(&mut self, writes: Writes, enqueued: Vec<i64>) {
-        match self.db.apply_batch(writes.into_batch()) {
+        match writes.apply_to(&self.db) {
             Ok(()) => {
                 for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
                     if added > 0 {

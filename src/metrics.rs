@@ -73,6 +73,7 @@ pub struct Metrics {
     pub ingest_requests: IntCounterVec,
     pub ingest_events: IntCounterVec,
     pub ingest_duration: Histogram,
+    pub ingest_in_flight: IntGauge,
     pub commits: IntCounter,
     pub commit_failures: IntCounter,
     pub fsyncs: IntCounter,
@@ -122,6 +123,11 @@ impl Metrics {
                 "Time from request headers to the response, for every ingest request.",
             )
             .buckets(latency_buckets.clone()),
+        )
+        .expect("valid metric");
+        let ingest_in_flight = IntGauge::new(
+            "leadflo_relay_ingest_requests_in_flight",
+            "Ingest requests begun (headers read) and not yet answered.",
         )
         .expect("valid metric");
         let commits = IntCounter::new(
@@ -256,6 +262,7 @@ impl Metrics {
             ingest_requests,
             ingest_events,
             ingest_duration,
+            ingest_in_flight,
             commits,
             commit_failures,
             fsyncs,
@@ -282,10 +289,11 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
+            Box::new(self.ingest_in_flight.clone()),
             Box::new(self.commits.clone()),
             Box::new(self.commit_failures.clone()),
             Box::new(self.fsyncs.clone()),

@@ -152,7 +152,18 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body[..10]).await.unwrap();
-    // The request is in flight (half its body sent) when SIGTERM arrives.
+    // The request is in flight (headers read, part of its body sent) when
+    // SIGTERM arrives: a connection whose headers are not read yet is idle,
+    // and closes at once.
+    eventually(
+        "the relay to begin the request",
+        Duration::from_secs(10),
+        async || {
+            (scrape(relay.admin, "leadflo_relay_ingest_requests_in_flight").await == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
     let stderr = relay.stderr.clone();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &relay.child.id().to_string()])

@@ -410,6 +410,11 @@ async fn killed_after_the_200s_before_sled_has_the_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_with_part_of_a_commit_applied_to_sled() {
+    run(crashpoint::APPLY_PARTIAL, Traffic::Stream, "7d", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_in_a_checkpoint_after_the_flush_before_the_fdatasync() {
     run(crashpoint::CHECKPOINT_FLUSHED, Traffic::Stream, "7d", false).await;
 }

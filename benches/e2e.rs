@@ -241,12 +241,21 @@ struct Cell {
     drains: Vec<f64>,
     peak_rss: u64,
     bytes_per_event: Vec<f64>,
+    /// The server process's CPU time per acknowledged request (for the
+    /// relay with a target: until every event is delivered), in µs.
+    cpu_us: Vec<f64>,
 }
 
 impl Cell {
     fn add(&mut self, run: &LoadRun) {
         self.rates.push(run.rate());
         self.latencies.extend(&run.latencies_us);
+    }
+
+    /// Records `cpu_seconds` of the server's CPU for `run`'s requests.
+    fn add_cpu(&mut self, cpu_seconds: f64, run: &LoadRun) {
+        self.cpu_us
+            .push(cpu_seconds * 1e6 / run.acked.max(1) as f64);
     }
 
     fn rate(&self) -> f64 {
@@ -349,14 +358,20 @@ fn main() {
             for (n, &senders) in SENDERS.iter().enumerate() {
                 // 1. ceiling
                 let server = Ceiling::start(None, None, false);
-                ceiling[n].add(&timed_load(server.1, PATH, senders, duration).await);
+                let cpu = support::cpu_seconds(server.0.id());
+                let run = timed_load(server.1, PATH, senders, duration).await;
+                ceiling[n].add_cpu(support::cpu_seconds(server.0.id()) - cpu, &run);
+                ceiling[n].add(&run);
                 drop(server);
 
                 // 1a. ceiling that makes every body durable first (the
                 // relay's write-ahead log alone: no sled, no secret check)
                 let dir = tempfile::tempdir_in(".").unwrap();
                 let server = Ceiling::start(None, Some(dir.path()), false);
-                durable_floor[n].add(&timed_load(server.1, PATH, senders, duration).await);
+                let cpu = support::cpu_seconds(server.0.id());
+                let run = timed_load(server.1, PATH, senders, duration).await;
+                durable_floor[n].add_cpu(support::cpu_seconds(server.0.id()) - cpu, &run);
+                durable_floor[n].add(&run);
                 drop(server);
                 // 1b. the same, each request syncing inline (latency floor)
                 let dir = tempfile::tempdir_in(".").unwrap();
@@ -377,7 +392,9 @@ fn main() {
                 // 2. relay, ingest only
                 let dir = tempfile::tempdir_in(".").unwrap();
                 let relay = RelayChild::start(&dir.path().join("data"), &[]);
+                let cpu = support::cpu_seconds(relay.child.id());
                 let run = timed_load(relay.ingest, PATH, senders, duration).await;
+                ingest[n].add_cpu(support::cpu_seconds(relay.child.id()) - cpu, &run);
                 ingest[n].add(&run);
                 ingest[n].peak_rss = ingest[n].peak_rss.max(relay.peak_rss());
                 relay.stop();
@@ -391,9 +408,11 @@ fn main() {
                 let (url, received) = fast_target().await;
                 let relay =
                     RelayChild::start(&dir.path().join("data"), &target_config(dir.path(), &url));
+                let cpu = support::cpu_seconds(relay.child.id());
                 let run = timed_load(relay.ingest, PATH, senders, duration).await;
                 let during = received.load(Ordering::Relaxed) as f64 / run.elapsed.as_secs_f64();
                 let drain = wait_for(&received, run.acked, Duration::from_secs(300)).await;
+                delivery[n].add_cpu(support::cpu_seconds(relay.child.id()) - cpu, &run);
                 delivery[n].add(&run);
                 delivery[n].deliveries_per_s.push(during);
                 delivery[n]
@@ -445,9 +464,9 @@ fn report(
         support::quantile(&overwrite, 0.99),
     );
     println!(
-        "| setup | senders | req/s | ack p50 µs | p99 µs | p99.9 µs | deliveries/s during load | drain after load | peak RSS MiB | disk bytes/event |"
+        "| setup | senders | req/s | ack p50 µs | p99 µs | p99.9 µs | deliveries/s during load | drain after load | peak RSS MiB | disk bytes/event | server CPU µs/request |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mib = |b: u64| {
         if b == 0 {
             "—".to_owned()
@@ -482,8 +501,13 @@ fn report(
             } else {
                 format!("{:.0}", median(&cell.bytes_per_event))
             };
+            let cpu = if cell.cpu_us.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.0}", median(&cell.cpu_us))
+            };
             println!(
-                "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {deliveries} | {drain} | {} | {disk} |",
+                "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {deliveries} | {drain} | {} | {disk} | {cpu} |",
                 SENDERS[n],
                 cell.rate(),
                 cell.q(0.5),

@@ -205,6 +205,24 @@ impl Drop for RelayChild {
 }
 
 /// What a timed load run saw.
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat` (clock ticks of Linux's fixed USER_HZ, 100 per second).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ")".
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 pub struct LoadRun {
     pub acked: u64,
     pub elapsed: Duration,

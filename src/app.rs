@@ -236,6 +236,7 @@ impl Relay {
         // system, not the order of tasks in one queue, shares the cores
         // between a flood of ingest requests and the dispatchers.
         let delivery = DeliveryRuntime::start()?;
+        let target_names: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
         let mut dispatchers = Vec::new();
         for target in self.targets {
             tracing::info!(target = %target.name, "delivering");
@@ -266,6 +267,11 @@ impl Relay {
             disk_watch.await.context("disk watch task")?;
             pruner.await.context("retention task")?;
             self.committer_handle.close().await;
+            // Nothing writes to the log any more: the next start can take
+            // the backlog counts as they are instead of scanning the queue.
+            if let Err(err) = self.log.save_backlog_counts(&target_names) {
+                tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
+            }
             anyhow::Ok(())
         };
         if !stuck {

@@ -205,6 +205,9 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
             "attempts still running after the grace period; they stay queued and are retried after restart"
         );
         attempts.abort_all();
+        // An aborted attempt stops at its next await; wait for that, so that
+        // nothing records a delivery once this returns.
+        while attempts.join_next().await.is_some() {}
     }
 }
 

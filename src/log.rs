@@ -54,6 +54,9 @@ use crate::metrics::Metrics;
 const EVENT_PREFIX: u8 = b'e';
 const QUARANTINE_PREFIX: u8 = b'x';
 const META_LAST_ID: &[u8] = b"m/last_id";
+/// Per-target backlog counts saved by a clean shutdown (see
+/// [`Log::save_backlog_counts`]); taken, and deleted, by the next open.
+const META_SAVED_COUNTS: &[u8] = b"m/backlog_counts";
 /// How far ids may run ahead of the receive clock (bursts above one event
 /// per microsecond); time-range scans over ids widen by this much.
 const ID_CLOCK_MARGIN_MS: u64 = 60_000;
@@ -367,6 +370,9 @@ impl Tallies {
     }
 }
 
+/// Queued and dead-lettered deliveries by target.
+type BacklogCounts = std::collections::HashMap<String, (i64, i64)>;
+
 /// A handle on the open log. Cheap to clone; all clones share one database.
 #[derive(Clone)]
 pub struct Log {
@@ -376,6 +382,8 @@ pub struct Log {
     tallies: Arc<Tallies>,
     /// The write-ahead log, until the committer takes it.
     wal: Arc<std::sync::Mutex<Option<Wal>>>,
+    /// Backlog counts a clean shutdown saved, until counted backlogs take them.
+    saved_counts: Arc<std::sync::Mutex<Option<BacklogCounts>>>,
 }
 
 impl Log {
@@ -406,8 +414,10 @@ impl Log {
             health: Arc::default(),
             tallies: Arc::default(),
             wal: Arc::new(std::sync::Mutex::new(None)),
+            saved_counts: Arc::default(),
         };
         log.recover(entries, last_old)?;
+        log.take_saved_counts()?;
         *log.wal.lock().expect("wal lock") = Some(wal);
         Ok(log)
     }
@@ -720,15 +730,74 @@ impl Log {
         Ok(())
     }
 
-    /// Counts `targets`' queues and dead letters once (a scan), so that the
-    /// figures [`Log::target_stats`] returns are kept up to date from here on.
-    /// Call before the committer and dispatchers start.
+    /// Counts `targets`' queues and dead letters once, so that the figures
+    /// [`Log::target_stats`] returns are kept up to date from here on. Call
+    /// before the committer and dispatchers start.
+    ///
+    /// After a clean shutdown the counts it saved are used as they are; else
+    /// (a crash, a first start, a target added since) the queue is scanned,
+    /// about a second per million waiting deliveries.
     pub fn count_backlogs(&self, targets: &[String]) -> Result<(), LogError> {
+        let saved = self.saved_counts.lock().expect("saved counts lock").take();
         for target in targets {
-            let queued = self.db.scan_prefix(queue_prefix(target)).count() as i64;
-            let dead = self.db.scan_prefix(dead_prefix(target)).count() as i64;
+            let (queued, dead, source) = match saved.as_ref().and_then(|saved| saved.get(target)) {
+                Some(&(queued, dead)) => (queued, dead, "saved at the last clean shutdown"),
+                None => (
+                    self.db.scan_prefix(queue_prefix(target)).count() as i64,
+                    self.db.scan_prefix(dead_prefix(target)).count() as i64,
+                    "counted in the log",
+                ),
+            };
+            tracing::info!(target = %target, queued, dead, source, "backlog");
             self.tallies.set(target, queued, dead);
         }
+        Ok(())
+    }
+
+    /// Saves `targets`' backlog counts for the next start (see
+    /// [`Log::count_backlogs`]) and makes them durable. Call only once
+    /// nothing writes to the log any more (clean shutdown, after the
+    /// committer and the dispatchers have stopped): any later change would
+    /// make them wrong, which is why every open deletes them first.
+    pub fn save_backlog_counts(&self, targets: &[String]) -> Result<(), LogError> {
+        let mut value = Vec::new();
+        for target in targets {
+            let (queued, dead) = self.tallies.get(target);
+            value.extend_from_slice(&(target.len() as u16).to_be_bytes());
+            value.extend_from_slice(target.as_bytes());
+            value.extend_from_slice(&queued.to_be_bytes());
+            value.extend_from_slice(&dead.to_be_bytes());
+        }
+        self.db.insert(META_SAVED_COUNTS, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Takes the counts a clean shutdown saved, if any, and deletes them
+    /// durably before anything else can change the log (a command run
+    /// offline, or this process crashing later, must lead to a recount).
+    fn take_saved_counts(&self) -> Result<(), LogError> {
+        let Some(value) = self.db.get(META_SAVED_COUNTS)? else {
+            return Ok(());
+        };
+        self.db.remove(META_SAVED_COUNTS)?;
+        self.db.flush()?;
+        let mut saved = std::collections::HashMap::new();
+        let mut rest = &value[..];
+        while rest.len() >= 2 {
+            let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+            let Some(record) = rest.get(2..2 + len + 16) else {
+                break;
+            };
+            let Ok(target) = std::str::from_utf8(&record[..len]) else {
+                break;
+            };
+            let queued = decode_u64(&record[len..len + 8]).unwrap_or(0);
+            let dead = decode_u64(&record[len + 8..]).unwrap_or(0);
+            saved.insert(target.to_owned(), (queued as i64, dead as i64));
+            rest = &rest[2 + len + 16..];
+        }
+        *self.saved_counts.lock().expect("saved counts lock") = Some(saved);
         Ok(())
     }
 

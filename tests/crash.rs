@@ -312,6 +312,96 @@ async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_even
 }
 
 /// Posts `count` leads from 16 senders; returns what was acknowledged.
+/// SIGTERM, and the exit (0) within a deadline.
+fn stop_cleanly(relay: &mut RelayProcess) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &relay.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = relay.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit}\n{}", relay.stderr_text());
+}
+
+/// A clean stop saves the backlog counts and the next start takes them
+/// (a million-event backlog then starts in a fraction of the time a scan
+/// takes); a `kill -9`, or any command that opens the stopped relay's data
+/// directory, leads to a recount. The figures are right every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_counts_stay_exact_across_clean_stops_kills_and_offline_commands() {
+    let down = RefusingPort::new();
+    let dir = tempfile::tempdir().unwrap();
+    let target = format!("crm=http://{}/hook", down.addr);
+    let args = ["--target", target.as_str()];
+    let gauge = r#"leadflo_relay_backlog_events{target="crm"}"#;
+    let queued = |admin, want: f64| async move {
+        eventually(
+            &format!("{want} queued"),
+            Duration::from_secs(30),
+            async || (scrape(admin, gauge).await == want).then_some(()),
+        )
+        .await
+    };
+    let source = |relay: &RelayProcess| {
+        let text = relay.stderr_text();
+        if text.contains("saved at the last clean shutdown") {
+            "saved"
+        } else if text.contains("counted in the log") {
+            "counted"
+        } else {
+            panic!("no backlog line at start:\n{text}")
+        }
+    };
+
+    let mut relay = RelayProcess::start(dir.path(), &args);
+    assert_eq!(source(&relay), "counted", "a first start has nothing saved");
+    ingest_some(&relay.url(), 40).await;
+    queued(relay.admin, 40.0).await;
+    stop_cleanly(&mut relay);
+
+    let mut relay = RelayProcess::start(dir.path(), &args);
+    assert_eq!(source(&relay), "saved");
+    assert_eq!(scrape(relay.admin, gauge).await, 40.0);
+    ingest_some(&relay.url(), 10).await;
+    queued(relay.admin, 50.0).await;
+    relay.kill9();
+
+    let mut relay = RelayProcess::start(dir.path(), &args);
+    assert_eq!(
+        source(&relay),
+        "counted",
+        "after a kill -9 nothing saved may be trusted"
+    );
+    assert_eq!(scrape(relay.admin, gauge).await, 50.0);
+    stop_cleanly(&mut relay);
+
+    // A command on the stopped relay's data directory opens the log, which
+    // deletes the saved counts: the next start counts again.
+    let stats = std::process::Command::new(binary())
+        .args(["stats", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let relay = RelayProcess::start(dir.path(), &args);
+    assert_eq!(source(&relay), "counted");
+    assert_eq!(scrape(relay.admin, gauge).await, 50.0);
+}
+
 async fn ingest_some(url: &str, count: usize) -> HashMap<EventId, Vec<u8>> {
     let client = client();
     let mut acked = HashMap::new();

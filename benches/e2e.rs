@@ -206,6 +206,17 @@ impl Ceiling {
     }
 }
 
+impl Ceiling {
+    /// Loads this server with `senders` for `duration`, recording the run
+    /// and the server's CPU time in `cell`; then stops it.
+    async fn load(self, cell: &mut Cell, senders: usize, duration: Duration) {
+        let cpu = support::cpu_seconds(self.0.id());
+        let run = timed_load(self.1, PATH, senders, duration).await;
+        cell.add_cpu(support::cpu_seconds(self.0.id()) - cpu, &run);
+        cell.add(&run);
+    }
+}
+
 impl Drop for Ceiling {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -358,21 +369,13 @@ fn main() {
             for (n, &senders) in SENDERS.iter().enumerate() {
                 // 1. ceiling
                 let server = Ceiling::start(None, None, false);
-                let cpu = support::cpu_seconds(server.0.id());
-                let run = timed_load(server.1, PATH, senders, duration).await;
-                ceiling[n].add_cpu(support::cpu_seconds(server.0.id()) - cpu, &run);
-                ceiling[n].add(&run);
-                drop(server);
+                server.load(&mut ceiling[n], senders, duration).await;
 
                 // 1a. ceiling that makes every body durable first (the
                 // relay's write-ahead log alone: no sled, no secret check)
                 let dir = tempfile::tempdir_in(".").unwrap();
                 let server = Ceiling::start(None, Some(dir.path()), false);
-                let cpu = support::cpu_seconds(server.0.id());
-                let run = timed_load(server.1, PATH, senders, duration).await;
-                durable_floor[n].add_cpu(support::cpu_seconds(server.0.id()) - cpu, &run);
-                durable_floor[n].add(&run);
-                drop(server);
+                server.load(&mut durable_floor[n], senders, duration).await;
                 // 1b. the same, each request syncing inline (latency floor)
                 let dir = tempfile::tempdir_in(".").unwrap();
                 let server = Ceiling::start(None, Some(dir.path()), true);

@@ -70,6 +70,8 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 8192;
 /// A write-ahead log this large gets a checkpoint before the interval is up.
 const CHECKPOINT_WAL_BYTES: u64 = wal::SEGMENT_BYTES;
+/// How long opening waits for a data directory another holder is releasing.
+const LOCK_GRACE: Duration = Duration::from_secs(2);
 /// How often sled writes out its log buffer (in the background; this
 /// makes nothing durable). It bounds how far sled lags behind after a
 /// crash, and so the deliveries whose done-marks a `kill -9` loses and that
@@ -390,20 +392,35 @@ impl Log {
     /// Opens (or creates) the log in `options.data_dir`.
     pub fn open(options: &LogOptions) -> Result<Log, LogError> {
         let dir = options.data_dir.clone();
-        let db = sled::Config::new()
-            .path(&dir)
-            .cache_capacity(options.cache_capacity_bytes)
-            .flush_every_ms(Some(SLED_FLUSH_EVERY_MS))
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    LogError::Locked { dir: dir.clone() }
+        let open = || {
+            sled::Config::new()
+                .path(&dir)
+                .cache_capacity(options.cache_capacity_bytes)
+                .flush_every_ms(Some(SLED_FLUSH_EVERY_MS))
+                .open()
+                .map_err(|source| match &source {
+                    sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                        LogError::Locked { dir: dir.clone() }
+                    }
+                    _ => LogError::Open {
+                        dir: dir.clone(),
+                        source,
+                    },
+                })
+        };
+        // The previous holder may be letting go this moment: a process still
+        // exiting, or (in one process) sled's I/O threads finishing the last
+        // buffer write after the last handle was dropped. Another relay that
+        // really holds the directory is reported after this grace.
+        let started = Instant::now();
+        let db = loop {
+            match open() {
+                Err(LogError::Locked { .. }) if started.elapsed() < LOCK_GRACE => {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                _ => LogError::Open {
-                    dir: dir.clone(),
-                    source,
-                },
-            })?;
+                other => break other?,
+            }
+        };
         let (wal, entries, last_old) = Wal::open(&dir).map_err(|source| LogError::DataFile {
             path: dir.join(wal::FILE_PREFIX),
             source,

@@ -373,7 +373,7 @@ impl Tallies {
 }
 
 /// Queued and dead-lettered deliveries by target.
-type BacklogCounts = std::collections::HashMap<String, (i64, i64)>;
+pub type BacklogCounts = std::collections::HashMap<String, (i64, i64)>;
 
 /// A handle on the open log. Cheap to clone; all clones share one database.
 #[derive(Clone)]
@@ -777,15 +777,15 @@ impl Log {
     /// committer and the dispatchers have stopped): any later change would
     /// make them wrong, which is why every open deletes them first.
     pub fn save_backlog_counts(&self, targets: &[String]) -> Result<(), LogError> {
-        let mut value = Vec::new();
-        for target in targets {
-            let (queued, dead) = self.tallies.get(target);
-            value.extend_from_slice(&(target.len() as u16).to_be_bytes());
-            value.extend_from_slice(target.as_bytes());
-            value.extend_from_slice(&queued.to_be_bytes());
-            value.extend_from_slice(&dead.to_be_bytes());
-        }
-        self.db.insert(META_SAVED_COUNTS, value)?;
+        let counts: Vec<(&str, u64, u64)> = targets
+            .iter()
+            .map(|target| {
+                let (queued, dead) = self.tallies.get(target);
+                (target.as_str(), queued, dead)
+            })
+            .collect();
+        self.db
+            .insert(META_SAVED_COUNTS, record::encode_counts(&counts))?;
         self.db.flush()?;
         Ok(())
     }
@@ -799,22 +799,8 @@ impl Log {
         };
         self.db.remove(META_SAVED_COUNTS)?;
         self.db.flush()?;
-        let mut saved = std::collections::HashMap::new();
-        let mut rest = &value[..];
-        while rest.len() >= 2 {
-            let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-            let Some(record) = rest.get(2..2 + len + 16) else {
-                break;
-            };
-            let Ok(target) = std::str::from_utf8(&record[..len]) else {
-                break;
-            };
-            let queued = decode_u64(&record[len..len + 8]).unwrap_or(0);
-            let dead = decode_u64(&record[len + 8..]).unwrap_or(0);
-            saved.insert(target.to_owned(), (queued as i64, dead as i64));
-            rest = &rest[2 + len + 16..];
-        }
-        *self.saved_counts.lock().expect("saved counts lock") = Some(saved);
+        // Unreadable counts are only a lost shortcut: the start counts.
+        *self.saved_counts.lock().expect("saved counts lock") = record::decode_counts(&value).ok();
         Ok(())
     }
 
@@ -1755,6 +1741,31 @@ pub mod record {
         })
     }
 
+    /// Encodes backlog counts: (target, queued, dead) for each target.
+    pub fn encode_counts(counts: &[(&str, u64, u64)]) -> Vec<u8> {
+        let mut out = vec![VERSION];
+        for (target, queued, dead) in counts {
+            let target = truncate_utf8(target, u16::MAX as usize);
+            out.extend_from_slice(&(target.len() as u16).to_be_bytes());
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(&queued.to_be_bytes());
+            out.extend_from_slice(&dead.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn decode_counts(bytes: &[u8]) -> Result<super::BacklogCounts, DecodeError> {
+        let mut r = Reader::versioned(bytes)?;
+        let mut counts = super::BacklogCounts::new();
+        while !r.0.is_empty() {
+            let len = r.u16()? as usize;
+            let target = r.text(len)?;
+            let (queued, dead) = (r.u64()?, r.u64()?);
+            counts.insert(target.to_owned(), (queued as i64, dead as i64));
+        }
+        Ok(counts)
+    }
+
     /// Reads fixed-width big-endian fields off the front of a record.
     struct Reader<'a>(&'a [u8]);
 
@@ -1786,6 +1797,12 @@ pub mod record {
 
         fn u64(&mut self) -> Result<u64, DecodeError> {
             self.take().map(u64::from_be_bytes)
+        }
+
+        fn text(&mut self, len: usize) -> Result<&'a str, DecodeError> {
+            let (text, rest) = split_text(self.0, len)?;
+            self.0 = rest;
+            Ok(text)
         }
 
         fn rest_text(&mut self) -> Result<&'a str, DecodeError> {
@@ -1864,6 +1881,18 @@ pub mod record {
             assert!(record.event.len() <= MAX_EVENT_LEN);
             assert!(event.starts_with(record.event));
             assert_eq!(record.body, b"{}");
+        }
+
+        #[test]
+        fn backlog_counts_round_trip_and_reject_damage() {
+            let bytes = encode_counts(&[("crm", 1_000_000, 3), ("zoë-archive", 0, 0)]);
+            let counts = decode_counts(&bytes).unwrap();
+            assert_eq!(counts.len(), 2);
+            assert_eq!(counts["crm"], (1_000_000, 3));
+            assert_eq!(counts["zoë-archive"], (0, 0));
+            assert_eq!(decode_counts(&encode_counts(&[])).unwrap().len(), 0);
+            assert!(decode_counts(&bytes[..bytes.len() - 1]).is_err());
+            assert!(decode_counts(&[]).is_err());
         }
 
         #[test]

@@ -132,7 +132,7 @@ impl Metrics {
         .expect("valid metric");
         let commits = IntCounter::new(
             "leadflo_relay_commits_total",
-            "Group commits that reached disk (one flush and one fsync each).",
+            "Group commits that reached disk (one write-ahead log append and fdatasync each).",
         )
         .expect("valid metric");
         let commit_failures = IntCounter::new(

@@ -32,7 +32,11 @@
 //!
 //! `-- --backlog N`: ingests N events while the target is down, then
 //! restarts the relay with the target up and measures the relay's peak RSS,
-//! the time from start to `/readyz` with that backlog, and the drain rate.
+//! the time from start to `/readyz` with that backlog, its RSS then (the
+//! open store's own), the drain rate and the relay's CPU per delivery; then,
+//! as the bound, the **delivery floor**: the relay's own delivery client,
+//! in a process of its own with no log, at the same concurrency into the
+//! same target.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -55,6 +59,8 @@ use support::{LoadRun, RelayChild, timed_load};
 
 const PATH: &str = "/leadflo-webhook";
 const SENDERS: [usize; 3] = [1, 16, 64];
+/// The fast target's `concurrency` in every relay run (and the floor's).
+const TARGET_CONCURRENCY: usize = 16;
 
 fn limits() -> ConnectionLimits {
     ConnectionLimits {
@@ -238,7 +244,9 @@ fn target_config(dir: &std::path::Path, url: &str) -> Vec<String> {
     let path = dir.join("relay.toml");
     std::fs::write(
         &path,
-        format!("[[targets]]\nname = \"fast\"\nurl = \"{url}\"\nconcurrency = 16\n"),
+        format!(
+            "[[targets]]\nname = \"fast\"\nurl = \"{url}\"\nconcurrency = {TARGET_CONCURRENCY}\n"
+        ),
     )
     .unwrap();
     vec!["--config".into(), path.to_str().unwrap().into()]
@@ -326,8 +334,10 @@ async fn wait_for(count: &AtomicU64, want: u64, limit: Duration) -> Option<Durat
 }
 
 fn main() {
-    if std::env::var("E2E_ROLE").as_deref() == Ok("ceiling") {
-        return run_ceiling();
+    match std::env::var("E2E_ROLE").as_deref() {
+        Ok("ceiling") => return run_ceiling(),
+        Ok("deliverer") => return run_delivery_floor(),
+        _ => {}
     }
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -648,20 +658,28 @@ async fn backlog_mode(events: u64) {
     let relay = RelayChild::start(&data, &config);
     wait_until_ready(relay.admin).await;
     let ready = started.elapsed();
+    // What the open store alone holds resident, before any delivery.
+    let rss_ready = relay.peak_rss();
+    let cpu = support::cpu_seconds(relay.child.id());
     let drain = wait_for(&received, sent, Duration::from_secs(3600)).await;
+    let cpu_us = (support::cpu_seconds(relay.child.id()) - cpu) * 1e6 / sent as f64;
     let rss_drain = relay.peak_rss();
     relay.stop();
+    // The same target, the same client code and concurrency, no log.
+    let floor_count = sent.min(300_000);
+    let (floor_rate, floor_cpu_us) = delivery_floor(&url, floor_count, TARGET_CONCURRENCY);
     println!();
     println!(
-        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | drain | drain rate | peak RSS (drain) |"
+        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | RSS at ready | drain | drain rate | relay CPU µs/delivery | peak RSS (drain) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {} | {} | {:.1} MiB |",
+        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {} | {} | {cpu_us:.0} | {:.1} MiB |",
         ingest_time.as_secs_f64(),
         store as f64 / 1048576.0,
         rss_ingest as f64 / 1048576.0,
         ready.as_secs_f64(),
+        rss_ready as f64 / 1048576.0,
         drain.map_or("not within 1 h".into(), |d| format!(
             "{:.1} s",
             d.as_secs_f64()
@@ -671,6 +689,15 @@ async fn backlog_mode(events: u64) {
             sent as f64 / d.as_secs_f64()
         )),
         rss_drain as f64 / 1048576.0,
+    );
+    println!();
+    println!(
+        "bound: the relay's delivery client alone (no log; {floor_count} deliveries at concurrency {TARGET_CONCURRENCY} \
+         into the same target) delivers {floor_rate:.0}/s with {floor_cpu_us:.0} µs CPU each; the drain reaches {}",
+        drain.map_or("—".into(), |d| format!(
+            "{:.2}× of that",
+            sent as f64 / d.as_secs_f64() / floor_rate
+        )),
     );
 }
 
@@ -711,6 +738,78 @@ async fn outage_mode(outage: Duration, events: u64) {
             d.as_secs_f64()
         ))
     );
+}
+
+/// The delivery floor, run as its own process (like the relay): the
+/// relay's own delivery client ([`leadflo_relay::deliver::Deliverer`]) POSTs
+/// `E2E_COUNT` leads to `E2E_URL` from `E2E_CONCURRENCY` tasks, with no log
+/// behind it (bodies built beforehand, nothing read or recorded). It prints
+/// `DONE <seconds> <cpu seconds>`: the most a relay delivering with this
+/// client can do against that target on this machine.
+fn run_delivery_floor() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    let url: reqwest::Url = var("E2E_URL").parse().unwrap();
+    let count: u64 = var("E2E_COUNT").parse().unwrap();
+    let concurrency: u64 = var("E2E_CONCURRENCY").parse().unwrap();
+    // Sized like the relay's delivery pool: two workers.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bodies: Arc<Vec<Bytes>> = Arc::new((0..1024).map(support::lead_payload).collect());
+    let deliverer =
+        leadflo_relay::deliver::Deliverer::new(url, None, Duration::from_secs(10)).unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (deliverer, bodies, next) = (deliverer.clone(), bodies.clone(), next.clone());
+            tasks.spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        break;
+                    }
+                    let body = bodies[(n % 1024) as usize].clone();
+                    let id = leadflo_relay::log::EventId(n);
+                    let outcome = deliverer.attempt(id, 1, body).await;
+                    assert!(
+                        matches!(outcome, leadflo_relay::deliver::Outcome::Delivered { .. }),
+                        "{outcome:?}"
+                    );
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "DONE {seconds} {}",
+        support::cpu_seconds(std::process::id())
+    );
+}
+
+/// Runs [`run_delivery_floor`] in a child process against `url`; returns
+/// its deliveries per second and CPU µs per delivery.
+fn delivery_floor(url: &str, count: u64, concurrency: usize) -> (f64, f64) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("E2E_ROLE", "deliverer")
+        .env("E2E_URL", url)
+        .env("E2E_COUNT", count.to_string())
+        .env("E2E_CONCURRENCY", concurrency.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let fields: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DONE "))
+        .unwrap_or_else(|| panic!("the delivery floor failed: {output:?}"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (count as f64 / fields[0], fields[1] * 1e6 / count as f64)
 }
 
 /// Polls `/readyz` until it answers 200 (raw HTTP, no client library).

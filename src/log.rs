@@ -8,13 +8,23 @@
 //! | `x` + id                    | a quarantined body ([`record`])         |
 //! | `m/last_id`                 | highest id ever assigned (u64 BE)       |
 //! | `q` + target + 0 + due + id | a pending delivery ([`DeliveryState`])  |
-//! | `p` + target + 0 + id       | index of pending deliveries by age: enqueued_ms (u64 BE) |
+//! | `p` + target + 0 + id       | a delivery moved from its first place: enqueued_ms (u64 BE) |
 //! | `d` + target + 0 + id       | a dead letter ([`DeadLetter`])          |
 //!
 //! The delivery queue of a target is its `q` range, ordered by due time (ms
 //! since the epoch) then id: the dispatcher reads it from the front, so the
 //! queue lives on disk and memory does not grow with the backlog. An event's
 //! deliveries are in the same write-ahead log frame as the event itself.
+//!
+//! A new event's delivery is queued at its **first place**, due at the
+//! event's receive time, and needs no other key: finding whether an event
+//! waits at a target reads the event's receive time and looks there. Only a
+//! delivery queued anywhere else (rescheduled after a failure, or queued
+//! again by `replay`) also has a `p` entry, written before it, so that it
+//! can be found by id. Most deliveries succeed at once, so most cost one
+//! queue insert and one queue remove. (Logs written before this rule have a
+//! `p` entry for every delivery; removing a key that is not there is a
+//! read in sled, so a delivery always removes both.)
 //!
 //! Writes go through one committer thread ([`Committer`]): it gathers every
 //! request waiting, appends them as one frame to the relay's write-ahead log
@@ -702,9 +712,10 @@ impl Log {
     ///
     /// Two single-key removes, not a batch: a sled batch takes a process-wide
     /// write lock that stalls every other reader and writer (the committer
-    /// included), and deliveries are frequent. The order makes a crash in
-    /// between harmless: the queue entry goes last, so at worst the delivery
-    /// is made once more.
+    /// included), and deliveries are frequent. A delivery at its first place
+    /// has no `p` entry, and removing a missing key only reads in sled. The
+    /// order makes a crash in between harmless: the queue entry goes last,
+    /// so at worst the delivery is made once more.
     pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
         self.db.remove(pending_key(target, delivery.id))?;
         crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
@@ -722,9 +733,15 @@ impl Log {
         due_ms: u64,
         state: &DeliveryState,
     ) -> Result<(), LogError> {
-        // New entry first, old one second (single-key writes, see
+        // The entry leaves its first place, so it gets its `p` entry first
+        // (setting it again when it already has one writes nothing). Then
+        // the new entry, then the old one goes (single-key writes, see
         // `delivered`): a crash in between leaves two entries, so at worst
         // one extra attempt, never none.
+        self.db.insert(
+            pending_key(target, delivery.id),
+            &state.enqueued_ms.to_be_bytes(),
+        )?;
         self.db.insert(
             queue_key(target, due_ms, delivery.id),
             record::encode_state(state),
@@ -757,6 +774,7 @@ impl Log {
     pub fn count_backlogs(&self, targets: &[String]) -> Result<(), LogError> {
         let saved = self.saved_counts.lock().expect("saved counts lock").take();
         for target in targets {
+            let started = Instant::now();
             let (queued, dead, source) = match saved.as_ref().and_then(|saved| saved.get(target)) {
                 Some(&(queued, dead)) => (queued, dead, "saved at the last clean shutdown"),
                 None => (
@@ -765,7 +783,8 @@ impl Log {
                     "counted in the log",
                 ),
             };
-            tracing::info!(target = %target, queued, dead, source, "backlog");
+            let took_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(target = %target, queued, dead, source, took_ms, "backlog");
             self.tallies.set(target, queued, dead);
         }
         Ok(())
@@ -805,13 +824,29 @@ impl Log {
     }
 
     /// Backlog figures of `target`: counts kept as the log changes, and the
-    /// oldest pending delivery from the age index (one key read).
+    /// oldest pending delivery (two key reads): the older of the queue's
+    /// first entry and the lowest id among moved deliveries. That is exact
+    /// because no entry is due before it was queued: a delivery at its first
+    /// place is due when it was queued, so the queue's first entry was
+    /// queued no later than any of them.
     pub fn target_stats(&self, target: &str) -> Result<TargetStats, LogError> {
         let (queued, dead) = self.tallies.get(target);
-        let oldest_enqueued_ms = match self.db.scan_prefix(pending_prefix(target)).next() {
+        let first_moved = match self.db.scan_prefix(pending_prefix(target)).next() {
             Some(item) => decode_u64(&item?.1),
             None => None,
         };
+        let first_queued = match self.db.scan_prefix(queue_prefix(target)).next() {
+            Some(item) => {
+                let (key, value) = item?;
+                let state = record::decode_state(&value).map_err(|reason| LogError::Corrupt {
+                    key: key.to_vec(),
+                    reason,
+                })?;
+                Some(state.enqueued_ms)
+            }
+            None => None,
+        };
+        let oldest_enqueued_ms = first_moved.into_iter().chain(first_queued).min();
         Ok(TargetStats {
             queued,
             dead,
@@ -860,9 +895,37 @@ impl Log {
             })
     }
 
-    /// Whether `target` has a delivery of `id` waiting.
+    /// Whether `target` has a delivery of `id` waiting: moved (a `p`
+    /// entry) or at its first place (see the module docs).
     pub fn is_queued(&self, target: &str, id: EventId) -> Result<bool, LogError> {
-        Ok(self.db.contains_key(pending_key(target, id))?)
+        if self.db.contains_key(pending_key(target, id))? {
+            return Ok(true);
+        }
+        let key = id_key(EVENT_PREFIX, id.0);
+        match self.db.get(key)? {
+            Some(value) => self.waits_at_first_place(target, &key, &value, id),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether the delivery of event `id` (stored at `key` as `value`) to
+    /// `target` is still at its first place in the queue.
+    fn waits_at_first_place(
+        &self,
+        target: &str,
+        key: &[u8],
+        value: &[u8],
+        id: EventId,
+    ) -> Result<bool, LogError> {
+        let received_at_ms = record::decode_event(value)
+            .map_err(|reason| LogError::Corrupt {
+                key: key.to_vec(),
+                reason,
+            })?
+            .received_at_ms;
+        Ok(self
+            .db
+            .contains_key(queue_key(target, received_at_ms, id))?)
     }
 
     /// The dead letter of `id` at `target`, if there is one.
@@ -948,7 +1011,7 @@ impl Log {
     /// in the log, configured or not (one seek per name, not a scan).
     pub fn targets_in_log(&self) -> Result<std::collections::BTreeSet<String>, LogError> {
         let mut names = std::collections::BTreeSet::new();
-        for prefix in [PENDING_PREFIX, DEAD_PREFIX] {
+        for prefix in [QUEUE_PREFIX, DEAD_PREFIX] {
             let mut from = vec![prefix];
             while let Some(item) = self.db.range(from.clone()..vec![prefix + 1]).next() {
                 let (key, _) = item?;
@@ -986,7 +1049,7 @@ impl Log {
         let mut batch = sled::Batch::default();
         let mut step = PruneStep::default();
         for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
-            let (key, _) = item?;
+            let (key, value) = item?;
             let Some(id) = decode_u64(&key[1..]).map(EventId) else {
                 continue;
             };
@@ -994,7 +1057,10 @@ impl Log {
             step.last = Some(id);
             let mut kept = false;
             for target in targets {
-                if self.is_queued(target, id)? || self.db.contains_key(dead_key(target, id))? {
+                if self.db.contains_key(pending_key(target, id))?
+                    || self.waits_at_first_place(target, &key, &value, id)?
+                    || self.db.contains_key(dead_key(target, id))?
+                {
                     kept = true;
                     break;
                 }
@@ -1200,11 +1266,11 @@ impl Writes {
         self.0.push((key.into(), None));
     }
 
-    /// A new event's delivery to `target`: its queue entry and its pending
-    /// mark, the writes a commit and a replay of the write-ahead log share.
+    /// A new event's delivery to `target`: its queue entry at its first
+    /// place (see the module docs), the write a commit and a replay of the
+    /// write-ahead log share.
     fn queue_new(&mut self, target: &str, received_at_ms: u64, id: EventId, state: &sled::IVec) {
         self.insert(queue_key(target, received_at_ms, id), state.clone());
-        self.insert(pending_key(target, id), &received_at_ms.to_be_bytes());
     }
 
     /// Writes them one key at a time, in order (see [`ApplyState::apply`]).

@@ -597,3 +597,119 @@ async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
     assert!(next.0 > known.0 + 11, "{next} after {}", known.0 + 11);
     relay.stop().await;
 }
+
+/// A delivery waits either at its first place in the queue (due at its
+/// event's receive time, with no other key) or, once moved by a failed
+/// attempt or a replay, with an entry by id. In both it must be found by id,
+/// count towards the oldest pending age, and keep its event from pruning;
+/// once delivered, none of that.
+#[tokio::test]
+async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
+    use leadflo_relay::log::{DeliveryState, DueQuery, Entry, Subscription};
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        data_dir: dir.path().to_owned(),
+        checkpoint_interval: Duration::from_secs(1),
+        cache_capacity_bytes: 8 << 20,
+        quarantine_max_events: 10,
+        quarantine_max_bytes: 1 << 20,
+    };
+    let log = Log::open(&options).unwrap();
+    let subscription = |target: &str| Subscription {
+        target: target.into(),
+        events: None,
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
+    let (committer, handle) = log
+        .start_committer(
+            &options,
+            vec![subscription("crm"), subscription("archive")],
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let body = format!(r#"{{"event":"visitor_created","n":{n}}}"#);
+        let entry = Entry::Event {
+            event: "visitor_created".into(),
+            body: body.into(),
+        };
+        ids.push(committer.append(entry).await.unwrap());
+    }
+    handle.close().await;
+    let received: Vec<u64> = ids
+        .iter()
+        .map(|&id| log.event(id).unwrap().unwrap().received_at_ms)
+        .collect();
+    let due = |log: &Log, target: &str| {
+        let query = DueQuery {
+            now_ms: u64::MAX,
+            limit: 10,
+            ignore_due: true,
+            after: None,
+            skip: &|_| false,
+        };
+        log.due_deliveries(target, &query).unwrap().0
+    };
+    let everything_received = received[2] + 1;
+    let targets = vec!["crm".to_string(), "archive".to_string()];
+
+    // At their first place: found, kept, and the oldest is the first event.
+    for &id in &ids {
+        assert!(log.is_queued("crm", id).unwrap());
+    }
+    assert_eq!(
+        log.target_stats("crm").unwrap().oldest_enqueued_ms,
+        Some(received[0])
+    );
+    let step = log
+        .prune_before(everything_received, None, 100, &targets)
+        .unwrap();
+    assert_eq!((step.examined, step.deleted), (3, 0));
+
+    // The first event's delivery fails and moves a day ahead: still found,
+    // still the oldest (the queue's front now holds a younger one).
+    let first = due(&log, "crm")[0].clone();
+    assert_eq!(first.id, ids[0]);
+    let moved = DeliveryState {
+        attempts: 1,
+        ..first.state.clone()
+    };
+    log.reschedule("crm", &first, received[0] + 86_400_000, &moved)
+        .unwrap();
+    assert_eq!(due(&log, "crm")[0].id, ids[1]);
+    assert!(log.is_queued("crm", ids[0]).unwrap());
+    assert_eq!(
+        log.target_stats("crm").unwrap().oldest_enqueued_ms,
+        Some(received[0])
+    );
+
+    // Every delivery to "archive" and the unmoved ones to "crm" succeed:
+    // only the moved one keeps its event from pruning.
+    for delivery in due(&log, "archive") {
+        log.delivered("archive", &delivery).unwrap();
+    }
+    for delivery in due(&log, "crm") {
+        if delivery.id != ids[0] {
+            log.delivered("crm", &delivery).unwrap();
+        }
+    }
+    assert!(!log.is_queued("crm", ids[1]).unwrap());
+    assert!(!log.is_queued("archive", ids[0]).unwrap());
+    let step = log
+        .prune_before(everything_received, None, 100, &targets)
+        .unwrap();
+    assert_eq!((step.examined, step.deleted), (3, 2));
+    assert!(log.event(ids[0]).unwrap().is_some(), "still waited for");
+
+    // Once the moved delivery succeeds, nothing waits any more.
+    let moved = due(&log, "crm");
+    assert_eq!(moved.len(), 1);
+    log.delivered("crm", &moved[0]).unwrap();
+    assert!(!log.is_queued("crm", ids[0]).unwrap());
+    assert_eq!(log.target_stats("crm").unwrap().oldest_enqueued_ms, None);
+    let step = log
+        .prune_before(everything_received, None, 100, &targets)
+        .unwrap();
+    assert_eq!(step.deleted, 1);
+}

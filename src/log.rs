@@ -903,26 +903,27 @@ impl Log {
         }
         let key = id_key(EVENT_PREFIX, id.0);
         match self.db.get(key)? {
-            Some(value) => self.waits_at_first_place(target, &key, &value, id),
+            Some(value) => {
+                let received_at_ms = record::decode_event(&value)
+                    .map_err(|reason| LogError::Corrupt {
+                        key: key.to_vec(),
+                        reason,
+                    })?
+                    .received_at_ms;
+                self.waits_at_first_place(target, received_at_ms, id)
+            }
             None => Ok(false),
         }
     }
 
-    /// Whether the delivery of event `id` (stored at `key` as `value`) to
-    /// `target` is still at its first place in the queue.
+    /// Whether the delivery to `target` of event `id`, received at
+    /// `received_at_ms`, is still at its first place in the queue.
     fn waits_at_first_place(
         &self,
         target: &str,
-        key: &[u8],
-        value: &[u8],
+        received_at_ms: u64,
         id: EventId,
     ) -> Result<bool, LogError> {
-        let received_at_ms = record::decode_event(value)
-            .map_err(|reason| LogError::Corrupt {
-                key: key.to_vec(),
-                reason,
-            })?
-            .received_at_ms;
         Ok(self
             .db
             .contains_key(queue_key(target, received_at_ms, id))?)
@@ -1055,12 +1056,20 @@ impl Log {
             };
             step.examined += 1;
             step.last = Some(id);
+            // A record that cannot be read is kept (it may still be waited
+            // for), and does not stop the pass.
+            let received_at_ms = record::decode_event(&value).map(|r| r.received_at_ms);
             let mut kept = false;
             for target in targets {
-                if self.db.contains_key(pending_key(target, id))?
-                    || self.waits_at_first_place(target, &key, &value, id)?
-                    || self.db.contains_key(dead_key(target, id))?
-                {
+                let waits = match received_at_ms {
+                    Ok(received_at_ms) => {
+                        self.waits_at_first_place(target, received_at_ms, id)?
+                            || self.db.contains_key(pending_key(target, id))?
+                            || self.db.contains_key(dead_key(target, id))?
+                    }
+                    Err(_) => true,
+                };
+                if waits {
                     kept = true;
                     break;
                 }
@@ -2012,5 +2021,47 @@ pub mod record {
             bad_utf8[10] = 0xff;
             assert_eq!(decode_event(&bad_utf8), Err(DecodeError::NotUtf8));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pruning decides by the event's receive time; an event record that
+    /// cannot be read is kept, and the pass goes on past it.
+    #[test]
+    fn pruning_keeps_an_unreadable_event_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&LogOptions {
+            data_dir: dir.path().to_owned(),
+            checkpoint_interval: Duration::from_secs(1),
+            cache_capacity_bytes: 8 << 20,
+            quarantine_max_events: 10,
+            quarantine_max_bytes: 1 << 20,
+        })
+        .unwrap();
+        let event = |received_at_ms| record::encode_event(received_at_ms, "visitor_created", b"{}");
+        // Event 1000 unreadable, 2000 waiting at its first place, 3000 done.
+        log.db
+            .insert(id_key(EVENT_PREFIX, 1_000), &b"\x63garbage"[..])
+            .unwrap();
+        log.db
+            .insert(id_key(EVENT_PREFIX, 2_000), event(2))
+            .unwrap();
+        log.db
+            .insert(id_key(EVENT_PREFIX, 3_000), event(3))
+            .unwrap();
+        log.db
+            .insert(queue_key("crm", 2, EventId(2_000)), new_delivery_state(2))
+            .unwrap();
+        let targets = ["crm".to_string()];
+        assert!(log.is_queued("crm", EventId(2_000)).unwrap());
+        assert!(!log.is_queued("crm", EventId(3_000)).unwrap());
+        let step = log.prune_before(10, None, 100, &targets).unwrap();
+        assert_eq!((step.examined, step.deleted), (3, 1));
+        assert!(log.db.contains_key(id_key(EVENT_PREFIX, 1_000)).unwrap());
+        assert!(log.event(EventId(2_000)).unwrap().is_some());
+        assert!(log.event(EventId(3_000)).unwrap().is_none());
     }
 }

@@ -21,6 +21,17 @@ fn stored_count(log: &Log) -> usize {
     log.events().count()
 }
 
+/// A log of its own in `dir`, for tests that drive the log directly.
+fn small_log(dir: &std::path::Path) -> LogOptions {
+    LogOptions {
+        data_dir: dir.to_owned(),
+        checkpoint_interval: Duration::from_secs(1),
+        cache_capacity_bytes: 8 << 20,
+        quarantine_max_events: 10,
+        quarantine_max_bytes: 1 << 20,
+    }
+}
+
 #[tokio::test]
 async fn accepted_event_gets_200_with_its_id_and_is_stored() {
     let relay = TestRelay::start().await;
@@ -404,13 +415,7 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
     // An ingest endpoint whose committer has already stopped: the append
     // cannot be confirmed, so the sender must not hear "accepted".
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        data_dir: dir.path().to_owned(),
-        checkpoint_interval: Duration::from_secs(1),
-        cache_capacity_bytes: 8 << 20,
-        quarantine_max_events: 10,
-        quarantine_max_bytes: 1 << 20,
-    };
+    let options = small_log(dir.path());
     let metrics = Arc::new(Metrics::new());
     let log = Log::open(&options).unwrap();
     let (committer, handle) = log
@@ -607,13 +612,7 @@ async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
 async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
     use leadflo_relay::log::{DeliveryState, DueQuery, Entry, Subscription};
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        data_dir: dir.path().to_owned(),
-        checkpoint_interval: Duration::from_secs(1),
-        cache_capacity_bytes: 8 << 20,
-        quarantine_max_events: 10,
-        quarantine_max_bytes: 1 << 20,
-    };
+    let options = small_log(dir.path());
     let log = Log::open(&options).unwrap();
     let subscription = |target: &str| Subscription {
         target: target.into(),

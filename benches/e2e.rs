@@ -210,9 +210,7 @@ impl Ceiling {
         let addr = line.trim().strip_prefix("ADDR ").unwrap().parse().unwrap();
         Ceiling(child, addr)
     }
-}
 
-impl Ceiling {
     /// Loads this server with `senders` for `duration`, recording the run
     /// and the server's CPU time in `cell`; then stops it.
     async fn load(self, cell: &mut Cell, senders: usize, duration: Duration) {
@@ -405,9 +403,9 @@ fn main() {
                 // 2. relay, ingest only
                 let dir = tempfile::tempdir_in(".").unwrap();
                 let relay = RelayChild::start(&dir.path().join("data"), &[]);
-                let cpu = support::cpu_seconds(relay.child.id());
+                let cpu = relay.cpu_seconds();
                 let run = timed_load(relay.ingest, PATH, senders, duration).await;
-                ingest[n].add_cpu(support::cpu_seconds(relay.child.id()) - cpu, &run);
+                ingest[n].add_cpu(relay.cpu_seconds() - cpu, &run);
                 ingest[n].add(&run);
                 ingest[n].peak_rss = ingest[n].peak_rss.max(relay.peak_rss());
                 relay.stop();
@@ -421,11 +419,11 @@ fn main() {
                 let (url, received) = fast_target().await;
                 let relay =
                     RelayChild::start(&dir.path().join("data"), &target_config(dir.path(), &url));
-                let cpu = support::cpu_seconds(relay.child.id());
+                let cpu = relay.cpu_seconds();
                 let run = timed_load(relay.ingest, PATH, senders, duration).await;
                 let during = received.load(Ordering::Relaxed) as f64 / run.elapsed.as_secs_f64();
                 let drain = wait_for(&received, run.acked, Duration::from_secs(300)).await;
-                delivery[n].add_cpu(support::cpu_seconds(relay.child.id()) - cpu, &run);
+                delivery[n].add_cpu(relay.cpu_seconds() - cpu, &run);
                 delivery[n].add(&run);
                 delivery[n].deliveries_per_s.push(during);
                 delivery[n]
@@ -660,9 +658,9 @@ async fn backlog_mode(events: u64) {
     let ready = started.elapsed();
     // What the open store alone holds resident, before any delivery.
     let rss_ready = relay.peak_rss();
-    let cpu = support::cpu_seconds(relay.child.id());
+    let cpu = relay.cpu_seconds();
     let drain = wait_for(&received, sent, Duration::from_secs(3600)).await;
-    let cpu_us = (support::cpu_seconds(relay.child.id()) - cpu) * 1e6 / sent as f64;
+    let cpu_us = (relay.cpu_seconds() - cpu) * 1e6 / sent as f64;
     let rss_drain = relay.peak_rss();
     relay.stop();
     // The same target, the same client code and concurrency, no log.

@@ -467,12 +467,7 @@ impl Log {
             let id = entry.id;
             match entry.kind {
                 wal::KIND_EVENT => {
-                    let received_at_ms = record::decode_event(&entry.value)
-                        .map_err(|reason| LogError::Corrupt {
-                            key: id_key(EVENT_PREFIX, id).to_vec(),
-                            reason,
-                        })?
-                        .received_at_ms;
+                    let received_at_ms = received_at(&id_key(EVENT_PREFIX, id), &entry.value)?;
                     batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
                     let state = new_delivery_state(received_at_ms);
                     for target in &entry.targets {
@@ -903,15 +898,7 @@ impl Log {
         }
         let key = id_key(EVENT_PREFIX, id.0);
         match self.db.get(key)? {
-            Some(value) => {
-                let received_at_ms = record::decode_event(&value)
-                    .map_err(|reason| LogError::Corrupt {
-                        key: key.to_vec(),
-                        reason,
-                    })?
-                    .received_at_ms;
-                self.waits_at_first_place(target, received_at_ms, id)
-            }
+            Some(value) => self.waits_at_first_place(target, received_at(&key, &value)?, id),
             None => Ok(false),
         }
     }
@@ -1058,7 +1045,7 @@ impl Log {
             step.last = Some(id);
             // A record that cannot be read is kept (it may still be waited
             // for), and does not stop the pass.
-            let received_at_ms = record::decode_event(&value).map(|r| r.received_at_ms);
+            let received_at_ms = received_at(&key, &value);
             let mut kept = false;
             for target in targets {
                 let waits = match received_at_ms {
@@ -1090,6 +1077,16 @@ impl Log {
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// The receive time in the event record `value` stored at `key`.
+fn received_at(key: &[u8], value: &[u8]) -> Result<u64, LogError> {
+    record::decode_event(value)
+        .map(|r| r.received_at_ms)
+        .map_err(|reason| LogError::Corrupt {
+            key: key.to_vec(),
+            reason,
+        })
 }
 
 fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, LogError> {

@@ -165,11 +165,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     )
     .await;
     let stderr = relay.stderr.clone();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &relay.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    relay.sigterm();
     eventually(
         "the relay to begin shutting down",
         Duration::from_secs(10),
@@ -201,17 +197,8 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     drop(stream);
 
     let exit = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = relay.child.try_wait().unwrap() {
-                return (status, relay.stderr_text());
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "relay did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = relay.wait_for_exit(Duration::from_secs(20));
+        (status, relay.stderr_text())
     })
     .await
     .unwrap();
@@ -311,25 +298,10 @@ async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_even
     drop(relay);
 }
 
-/// Posts `count` leads from 16 senders; returns what was acknowledged.
 /// SIGTERM, and the exit (0) within a deadline.
 fn stop_cleanly(relay: &mut RelayProcess) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &relay.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = relay.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "relay did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    relay.sigterm();
+    let exit = relay.wait_for_exit(Duration::from_secs(20));
     assert!(exit.success(), "{exit}\n{}", relay.stderr_text());
 }
 
@@ -402,6 +374,7 @@ async fn backlog_counts_stay_exact_across_clean_stops_kills_and_offline_commands
     assert_eq!(scrape(relay.admin, gauge).await, 50.0);
 }
 
+/// Posts `count` leads from 16 senders; returns what was acknowledged.
 async fn ingest_some(url: &str, count: usize) -> HashMap<EventId, Vec<u8>> {
     let client = client();
     let mut acked = HashMap::new();

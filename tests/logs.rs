@@ -70,11 +70,7 @@ async fn full_run(rust_log: &str, log_args: &[&str]) -> Vec<String> {
         async || (ok.count() >= 3 && rejecting.count() >= 3).then_some(()),
     )
     .await;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &relay.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    relay.sigterm();
     let exit = relay.child.wait().unwrap();
     assert!(exit.success());
     // The reader thread has seen EOF once the process is gone.

@@ -186,6 +186,11 @@ impl RelayChild {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// CPU time the relay has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.child.id())
+    }
+
     /// SIGTERM, then wait for the exit.
     pub fn stop(mut self) {
         let _ = std::process::Command::new("kill")
@@ -204,7 +209,6 @@ impl Drop for RelayChild {
     }
 }
 
-/// What a timed load run saw.
 /// CPU time (user + system) a process has used so far, in seconds, from
 /// `/proc/<pid>/stat` (clock ticks of Linux's fixed USER_HZ, 100 per second).
 pub fn cpu_seconds(pid: u32) -> f64 {
@@ -223,6 +227,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// What a timed load run saw.
 pub struct LoadRun {
     pub acked: u64,
     pub elapsed: Duration,

@@ -89,6 +89,7 @@ impl Relay {
         })?;
         let (targets, subscriptions) = build_targets(&config, &metrics)?;
         let log = Log::open(&options)?;
+        log.adopt_targets(&subscriptions)?;
         let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
         log.count_backlogs(&names)?;
         let disk = Arc::new(DiskGuard::new(

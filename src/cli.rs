@@ -173,6 +173,7 @@ fn open_offline(
     let options = crate::app::log_options(config);
     match Log::open(&options) {
         Ok(log) => {
+            log.load_watermarks()?;
             let mut targets = TargetsView::from_config(config);
             // Targets no longer configured but still holding deliveries.
             for name in log.targets_in_log()? {

@@ -23,6 +23,8 @@ use crate::retry::RetryPolicy;
 
 /// The longest the dispatcher sleeps without looking at its queue again.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+/// How soon the dispatcher looks again at a watermark it could not write yet.
+const WATERMARK_RECHECK: Duration = Duration::from_millis(10);
 
 /// Everything one target's dispatcher needs.
 pub struct Target {
@@ -102,7 +104,7 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
     let target = Arc::new(target);
     // The deliveries being attempted, by the task attempting them (so that
     // even a panicked attempt frees its slot).
-    let mut in_flight: HashMap<tokio::task::Id, EventId> = HashMap::new();
+    let mut in_flight: HashMap<tokio::task::Id, (EventId, bool)> = HashMap::new();
     let mut attempts: JoinSet<Verdict> = JoinSet::new();
     let mut circuit = Circuit {
         consecutive_failures: 0,
@@ -142,14 +144,24 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                 limit,
                 ignore_due,
                 after: cursor,
-                skip: &|id| in_flight.values().any(|&busy| busy == id),
+                skip: &|id| {
+                    in_flight
+                        .values()
+                        .any(|&(busy, fresh)| !fresh && busy == id)
+                },
             };
             match log.due_deliveries(&target.name, &query) {
                 Ok((due, next_due_ms)) => {
-                    cursor = due.last().map(|d| (d.due_ms, d.id));
+                    // Only explicit queue entries move the cursor; fresh
+                    // deliveries keep their own place in the log.
+                    cursor = due
+                        .iter()
+                        .rev()
+                        .find(|d| !d.fresh)
+                        .map(|d| (d.due_ms, d.id));
                     for delivery in due {
                         limiter.take();
-                        let id = delivery.id;
+                        let id = (delivery.id, delivery.fresh);
                         let (log, target, metrics) = (log.clone(), target.clone(), metrics.clone());
                         let task = attempts
                             .spawn(async move { attempt(&log, &target, &metrics, delivery).await });
@@ -173,6 +185,17 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
             wake_at = wake_at.min(limiter.ready_at());
         }
 
+        // A watermark that moved is written within a few tens of ms, also
+        // when no further delivery settles.
+        if log.watermark_unsaved(&target.name) {
+            if let Err(err) = log.save_watermarks(false) {
+                tracing::warn!(target = %target.name, error = %err, "cannot write a delivery watermark; will try again");
+            }
+            if log.watermark_unsaved(&target.name) {
+                wake_at = wake_at.min(Instant::now() + WATERMARK_RECHECK);
+            }
+        }
+
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(joined) = attempts.join_next_with_id(), if !attempts.is_empty() => {
@@ -183,7 +206,9 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                     }
                     Err(err) => {
                         // The delivery stays queued; it is tried again later.
-                        in_flight.remove(&err.id());
+                        if let Some((id, fresh)) = in_flight.remove(&err.id()) {
+                            log.release(&target.name, id, fresh);
+                        }
                         tracing::error!(target = %target.name, "a delivery attempt panicked");
                     }
                 }
@@ -259,7 +284,11 @@ fn record_verdict(
 /// Makes one attempt of `delivery` and records its outcome in the log.
 async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delivery) -> Verdict {
     let name = target.name.as_str();
-    let body = match log.event_body(delivery.id) {
+    let body = match delivery
+        .body
+        .clone()
+        .map_or_else(|| log.event_body(delivery.id), |body| Ok(Some(body)))
+    {
         Ok(Some(body)) => body,
         Ok(None) => {
             // The event is gone (pruned or purged): nothing left to deliver.
@@ -269,6 +298,7 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
         }
         Err(err) => {
             tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot read event");
+            log.release(name, delivery.id, delivery.fresh);
             return Verdict::Unknown;
         }
     };
@@ -355,6 +385,7 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
     };
     if let Err(err) = recorded {
         tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot record a delivery outcome; it will be retried");
+        log.release(name, delivery.id, delivery.fresh);
         return Verdict::Unknown;
     }
     verdict

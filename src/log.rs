@@ -10,21 +10,33 @@
 //! | `q` + target + 0 + due + id | a pending delivery ([`DeliveryState`])  |
 //! | `p` + target + 0 + id       | a delivery moved from its first place: enqueued_ms (u64 BE) |
 //! | `d` + target + 0 + id       | a dead letter ([`DeadLetter`])          |
+//! | `w` + target + 0            | the target's watermark and event types ([`record::encode_watermark`]) |
 //!
-//! The delivery queue of a target is its `q` range, ordered by due time (ms
-//! since the epoch) then id: the dispatcher reads it from the front, so the
-//! queue lives on disk and memory does not grow with the backlog. An event's
-//! deliveries are in the same write-ahead log frame as the event itself.
+//! A target's queue has two parts, both on disk, so memory does not grow
+//! with the backlog:
 //!
-//! A new event's delivery is queued at its **first place**, due at the
-//! event's receive time, and needs no other key: finding whether an event
-//! waits at a target reads the event's receive time and looks there. Only a
-//! delivery queued anywhere else (rescheduled after a failure, or queued
-//! again by `replay`) also has a `p` entry, written before it, so that it
-//! can be found by id. Most deliveries succeed at once, so most cost one
-//! queue insert and one queue remove. (Logs written before this rule have a
-//! `p` entry for every delivery; removing a key that is not there is a
-//! read in sled, so a delivery always removes both.)
+//! - **New events** (the front, most deliveries): no key at all. Every
+//!   event above the target's **watermark** that the target subscribes to
+//!   waits for it, due at its receive time; every one at or below it is
+//!   settled. The dispatcher reads them from the event range in id order,
+//!   body included ([`fresh`] keeps what it has taken and settled above the
+//!   watermark, in a bounded window); settling moves the watermark, which
+//!   is written every few tens of ms and at shutdown. So a new event costs
+//!   one sled insert (its record), and a delivery that succeeds costs no
+//!   write. A crash makes again what was settled since the watermark was
+//!   last written (at least once). The event types stored with the
+//!   watermark decide what waits; a target whose types change, or that is
+//!   no longer configured, first gets explicit entries for what waited.
+//! - **Explicit entries**: the `q` range, ordered by due time (ms since the
+//!   epoch) then id, for deliveries moved by a failed attempt, queued again
+//!   by `replay`, or written by a build before watermarks (which queued
+//!   every new event here, at its **first place**, due at its receive time,
+//!   with no other key). A moved or replayed delivery also has a `p` entry,
+//!   written before it, so that it can be found by id; one written before
+//!   the watermark, and above it after a crash, counts as settled.
+//!
+//! A target first seen gets its watermark at the last id, made durable
+//! before anything is acknowledged for it: it takes no history.
 //!
 //! Writes go through one committer thread ([`Committer`]): it gathers every
 //! request waiting, appends them as one frame to the relay's write-ahead log
@@ -58,8 +70,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::crashpoint;
 use wal::{Frame, Wal};
 
+mod fresh;
 pub mod wal;
 use crate::metrics::Metrics;
+use fresh::FreshQueue;
 
 const EVENT_PREFIX: u8 = b'e';
 const QUARANTINE_PREFIX: u8 = b'x';
@@ -73,6 +87,14 @@ const ID_CLOCK_MARGIN_MS: u64 = 60_000;
 const QUEUE_PREFIX: u8 = b'q';
 const PENDING_PREFIX: u8 = b'p';
 const DEAD_PREFIX: u8 = b'd';
+const WATERMARK_PREFIX: u8 = b'w';
+/// How often, at most, a moving watermark is written (a crash makes again
+/// the deliveries settled since the last write): as often as sled writes
+/// out its buffer, so that a write costs nothing extra.
+const WATERMARK_SAVE_EVERY: Duration = Duration::from_millis(SLED_FLUSH_EVERY_MS);
+/// How many events past the watermark the oldest-age figure looks at for
+/// the first one still waiting (a target that takes few event types).
+const OLDEST_FRESH_SCAN: usize = 10_000;
 
 /// Most requests one group commit takes; bounds a commit's latency and memory.
 const MAX_BATCH: usize = 1024;
@@ -174,6 +196,11 @@ pub struct Delivery {
     pub id: EventId,
     pub due_ms: u64,
     pub state: DeliveryState,
+    /// A new event's delivery read above the target's watermark (it has no
+    /// queue entry), not an explicit queue entry.
+    pub fresh: bool,
+    /// The event's body when it was read with the delivery.
+    pub body: Option<Bytes>,
 }
 
 /// What one [`Log::prune_before`] call did.
@@ -382,6 +409,9 @@ impl Tallies {
     }
 }
 
+/// A target's watermark and the event types it took then (`None`: all).
+type StoredWatermark = (u64, Option<Vec<String>>);
+
 /// Queued and dead-lettered deliveries by target.
 pub type BacklogCounts = std::collections::HashMap<String, (i64, i64)>;
 
@@ -396,6 +426,13 @@ pub struct Log {
     wal: Arc<std::sync::Mutex<Option<Wal>>>,
     /// Backlog counts a clean shutdown saved, until counted backlogs take them.
     saved_counts: Arc<std::sync::Mutex<Option<BacklogCounts>>>,
+    /// The implicit queue fronts of the targets adopted ([`Log::adopt_targets`]).
+    fresh: Arc<std::sync::Mutex<std::collections::HashMap<String, FreshQueue>>>,
+    /// The highest id whose group commit is all in sled: reading new events
+    /// never goes past it, so it never skips one still being applied.
+    applied: Arc<AtomicU64>,
+    /// When a watermark was last written.
+    watermark_saved: Arc<std::sync::Mutex<Instant>>,
 }
 
 impl Log {
@@ -442,8 +479,17 @@ impl Log {
             tallies: Arc::default(),
             wal: Arc::new(std::sync::Mutex::new(None)),
             saved_counts: Arc::default(),
+            fresh: Arc::default(),
+            applied: Arc::default(),
+            // The first settlement writes at once.
+            watermark_saved: Arc::new(std::sync::Mutex::new(
+                Instant::now()
+                    .checked_sub(WATERMARK_SAVE_EVERY)
+                    .unwrap_or_else(Instant::now),
+            )),
         };
         log.recover(entries, last_old)?;
+        log.applied.store(log.recover_last_id()?, Ordering::Release);
         log.take_saved_counts()?;
         *log.wal.lock().expect("wal lock") = Some(wal);
         Ok(log)
@@ -463,6 +509,7 @@ impl Log {
         let mut batch = Writes::default();
         let mut last = self.recover_last_id()?;
         let mut replayed = 0;
+        let mut adopted = std::collections::HashMap::new();
         for entry in entries.iter().filter(|e| e.id > applied) {
             let id = entry.id;
             match entry.kind {
@@ -471,7 +518,21 @@ impl Log {
                     batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
                     let state = new_delivery_state(received_at_ms);
                     for target in &entry.targets {
-                        batch.queue_new(target, received_at_ms, EventId(id), &state);
+                        // A target with a watermark takes new events from
+                        // above it: no queue entry.
+                        let implicit = match adopted.get(target) {
+                            Some(&implicit) => implicit,
+                            None => {
+                                let implicit = self
+                                    .db
+                                    .contains_key(target_prefix(WATERMARK_PREFIX, target))?;
+                                adopted.insert(target.clone(), implicit);
+                                implicit
+                            }
+                        };
+                        if !implicit {
+                            batch.queue_new(target, received_at_ms, EventId(id), &state);
+                        }
                     }
                 }
                 _ => batch.insert(&id_key(QUARANTINE_PREFIX, id), entry.value.as_slice()),
@@ -509,6 +570,282 @@ impl Log {
         self.health.clone()
     }
 
+    /// Makes `subscriptions`' targets take new events from above a watermark
+    /// instead of from queue entries (see [`fresh`]). Call after opening,
+    /// before [`Log::count_backlogs`], the committer and the dispatchers.
+    ///
+    /// A target seen for the first time gets its watermark at the last id,
+    /// made durable before anything can be acknowledged for it (else a
+    /// crash could lose the events queued for it). A target whose event
+    /// types changed, and one with a watermark that is no longer
+    /// configured, first gets an explicit queue entry for each event still
+    /// waiting for it under the types it had, so that what was queued stays
+    /// queued, as with queue entries; the changed one then starts afresh.
+    pub fn adopt_targets(&self, subscriptions: &[Subscription]) -> Result<(), LogError> {
+        let last = self.recover_last_id()?;
+        let mut changed = false;
+        let mut configured = std::collections::HashSet::new();
+        let mut fresh = std::collections::HashMap::new();
+        for subscription in subscriptions {
+            let target = &subscription.target;
+            configured.insert(target.clone());
+            let key = target_prefix(WATERMARK_PREFIX, target);
+            let events = subscription.events.as_deref();
+            let watermark = match self.stored_watermark(target)? {
+                Some((watermark, stored)) if stored.as_deref() == events => watermark,
+                stored => {
+                    if let Some((watermark, stored)) = stored {
+                        self.materialize(target, watermark, stored)?;
+                    }
+                    self.db
+                        .insert(key, record::encode_watermark(last, events))?;
+                    changed = true;
+                    last
+                }
+            };
+            let q = self.fresh_queue(target, watermark, subscription.events.clone())?;
+            fresh.insert(target.clone(), q);
+        }
+        for item in self.db.scan_prefix([WATERMARK_PREFIX]) {
+            let (key, _) = item?;
+            let target = String::from_utf8_lossy(&key[1..key.len() - 1]).into_owned();
+            if configured.contains(&target) {
+                continue;
+            }
+            if let Some((watermark, stored)) = self.stored_watermark(&target)? {
+                self.materialize(&target, watermark, stored)?;
+            }
+            self.db.remove(key)?;
+            changed = true;
+        }
+        if changed {
+            self.make_sled_durable()?;
+        }
+        *self.fresh.lock().expect("fresh lock") = fresh;
+        Ok(())
+    }
+
+    /// Takes every stored watermark as it is, with the event types stored
+    /// with it, changing nothing: for commands run offline, which must see
+    /// what waits above the watermarks without acting as the server.
+    pub fn load_watermarks(&self) -> Result<(), LogError> {
+        let mut fresh = std::collections::HashMap::new();
+        for item in self.db.scan_prefix([WATERMARK_PREFIX]) {
+            let (key, value) = item?;
+            let target = String::from_utf8_lossy(&key[1..key.len() - 1]).into_owned();
+            let (watermark, events) =
+                record::decode_watermark(&value).map_err(|reason| LogError::Corrupt {
+                    key: key.to_vec(),
+                    reason,
+                })?;
+            let q = self.fresh_queue(&target, watermark, events)?;
+            fresh.insert(target, q);
+        }
+        *self.fresh.lock().expect("fresh lock") = fresh;
+        Ok(())
+    }
+
+    /// A target's fresh queue from its stored watermark. Deliveries above
+    /// it that have a `p` entry (moved after a failure) or a dead letter
+    /// were settled after the watermark was last written: they are not
+    /// waiting at the front any more.
+    fn fresh_queue(
+        &self,
+        target: &str,
+        watermark: u64,
+        events: Option<Vec<String>>,
+    ) -> Result<FreshQueue, LogError> {
+        let mut q = FreshQueue::new(watermark, events);
+        let first = EventId(watermark.saturating_add(1));
+        for (start, prefix) in [
+            (pending_key(target, first), pending_prefix(target)),
+            (dead_key(target, first), dead_prefix(target)),
+        ] {
+            let mut end = prefix;
+            *end.last_mut().expect("separator") = 1;
+            for item in self.db.range(start..end) {
+                let (key, _) = item?;
+                if let Some((_, id)) = parse_target_key(&key) {
+                    q.settled_before(id.0);
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    /// Whether `target`'s watermark moved since it was last written.
+    pub fn watermark_unsaved(&self, target: &str) -> bool {
+        self.fresh
+            .lock()
+            .expect("fresh lock")
+            .get(target)
+            .is_some_and(FreshQueue::unsaved)
+    }
+
+    fn stored_watermark(&self, target: &str) -> Result<Option<StoredWatermark>, LogError> {
+        let key = target_prefix(WATERMARK_PREFIX, target);
+        match self.db.get(&key)? {
+            Some(value) => record::decode_watermark(&value)
+                .map(Some)
+                .map_err(|reason| LogError::Corrupt { key, reason }),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives each event above `watermark` that `events` selects an explicit
+    /// queue entry for `target`, at its first place.
+    fn materialize(
+        &self,
+        target: &str,
+        watermark: u64,
+        events: Option<Vec<String>>,
+    ) -> Result<(), LogError> {
+        let filter = FreshQueue::new(watermark, events);
+        let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
+        let mut queued = 0u64;
+        for item in self.db.range(start..vec![EVENT_PREFIX + 1]) {
+            let (key, value) = item?;
+            let event = decode_event_record(&key, &value)?;
+            if filter.wants(event.event) {
+                let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
+                self.db.insert(
+                    queue_key(target, event.received_at_ms, id),
+                    new_delivery_state(event.received_at_ms),
+                )?;
+                queued += 1;
+            }
+        }
+        tracing::info!(target = %target, queued, "new events waiting for a target whose settings changed now have queue entries");
+        Ok(())
+    }
+
+    /// sled's flush, then an `fdatasync` of its file and its new blobs.
+    fn make_sled_durable(&self) -> Result<(), LogError> {
+        let io = |source: std::io::Error| LogError::DataFile {
+            path: self.dir.clone(),
+            source,
+        };
+        let started = SystemTime::now();
+        self.db.flush()?;
+        File::open(self.dir.join("db"))
+            .and_then(|f| f.sync_data())
+            .map_err(io)?;
+        sync_recent_blobs(&self.dir, started).map_err(io)?;
+        Ok(())
+    }
+
+    /// Writes the watermarks that moved since they were last written (at
+    /// most every [`WATERMARK_SAVE_EVERY`] unless `now`).
+    pub fn save_watermarks(&self, now: bool) -> Result<(), LogError> {
+        {
+            let mut saved = self.watermark_saved.lock().expect("watermark lock");
+            if !now && saved.elapsed() < WATERMARK_SAVE_EVERY {
+                return Ok(());
+            }
+            *saved = Instant::now();
+        }
+        let moved: Vec<(String, u64, Option<Vec<String>>)> = {
+            let fresh = self.fresh.lock().expect("fresh lock");
+            fresh
+                .iter()
+                .filter(|(_, q)| q.watermark() != q.saved)
+                .map(|(target, q)| {
+                    (
+                        target.clone(),
+                        q.watermark(),
+                        q.events().map(<[String]>::to_vec),
+                    )
+                })
+                .collect()
+        };
+        for (target, watermark, events) in moved {
+            self.db.insert(
+                target_prefix(WATERMARK_PREFIX, &target),
+                record::encode_watermark(watermark, events.as_deref()),
+            )?;
+            if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(&target) {
+                q.saved = q.saved.max(watermark);
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles the fresh delivery of `id` at `target` (see [`fresh`]).
+    /// A watermark that cannot be written now is written by a later
+    /// settlement or the shutdown; meanwhile a crash would only make
+    /// deliveries again.
+    fn settle(&self, target: &str, id: EventId) {
+        let moved = match self.fresh.lock().expect("fresh lock").get_mut(target) {
+            Some(q) => q.settle(id.0),
+            None => false,
+        };
+        if moved && let Err(err) = self.save_watermarks(false) {
+            tracing::warn!(error = %err, "cannot write a delivery watermark; will try again");
+        }
+    }
+
+    /// A fresh delivery that was taken but whose attempt was abandoned or
+    /// could not be recorded: it is read again.
+    /// An explicit one stays where it is, due: the explicit queue is read
+    /// again.
+    pub fn release(&self, target: &str, id: EventId, fresh: bool) {
+        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+            if fresh {
+                q.release(id.0);
+            } else {
+                q.explicit_quiet_until = 0;
+            }
+        }
+    }
+
+    /// Whether `target`'s delivery of event `id` (its record `value`) waits
+    /// above the target's watermark.
+    fn waits_fresh(
+        &self,
+        target: &str,
+        id: EventId,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<bool, LogError> {
+        let fresh = self.fresh.lock().expect("fresh lock");
+        let Some(q) = fresh.get(target) else {
+            return Ok(false);
+        };
+        if !q.waits(id.0) {
+            return Ok(false);
+        }
+        Ok(q.wants(decode_event_record(key, value)?.event))
+    }
+
+    /// Fresh deliveries waiting at `target`, and when the oldest was
+    /// received (a scan above the watermark: for counts at start-up and
+    /// tools; the oldest looks at most [`OLDEST_FRESH_SCAN`] events).
+    fn fresh_backlog(&self, target: &str, count: bool) -> Result<(u64, Option<u64>), LogError> {
+        let Some(watermark) = self
+            .fresh
+            .lock()
+            .expect("fresh lock")
+            .get(target)
+            .map(FreshQueue::watermark)
+        else {
+            return Ok((0, None));
+        };
+        let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
+        let (mut waiting, mut oldest) = (0, None);
+        for (n, item) in self.db.range(start..vec![EVENT_PREFIX + 1]).enumerate() {
+            if !count && (oldest.is_some() || n >= OLDEST_FRESH_SCAN) {
+                break;
+            }
+            let (key, value) = item?;
+            let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
+            if self.waits_fresh(target, id, &key, &value)? {
+                waiting += 1;
+                oldest = oldest.or(Some(received_at(&key, &value)?));
+            }
+        }
+        Ok((waiting, oldest))
+    }
+
     /// Starts the committer thread. Call once per open log.
     pub fn start_committer(
         &self,
@@ -543,6 +880,7 @@ impl Log {
             metrics: metrics.clone(),
             health: self.health.clone(),
             tallies: self.tallies.clone(),
+            applied: self.applied.clone(),
         };
         let applier = std::thread::Builder::new()
             .name("leadflo-apply".to_owned())
@@ -558,6 +896,13 @@ impl Log {
             quarantine,
             quarantine_max_events: options.quarantine_max_events.max(1),
             quarantine_max_bytes: options.quarantine_max_bytes,
+            implicit: {
+                let fresh = self.fresh.lock().expect("fresh lock");
+                subscriptions
+                    .iter()
+                    .map(|s| fresh.contains_key(&s.target))
+                    .collect()
+            },
             subscriptions,
             metrics,
             health: self.health.clone(),
@@ -674,33 +1019,134 @@ impl Log {
             Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
             None => Bound::Included(prefix),
         };
-        for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
-            let (key, value) = item?;
-            let corrupt = |reason| LogError::Corrupt {
-                key: key.to_vec(),
-                reason,
-            };
-            let (due_ms, id) =
-                parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
-            if !query.ignore_due && due_ms > query.now_ms {
-                return Ok((due, Some(due_ms)));
+        // Nothing explicit due before `quiet_until`: the explicit queue is
+        // not read again until then (see `FreshQueue::explicit_quiet_until`).
+        let quiet_until = self
+            .fresh
+            .lock()
+            .expect("fresh lock")
+            .get(target)
+            .map(|q| q.explicit_quiet_until);
+        let mut next_due = None;
+        if query.ignore_due || quiet_until.is_none_or(|until| query.now_ms >= until) {
+            for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
+                let (key, value) = item?;
+                let corrupt = |reason| LogError::Corrupt {
+                    key: key.to_vec(),
+                    reason,
+                };
+                let (due_ms, id) =
+                    parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
+                if !query.ignore_due && due_ms > query.now_ms {
+                    next_due = Some(due_ms);
+                    break;
+                }
+                if (query.skip)(id) {
+                    continue;
+                }
+                let state = record::decode_state(&value).map_err(corrupt)?;
+                due.push(Delivery {
+                    id,
+                    due_ms,
+                    state,
+                    fresh: false,
+                    body: None,
+                });
+                if due.len() >= query.limit {
+                    return Ok((due, None));
+                }
             }
-            if (query.skip)(id) {
+            if due.is_empty() && !query.ignore_due {
+                self.explicit_quiet(target, next_due.unwrap_or(u64::MAX));
+            }
+        } else {
+            next_due = quiet_until.filter(|&until| until < u64::MAX);
+        }
+        self.take_fresh(target, query.limit, &mut due)?;
+        Ok((due, next_due))
+    }
+
+    /// No explicit entry of `target` is due before `until` (a read found
+    /// none, or the next one due then).
+    fn explicit_quiet(&self, target: &str, until: u64) {
+        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+            q.explicit_quiet_until = until;
+        }
+    }
+
+    /// An explicit entry of `target` was written (or released) due at
+    /// `due_ms`: the explicit queue is read again from then.
+    fn explicit_added(&self, target: &str, due_ms: u64) {
+        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+            q.explicit_quiet_until = q.explicit_quiet_until.min(due_ms);
+        }
+    }
+
+    /// Takes up to `limit` (counting those in `due`) fresh deliveries of
+    /// `target`, in id order, from where reading stopped (see [`fresh`]).
+    fn take_fresh(
+        &self,
+        target: &str,
+        limit: usize,
+        due: &mut Vec<Delivery>,
+    ) -> Result<(), LogError> {
+        let mut fresh = self.fresh.lock().expect("fresh lock");
+        let Some(q) = fresh.get_mut(target) else {
+            return Ok(());
+        };
+        let delivery = |(id, received_at_ms, body): fresh::ReadAhead| Delivery {
+            id: EventId(id),
+            due_ms: received_at_ms,
+            state: DeliveryState {
+                enqueued_ms: received_at_ms,
+                ..Default::default()
+            },
+            fresh: true,
+            body: Some(body),
+        };
+        while due.len() < limit
+            && let Some(ahead) = q.ahead.pop_front()
+        {
+            due.push(delivery(ahead));
+        }
+        let applied = self.applied.load(Ordering::Acquire);
+        if due.len() >= limit || q.is_full() || q.read_to() >= applied {
+            return Ok(());
+        }
+        let start = id_key(EVENT_PREFIX, q.read_to() + 1).to_vec();
+        let end = id_key(EVENT_PREFIX, applied).to_vec();
+        for item in self.db.range(start..=end) {
+            let (key, value) = item?;
+            let id = decode_u64(&key[1..]).unwrap_or(0);
+            if q.is_busy(id) {
                 continue;
             }
-            let state = record::decode_state(&value).map_err(corrupt)?;
-            due.push(Delivery { id, due_ms, state });
-            if due.len() >= query.limit {
-                break;
+            let event = decode_event_record(&key, &value)?;
+            if !q.wants(event.event) {
+                q.pass(id);
+                continue;
+            }
+            q.take(id);
+            let read = (id, event.received_at_ms, Bytes::copy_from_slice(event.body));
+            if due.len() < limit {
+                due.push(delivery(read));
+            } else {
+                q.ahead.push_back(read);
+            }
+            if q.ahead.len() >= fresh::READ_AHEAD || q.is_full() {
+                return Ok(());
             }
         }
-        Ok((due, None))
+        // Everything up to the applied id has been read.
+        q.pass(applied);
+        Ok(())
     }
 
     /// How many deliveries `target` has queued (a full scan: for tests and
     /// tools, not for hot paths).
     pub fn queued_count(&self, target: &str) -> usize {
-        self.db.scan_prefix(queue_prefix(target)).count()
+        let fresh = self.fresh_backlog(target, true).map_or(0, |(n, _)| n);
+        self.db.scan_prefix(queue_prefix(target)).count() + fresh as usize
     }
 
     /// The target took the event: the delivery leaves the queue.
@@ -712,6 +1158,13 @@ impl Log {
     /// order makes a crash in between harmless: the queue entry goes last,
     /// so at worst the delivery is made once more.
     pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
+        if delivery.fresh {
+            // Settled in memory; written with the next watermark.
+            self.tallies.change(target, -1, 0);
+            crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
+            self.settle(target, delivery.id);
+            return Ok(());
+        }
         self.db.remove(pending_key(target, delivery.id))?;
         crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
         self.db
@@ -741,7 +1194,13 @@ impl Log {
             queue_key(target, due_ms, delivery.id),
             record::encode_state(state),
         )?;
+        self.explicit_added(target, due_ms);
         crashpoint::reached(crashpoint::RESCHEDULE_HALF_RECORDED);
+        if delivery.fresh {
+            // It has its queue entry now; the watermark may pass it.
+            self.settle(target, delivery.id);
+            return Ok(());
+        }
         self.db
             .remove(queue_key(target, delivery.due_ms, delivery.id))?;
         Ok(())
@@ -751,10 +1210,15 @@ impl Log {
     pub fn bury(&self, delivery: &Delivery, dead: &DeadLetter) -> Result<(), LogError> {
         let target = dead.target.as_str();
         let mut batch = sled::Batch::default();
-        batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
+        if !delivery.fresh {
+            batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
+            batch.remove(pending_key(target, delivery.id));
+        }
         batch.insert(dead_key(target, delivery.id), record::encode_dead(dead));
-        batch.remove(pending_key(target, delivery.id));
         self.db.apply_batch(batch)?;
+        if delivery.fresh {
+            self.settle(target, delivery.id);
+        }
         self.tallies.change(target, -1, 1);
         Ok(())
     }
@@ -773,7 +1237,8 @@ impl Log {
             let (queued, dead, source) = match saved.as_ref().and_then(|saved| saved.get(target)) {
                 Some(&(queued, dead)) => (queued, dead, "saved at the last clean shutdown"),
                 None => (
-                    self.db.scan_prefix(queue_prefix(target)).count() as i64,
+                    self.db.scan_prefix(queue_prefix(target)).count() as i64
+                        + self.fresh_backlog(target, true)?.0 as i64,
                     self.db.scan_prefix(dead_prefix(target)).count() as i64,
                     "counted in the log",
                 ),
@@ -798,6 +1263,7 @@ impl Log {
                 (target.as_str(), queued, dead)
             })
             .collect();
+        self.save_watermarks(true)?;
         self.db
             .insert(META_SAVED_COUNTS, record::encode_counts(&counts))?;
         self.db.flush()?;
@@ -841,7 +1307,12 @@ impl Log {
             }
             None => None,
         };
-        let oldest_enqueued_ms = first_moved.into_iter().chain(first_queued).min();
+        let first_fresh = self.fresh_backlog(target, false)?.1;
+        let oldest_enqueued_ms = first_moved
+            .into_iter()
+            .chain(first_queued)
+            .chain(first_fresh)
+            .min();
         Ok(TargetStats {
             queued,
             dead,
@@ -898,7 +1369,8 @@ impl Log {
         }
         let key = id_key(EVENT_PREFIX, id.0);
         match self.db.get(key)? {
-            Some(value) => self.waits_at_first_place(target, received_at(&key, &value)?, id),
+            Some(value) => Ok(self.waits_fresh(target, id, &key, &value)?
+                || self.waits_at_first_place(target, received_at(&key, &value)?, id)?),
             None => Ok(false),
         }
     }
@@ -960,6 +1432,9 @@ impl Log {
             queued += 1;
         }
         self.db.apply_batch(batch)?;
+        if queued > 0 {
+            self.explicit_added(target, first_due_ms);
+        }
         self.tallies.change(target, queued, -revived);
         Ok(queued as usize)
     }
@@ -999,7 +1474,7 @@ impl Log {
     /// in the log, configured or not (one seek per name, not a scan).
     pub fn targets_in_log(&self) -> Result<std::collections::BTreeSet<String>, LogError> {
         let mut names = std::collections::BTreeSet::new();
-        for prefix in [QUEUE_PREFIX, DEAD_PREFIX] {
+        for prefix in [QUEUE_PREFIX, DEAD_PREFIX, WATERMARK_PREFIX] {
             let mut from = vec![prefix];
             while let Some(item) = self.db.range(from.clone()..vec![prefix + 1]).next() {
                 let (key, _) = item?;
@@ -1050,7 +1525,8 @@ impl Log {
             for target in targets {
                 let waits = match received_at_ms {
                     Ok(received_at_ms) => {
-                        self.waits_at_first_place(target, received_at_ms, id)?
+                        self.waits_fresh(target, id, &key, &value)?
+                            || self.waits_at_first_place(target, received_at_ms, id)?
                             || self.db.contains_key(pending_key(target, id))?
                             || self.db.contains_key(dead_key(target, id))?
                     }
@@ -1081,12 +1557,17 @@ impl Log {
 
 /// The receive time in the event record `value` stored at `key`.
 fn received_at(key: &[u8], value: &[u8]) -> Result<u64, LogError> {
-    record::decode_event(value)
-        .map(|r| r.received_at_ms)
-        .map_err(|reason| LogError::Corrupt {
-            key: key.to_vec(),
-            reason,
-        })
+    decode_event_record(key, value).map(|r| r.received_at_ms)
+}
+
+fn decode_event_record<'a>(
+    key: &[u8],
+    value: &'a [u8],
+) -> Result<record::EventRecord<'a>, LogError> {
+    record::decode_event(value).map_err(|reason| LogError::Corrupt {
+        key: key.to_vec(),
+        reason,
+    })
 }
 
 fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, LogError> {
@@ -1245,6 +1726,9 @@ struct CommitState {
     quarantine_max_events: usize,
     quarantine_max_bytes: u64,
     subscriptions: Vec<Subscription>,
+    /// Per subscription: the target takes new events from above its
+    /// watermark, so a new event gets no queue entry for it.
+    implicit: Vec<bool>,
     metrics: Arc<Metrics>,
     health: Arc<CommitHealth>,
 }
@@ -1252,7 +1736,12 @@ struct CommitState {
 /// What the apply thread does, in the order the committer asks.
 enum ApplyJob {
     /// Put a group commit (already in the write-ahead log) into sled.
-    Batch { batch: Writes, enqueued: Vec<i64> },
+    Batch {
+        batch: Writes,
+        enqueued: Vec<i64>,
+        /// The group's highest id.
+        through: u64,
+    },
     /// Make sled durable, then delete the write-ahead log's segments up to
     /// `through_seq`: every batch they hold was sent before this job.
     Checkpoint { through_seq: u64 },
@@ -1331,6 +1820,8 @@ struct ApplyState {
     metrics: Arc<Metrics>,
     health: Arc<CommitHealth>,
     tallies: Arc<Tallies>,
+    /// See [`Log::applied`].
+    applied: Arc<AtomicU64>,
 }
 
 impl CommitState {
@@ -1396,15 +1887,19 @@ impl CommitState {
                     batch.insert(&id_key(EVENT_PREFIX, id), value);
                     let state = new_delivery_state(received_at_ms);
                     for (n, subscription) in self.subscriptions.iter().enumerate() {
-                        if subscription.wants(event) {
+                        if !subscription.wants(event) {
+                            continue;
+                        }
+                        // An adopted target reads it above its watermark.
+                        if !self.implicit[n] {
                             batch.queue_new(
                                 &subscription.target,
                                 received_at_ms,
                                 EventId(id),
                                 &state,
                             );
-                            enqueued[n] += 1;
                         }
+                        enqueued[n] += 1;
                     }
                 }
                 Entry::Quarantine { reason, body } => {
@@ -1463,7 +1958,11 @@ impl CommitState {
         }
         // A full queue (sled far behind) holds the committer back here:
         // senders then feel it as commit time, never as a lost event.
-        let _ = self.apply_tx.send(ApplyJob::Batch { batch, enqueued });
+        let _ = self.apply_tx.send(ApplyJob::Batch {
+            batch,
+            enqueued,
+            through: self.last_id,
+        });
         if self.last_checkpoint.elapsed() >= self.checkpoint_interval
             || self.wal.len() >= CHECKPOINT_WAL_BYTES
         {
@@ -1523,6 +2022,7 @@ impl ApplyState {
                 ApplyJob::Batch {
                     mut batch,
                     mut enqueued,
+                    mut through,
                 } => {
                     // Every group commit waiting is applied in one go.
                     while let Ok(job) = rx.try_recv() {
@@ -1530,8 +2030,10 @@ impl ApplyState {
                             ApplyJob::Batch {
                                 batch: more,
                                 enqueued: added,
+                                through: more_through,
                             } => {
                                 batch.0.extend(more.0);
+                                through = through.max(more_through);
                                 for (total, n) in enqueued.iter_mut().zip(added) {
                                     *total += n;
                                 }
@@ -1542,7 +2044,7 @@ impl ApplyState {
                             }
                         }
                     }
-                    self.apply(batch, enqueued);
+                    self.apply(batch, enqueued, through);
                 }
                 ApplyJob::Checkpoint { through_seq } => self.checkpoint(through_seq),
             }
@@ -1562,9 +2064,10 @@ impl ApplyState {
     /// the group's own writes, and opening the log replays every
     /// write-ahead log frame above that id, so a group cut short by a crash
     /// is written again whole (the same keys, the same values).
-    fn apply(&mut self, writes: Writes, enqueued: Vec<i64>) {
+    fn apply(&mut self, writes: Writes, enqueued: Vec<i64>, through: u64) {
         match writes.apply_to(&self.db) {
             Ok(()) => {
+                self.applied.fetch_max(through, Ordering::Release);
                 for (subscription, added) in self.subscriptions.iter().zip(enqueued) {
                     if added > 0 {
                         self.tallies.change(&subscription.target, added, 0);
@@ -1836,6 +2339,38 @@ pub mod record {
             counts.insert(target.to_owned(), (queued as i64, dead as i64));
         }
         Ok(counts)
+    }
+
+    /// A target's watermark and the event types it took when it was set
+    /// (`None`: all): `[1u8][watermark u64]` then, for a filter, each type
+    /// as `[len u16][type]`, after a `1u8` (none for all).
+    pub fn encode_watermark(watermark: u64, events: Option<&[String]>) -> Vec<u8> {
+        let mut out = vec![VERSION];
+        out.extend_from_slice(&watermark.to_be_bytes());
+        if let Some(events) = events {
+            out.push(1);
+            for event in events {
+                let event = truncate_utf8(event, u16::MAX as usize);
+                out.extend_from_slice(&(event.len() as u16).to_be_bytes());
+                out.extend_from_slice(event.as_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode_watermark(bytes: &[u8]) -> Result<super::StoredWatermark, DecodeError> {
+        let mut r = Reader::versioned(bytes)?;
+        let watermark = r.u64()?;
+        if r.0.is_empty() {
+            return Ok((watermark, None));
+        }
+        let [_] = r.take::<1>()?;
+        let mut events = Vec::new();
+        while !r.0.is_empty() {
+            let len = r.u16()? as usize;
+            events.push(r.text(len)?.to_owned());
+        }
+        Ok((watermark, Some(events)))
     }
 
     /// Reads fixed-width big-endian fields off the front of a record.

@@ -210,6 +210,7 @@ async fn idle_connections_beyond_the_cap_make_room_for_honest_senders() {
         held.push(connect().await);
     }
     // Each honest request on a fresh connection, as LeadFloAgent sends.
+    leadflo_relay::deliver::install_crypto_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(0)

@@ -380,7 +380,10 @@ impl Drop for RelayProcess {
 /// Opens the log of a stopped relay directly, as the offline CLI would.
 pub fn open_log(dir: &Path) -> Log {
     let config = test_config(dir);
-    Log::open(&leadflo_relay::app::log_options(&config)).expect("log opens after the relay stopped")
+    let log = Log::open(&leadflo_relay::app::log_options(&config))
+        .expect("log opens after the relay stopped");
+    log.load_watermarks().expect("watermarks load");
+    log
 }
 
 /// A loopback port where connections are refused and that no other socket

@@ -12,8 +12,10 @@ use std::collections::{BTreeSet, VecDeque};
 use bytes::Bytes;
 
 /// Most deliveries taken or settled above the watermark at once; reading
-/// stops while the window is full (the oldest taken one holds it back).
-pub const WINDOW: usize = 4096;
+/// stops while the window is full (the oldest taken one holds it back, e.g.
+/// an attempt hanging until its timeout). At most a few hundred KiB per
+/// target, and seconds of deliveries at the highest rates measured.
+pub const WINDOW: usize = 16_384;
 
 /// Fresh deliveries read ahead of the dispatcher's free slots: one range
 /// read of the log serves this many starts instead of one.

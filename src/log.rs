@@ -168,10 +168,13 @@ pub struct Subscription {
 
 impl Subscription {
     fn wants(&self, event: &str) -> bool {
-        self.events
-            .as_ref()
-            .is_none_or(|events| events.iter().any(|e| e == event))
+        takes(self.events.as_deref(), event)
     }
+}
+
+/// Whether a target that takes `events` (`None`: all) takes `event`.
+fn takes(events: Option<&[String]>, event: &str) -> bool {
+    events.is_none_or(|events| events.iter().any(|e| e == event))
 }
 
 /// A delivery's progress, stored as the value of its queue entry.
@@ -700,13 +703,12 @@ impl Log {
         watermark: u64,
         events: Option<Vec<String>>,
     ) -> Result<(), LogError> {
-        let filter = FreshQueue::new(watermark, events);
         let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
         let mut queued = 0u64;
         for item in self.db.range(start..vec![EVENT_PREFIX + 1]) {
             let (key, value) = item?;
             let event = decode_event_record(&key, &value)?;
-            if filter.wants(event.event) {
+            if takes(events.as_deref(), event.event) {
                 let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
                 self.db.insert(
                     queue_key(target, event.received_at_ms, id),

@@ -755,9 +755,22 @@ mod fresh {
         subscriptions: Vec<Subscription>,
         events: &[&str],
     ) -> (Log, Vec<EventId>) {
+        append(dir, subscriptions, events, true).await
+    }
+
+    /// The same, adopting the targets only with `adopt` (without, the
+    /// committer queues entries, as builds before watermarks did).
+    pub async fn append(
+        dir: &std::path::Path,
+        subscriptions: Vec<Subscription>,
+        events: &[&str],
+        adopt: bool,
+    ) -> (Log, Vec<EventId>) {
         let options = small_log(dir);
         let log = Log::open(&options).unwrap();
-        log.adopt_targets(&subscriptions).unwrap();
+        if adopt {
+            log.adopt_targets(&subscriptions).unwrap();
+        }
         let (committer, handle) = log
             .start_committer(&options, subscriptions, Arc::new(Metrics::new()))
             .unwrap();
@@ -921,25 +934,14 @@ async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
 #[tokio::test]
 async fn queue_entries_of_a_log_from_before_watermarks_are_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let options = small_log(dir.path());
-    let log = Log::open(&options).unwrap();
     // Not adopted: the committer queues entries, as builds before did.
-    let (committer, handle) = log
-        .start_committer(
-            &options,
-            vec![fresh::subscription("crm", None)],
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
-    let mut old = Vec::new();
-    for n in 0..2 {
-        let entry = leadflo_relay::log::Entry::Event {
-            event: "visitor_created".into(),
-            body: format!(r#"{{"event":"visitor_created","n":{n}}}"#).into(),
-        };
-        old.push(committer.append(entry).await.unwrap());
-    }
-    handle.close().await;
+    let (log, old) = fresh::append(
+        dir.path(),
+        vec![fresh::subscription("crm", None)],
+        &["visitor_created", "visitor_created"],
+        false,
+    )
+    .await;
     drop(log);
 
     let (log, new) = fresh::open_and_append(

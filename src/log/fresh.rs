@@ -62,9 +62,7 @@ impl FreshQueue {
     }
 
     pub fn wants(&self, event: &str) -> bool {
-        self.events
-            .as_ref()
-            .is_none_or(|events| events.iter().any(|e| e == event))
+        super::takes(self.events.as_deref(), event)
     }
 
     pub fn events(&self) -> Option<&[String]> {

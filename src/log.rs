@@ -19,9 +19,10 @@
 //!   event above the target's **watermark** that the target subscribes to
 //!   waits for it, due at its receive time; every one at or below it is
 //!   settled. The dispatcher reads them from the event range in id order,
-//!   body included ([`fresh`] keeps what it has taken and settled above the
-//!   watermark, in a bounded window); settling moves the watermark, which
-//!   is written every few tens of ms and at shutdown. So a new event costs
+//!   body included ([`fresh`] keeps what it has taken, and as ranges what
+//!   it has settled, above the watermark); settling moves the watermark to
+//!   below the oldest delivery still in flight, and it is written every few
+//!   tens of ms and at shutdown. So a new event costs
 //!   one sled insert (its record), and a delivery that succeeds costs no
 //!   write. A crash makes again what was settled since the watermark was
 //!   last written (at least once). The event types stored with the
@@ -71,6 +72,9 @@ use crate::crashpoint;
 use wal::{Frame, Wal};
 
 mod fresh;
+
+/// Most fresh deliveries a target has taken and not settled (see [`fresh`]).
+pub use fresh::WINDOW as FRESH_WINDOW;
 pub mod wal;
 use crate::metrics::Metrics;
 use fresh::FreshQueue;

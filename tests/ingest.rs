@@ -788,6 +788,60 @@ mod fresh {
     }
 }
 
+/// An attempt that hangs (until its timeout, say) holds the watermark
+/// below it, but not the deliveries after it: many more than the fresh
+/// window settle meanwhile, and once it settles nothing waits, in memory
+/// or after a restart.
+#[tokio::test]
+async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_log(dir.path());
+    let events = leadflo_relay::log::FRESH_WINDOW as u64 + 1_000;
+    {
+        let log = Log::open(&options).unwrap();
+        let subscriptions = vec![fresh::subscription("crm", None)];
+        log.adopt_targets(&subscriptions).unwrap();
+        let (committer, handle) = log
+            .start_committer(&options, subscriptions, Arc::new(Metrics::new()))
+            .unwrap();
+        let mut appends = tokio::task::JoinSet::new();
+        for n in 0..events {
+            let committer = committer.clone();
+            appends.spawn(async move {
+                let body = format!(r#"{{"event":"visitor_created","n":{n}}}"#);
+                let entry = leadflo_relay::log::Entry::Event {
+                    event: "visitor_created".into(),
+                    body: body.into(),
+                };
+                committer.append(entry).await.unwrap()
+            });
+        }
+        appends.join_all().await;
+        handle.close().await;
+
+        let mut batch = fresh::due(&log, "crm");
+        let hanging = batch.remove(0);
+        let mut settled = 0;
+        while !batch.is_empty() {
+            for delivery in &batch {
+                log.delivered("crm", delivery).unwrap();
+            }
+            settled += batch.len() as u64;
+            batch = fresh::due(&log, "crm");
+        }
+        assert_eq!(settled, events - 1, "deliveries after the hanging one");
+        assert_eq!(log.queued_count("crm"), 1);
+        log.delivered("crm", &hanging).unwrap();
+        assert_eq!(log.queued_count("crm"), 0);
+        log.save_backlog_counts(&["crm".to_string()]).unwrap();
+    }
+    let log = Log::open(&options).unwrap();
+    log.adopt_targets(&[fresh::subscription("crm", None)])
+        .unwrap();
+    assert_eq!(log.queued_count("crm"), 0);
+    assert!(fresh::due(&log, "crm").is_empty());
+}
+
 /// A new event's delivery to a target has no queue entry: it waits above
 /// the target's watermark and is read from the event itself, body
 /// included, once. It is found by id, counted, keeps its event from

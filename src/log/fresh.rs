@@ -4,17 +4,19 @@
 //! or below it has been settled (delivered, moved to an explicit queue
 //! entry by a failed attempt, or dead-lettered). This is the in-memory
 //! side: what the dispatcher has read past, taken and settled above the
-//! watermark, in a bounded window so that memory does not grow with the
-//! backlog.
+//! watermark. Settled ids are kept as ranges, joined whenever nothing
+//! between them waits, so memory follows the deliveries in flight, not the
+//! backlog, nor how long the oldest attempt takes.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
-/// Most deliveries taken or settled above the watermark at once; reading
-/// stops while the window is full (the oldest taken one holds it back, e.g.
-/// an attempt hanging until its timeout). At most a few hundred KiB per
-/// target, and seconds of deliveries at the highest rates measured.
+/// Most deliveries taken and not settled at once; reading stops while this
+/// many are (a safety bound: the dispatcher takes no more than it has
+/// free attempts for, plus [`READ_AHEAD`]). An attempt hanging until its
+/// timeout does not hold reading back: what settles after it joins one
+/// range however many there are.
 pub const WINDOW: usize = 16_384;
 
 /// Fresh deliveries read ahead of the dispatcher's free slots: one range
@@ -37,8 +39,11 @@ pub struct FreshQueue {
     read_to: u64,
     /// Handed out and not settled yet.
     taken: BTreeSet<u64>,
-    /// Settled above the watermark (an older one is still taken).
-    settled: BTreeSet<u64>,
+    /// Settled above the watermark (an older one is still taken), as
+    /// ranges first id → last id: every id in a range that is for this
+    /// target is settled. Two ranges join when every id between them has
+    /// been read and none is taken (see [`FreshQueue::joins`]).
+    settled: BTreeMap<u64, u64>,
     /// Taken, read and not handed out yet (see [`READ_AHEAD`]).
     pub ahead: VecDeque<ReadAhead>,
     /// No explicit queue entry is due before this (ms since the epoch), so
@@ -55,7 +60,7 @@ impl FreshQueue {
             saved: watermark,
             read_to: watermark,
             taken: BTreeSet::new(),
-            settled: BTreeSet::new(),
+            settled: BTreeMap::new(),
             ahead: VecDeque::new(),
             explicit_quiet_until: 0,
         }
@@ -78,17 +83,43 @@ impl FreshQueue {
     }
 
     pub fn is_full(&self) -> bool {
-        self.taken.len() + self.settled.len() >= WINDOW
+        self.taken.len() >= WINDOW
     }
 
     /// Taken or settled already: reading passes over it.
     pub fn is_busy(&self, id: u64) -> bool {
-        self.taken.contains(&id) || self.settled.contains(&id)
+        self.taken.contains(&id) || self.is_settled(id)
+    }
+
+    fn is_settled(&self, id: u64) -> bool {
+        self.settled
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, &last)| last >= id)
     }
 
     /// Reading went past `id` (taken, or not for this target).
     pub fn pass(&mut self, id: u64) {
-        self.read_to = self.read_to.max(id);
+        if id <= self.read_to {
+            return;
+        }
+        let from = self.read_to.saturating_add(2);
+        self.read_to = id;
+        // Ranges settled above where reading was (after a restart or a
+        // release) may join what is below them now that it has been read.
+        let end = id.saturating_add(1);
+        let mut cursor = from;
+        while cursor <= end
+            && let Some((&first, &last)) = self.settled.range(cursor..=end).next()
+        {
+            cursor = last.saturating_add(1);
+            if let Some((&below, &below_last)) = self.settled.range(..first).next_back()
+                && self.joins(below_last, first)
+            {
+                self.settled.remove(&first);
+                self.settled.insert(below, last);
+            }
+        }
     }
 
     pub fn take(&mut self, id: u64) {
@@ -99,7 +130,7 @@ impl FreshQueue {
     /// Whether the delivery of `id` waits (taken ones included); the
     /// caller checks that the event exists and is for this target.
     pub fn waits(&self, id: u64) -> bool {
-        id > self.watermark && !self.settled.contains(&id)
+        id > self.watermark && !self.is_settled(id)
     }
 
     /// `id` is settled; returns whether the watermark moved.
@@ -107,7 +138,7 @@ impl FreshQueue {
         if !self.taken.remove(&id) || id <= self.watermark {
             return false;
         }
-        self.settled.insert(id);
+        self.insert_settled(id);
         self.advance()
     }
 
@@ -115,8 +146,35 @@ impl FreshQueue {
     /// written (it has a queue entry or a dead letter now).
     pub fn settled_before(&mut self, id: u64) {
         if id > self.watermark {
-            self.settled.insert(id);
+            self.insert_settled(id);
         }
+    }
+
+    fn insert_settled(&mut self, id: u64) {
+        let (mut first, mut last) = (id, id);
+        if let Some((&below, &below_last)) = self.settled.range(..=id).next_back() {
+            if below_last >= id {
+                return;
+            }
+            if self.joins(below_last, id) {
+                first = below;
+            }
+        }
+        if let Some((&above, &above_last)) = self.settled.range(id + 1..).next()
+            && self.joins(id, above)
+        {
+            self.settled.remove(&above);
+            last = above_last;
+        }
+        self.settled.insert(first, last);
+    }
+
+    /// Whether a range ending at `last` and one starting at `first` join:
+    /// every id between them has been read (a released one never has: it
+    /// lies above where reading is) and none is taken.
+    fn joins(&self, last: u64, first: u64) -> bool {
+        first <= self.read_to.saturating_add(1)
+            && self.taken.range(last + 1..first).next().is_none()
     }
 
     /// Whether the watermark moved since it was last written.
@@ -141,7 +199,13 @@ impl FreshQueue {
             return false;
         }
         self.watermark = limit;
-        self.settled = self.settled.split_off(&(limit + 1));
+        let mut above = self.settled.split_off(&(limit + 1));
+        if let Some((_, &last)) = self.settled.last_key_value()
+            && last > limit
+        {
+            above.insert(limit + 1, last);
+        }
+        self.settled = above;
         true
     }
 }
@@ -195,16 +259,81 @@ mod tests {
     }
 
     #[test]
-    fn the_window_is_bounded() {
+    fn a_hanging_oldest_delivery_does_not_hold_reading_back() {
         let mut q = FreshQueue::new(0, None);
         q.take(1);
-        for id in 2..=WINDOW as u64 {
+        // Many times the window settles after it, with ids not for this
+        // target between them and a few in flight at any time.
+        let mut next = 2;
+        for _ in 0..4 * WINDOW {
+            assert!(!q.is_full());
+            q.take(next);
+            q.pass(next + 1);
+            q.take(next + 2);
+            assert!(!q.settle(next));
+            assert!(!q.settle(next + 2));
+            next += 3;
+        }
+        // One range: memory does not grow with what settled.
+        assert_eq!(q.settled.len(), 1);
+        assert_eq!(q.watermark(), 0);
+        assert!(q.waits(1) && !q.waits(2) && !q.waits(next - 1));
+        assert!(q.settle(1));
+        assert_eq!(q.watermark(), next - 1);
+        assert!(q.settled.is_empty());
+    }
+
+    #[test]
+    fn settled_ranges_join_only_over_what_was_read() {
+        // After a restart: 5 and 7 were settled by the last run; reading
+        // has not reached them, so 6 (and 1..4) may still wait.
+        let mut q = FreshQueue::new(0, None);
+        q.settled_before(5);
+        q.settled_before(7);
+        assert_eq!(q.settled.len(), 2);
+        assert!(q.waits(6) && !q.waits(5) && !q.waits(7));
+        q.take(2);
+        q.pass(4);
+        // Reading passes 5 and 6 is taken: 7 still may not join.
+        q.take(6);
+        assert!(q.is_busy(5) && q.is_busy(7));
+        assert!(q.settle(2));
+        assert_eq!(q.watermark(), 5);
+        assert!(q.waits(6) && !q.waits(7));
+        // Reading has not passed 7: the watermark stops below it.
+        assert!(q.settle(6));
+        assert_eq!(q.watermark(), 6);
+        q.take(9);
+        assert!(q.settle(9));
+        assert_eq!(q.watermark(), 9);
+        assert!(q.settled.is_empty());
+    }
+
+    #[test]
+    fn reading_past_ranges_settled_by_the_last_run_joins_them() {
+        let mut q = FreshQueue::new(0, None);
+        for id in [5, 7, 9] {
+            q.settled_before(id);
+        }
+        q.take(2);
+        // 6 and 8 are not for this target.
+        q.pass(10);
+        assert_eq!(q.settled.len(), 1);
+        assert!(q.is_busy(5) && q.is_busy(9) && !q.waits(6));
+        assert!(q.settle(2));
+        assert_eq!(q.watermark(), 10);
+        assert!(q.settled.is_empty());
+    }
+
+    #[test]
+    fn the_window_bounds_what_is_taken() {
+        let mut q = FreshQueue::new(0, None);
+        for id in 1..=WINDOW as u64 {
+            assert!(!q.is_full());
             q.take(id);
-            q.settle(id);
         }
         assert!(q.is_full());
         assert!(q.settle(1));
         assert!(!q.is_full());
-        assert_eq!(q.watermark(), WINDOW as u64);
     }
 }

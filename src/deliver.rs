@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 
 use crate::config::Secret;
 use crate::log::EventId;
@@ -18,6 +18,13 @@ use crate::retry::parse_retry_after;
 pub const REASON_BODY_BYTES: usize = 256;
 
 pub const USER_AGENT_VALUE: &str = concat!("leadflo-relay/", env!("CARGO_PKG_VERSION"));
+
+/// The event's id, the same on every attempt (see the README).
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Which attempt this is, from 1.
+const RELAY_ATTEMPT: HeaderName = HeaderName::from_static("x-relay-attempt");
+/// The target's own secret, when it has one.
+const WEBHOOK_SECRET: HeaderName = HeaderName::from_static("x-webhook-secret");
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,11 +124,11 @@ impl Deliverer {
         let mut request = self
             .client
             .post(self.url.clone())
-            .header("idempotency-key", id.to_string())
-            .header("x-relay-attempt", attempt.to_string())
+            .header(IDEMPOTENCY_KEY, HeaderValue::from(id.0))
+            .header(RELAY_ATTEMPT, HeaderValue::from(attempt))
             .body(body);
         if let Some(secret) = &self.secret {
-            request = request.header("x-webhook-secret", secret.clone());
+            request = request.header(WEBHOOK_SECRET, secret.clone());
         }
         // reqwest's own timeout covers the body too; this guards the rest.
         let sent = tokio::time::timeout(self.timeout, async {

@@ -199,18 +199,24 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(joined) = attempts.join_next_with_id(), if !attempts.is_empty() => {
-                match joined {
-                    Ok((task, verdict)) => {
-                        in_flight.remove(&task);
-                        record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
-                    }
-                    Err(err) => {
-                        // The delivery stays queued; it is tried again later.
-                        if let Some((id, fresh)) = in_flight.remove(&err.id()) {
-                            log.release(&target.name, id, fresh);
+                let mut joined = Some(joined);
+                // Those that finished meanwhile too: one pass of the loop
+                // then starts as many.
+                while let Some(done) = joined {
+                    match done {
+                        Ok((task, verdict)) => {
+                            in_flight.remove(&task);
+                            record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
                         }
-                        tracing::error!(target = %target.name, "a delivery attempt panicked");
+                        Err(err) => {
+                            // The delivery stays queued; it is tried again later.
+                            if let Some((id, fresh)) = in_flight.remove(&err.id()) {
+                                log.release(&target.name, id, fresh);
+                            }
+                            tracing::error!(target = %target.name, "a delivery attempt panicked");
+                        }
                     }
+                    joined = attempts.try_join_next_with_id();
                 }
             }
             _ = target.wake.notified() => {}

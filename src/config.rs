@@ -278,7 +278,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("./data"),
-            cache_capacity_bytes: 16 * 1024 * 1024,
+            cache_capacity_bytes: 8 * 1024 * 1024,
             commit_timeout: HumanDuration(Duration::from_secs(3)),
             checkpoint_interval: HumanDuration(Duration::from_secs(1)),
             quarantine_max_events: 1000,

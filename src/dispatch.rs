@@ -118,6 +118,7 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
     let mut cursor: Option<(u64, EventId)> = None;
     let circuit_gauge = metrics.circuit_open.with_label_values(&[&target.name]);
     circuit_gauge.set(0);
+    let counted = Arc::new(AttemptMetrics::new(&metrics, &target.name));
 
     loop {
         let mut wake_at = Instant::now() + MAX_IDLE;
@@ -162,9 +163,9 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                     for delivery in due {
                         limiter.take();
                         let id = (delivery.id, delivery.fresh);
-                        let (log, target, metrics) = (log.clone(), target.clone(), metrics.clone());
+                        let (log, target, counted) = (log.clone(), target.clone(), counted.clone());
                         let task = attempts
-                            .spawn(async move { attempt(&log, &target, &metrics, delivery).await });
+                            .spawn(async move { attempt(&log, &target, &counted, delivery).await });
                         in_flight.insert(task.id(), id);
                     }
                     if let Some(due_ms) = next_due_ms {
@@ -287,8 +288,40 @@ fn record_verdict(
     }
 }
 
+/// A target's attempt metrics, looked up once (each lookup by label hashes
+/// the labels and takes a lock).
+struct AttemptMetrics {
+    duration: prometheus::Histogram,
+    success: prometheus::IntCounter,
+    retry: prometheus::IntCounter,
+    dead: prometheus::IntCounter,
+    last_success: prometheus::Gauge,
+}
+
+impl AttemptMetrics {
+    fn new(metrics: &Metrics, target: &str) -> AttemptMetrics {
+        let attempts = |outcome| {
+            metrics
+                .delivery_attempts
+                .with_label_values(&[target, outcome])
+        };
+        AttemptMetrics {
+            duration: metrics.delivery_duration.with_label_values(&[target]),
+            success: attempts("success"),
+            retry: attempts("retry"),
+            dead: attempts("dead"),
+            last_success: metrics.last_success.with_label_values(&[target]),
+        }
+    }
+}
+
 /// Makes one attempt of `delivery` and records its outcome in the log.
-async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delivery) -> Verdict {
+async fn attempt(
+    log: &Log,
+    target: &Target,
+    metrics: &AttemptMetrics,
+    delivery: Delivery,
+) -> Verdict {
     let name = target.name.as_str();
     let body = match delivery
         .body
@@ -312,10 +345,7 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
     let started = Instant::now();
     let started_ms = now_ms();
     let outcome = target.deliverer.attempt(delivery.id, number, body).await;
-    metrics
-        .delivery_duration
-        .with_label_values(&[name])
-        .observe(started.elapsed().as_secs_f64());
+    metrics.duration.observe(started.elapsed().as_secs_f64());
 
     let mut state = DeliveryState {
         attempts: number,
@@ -329,12 +359,8 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
     };
     let (verdict, recorded) = match outcome {
         Outcome::Delivered { .. } => {
-            metrics
-                .delivery_attempts
-                .with_label_values(&[name, "success"])
-                .inc();
-            let seconds = now_ms() as f64 / 1000.0;
-            metrics.last_success.with_label_values(&[name]).set(seconds);
+            metrics.success.inc();
+            metrics.last_success.set(now_ms() as f64 / 1000.0);
             crate::crashpoint::reached(crate::crashpoint::DELIVERY_ANSWERED);
             (Verdict::Healthy, log.delivered(name, &delivery))
         }
@@ -356,16 +382,10 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
                     "gave up after {number} attempts over the retry window of {}; last: {failure}",
                     crate::config::HumanDuration(target.policy.max_age)
                 );
-                metrics
-                    .delivery_attempts
-                    .with_label_values(&[name, "dead"])
-                    .inc();
+                metrics.dead.inc();
                 (Verdict::Failing, bury(log, name, &delivery, &state, reason))
             } else {
-                metrics
-                    .delivery_attempts
-                    .with_label_values(&[name, "retry"])
-                    .inc();
+                metrics.retry.inc();
                 (
                     Verdict::Failing,
                     log.reschedule(name, &delivery, due_ms, &state),
@@ -379,10 +399,7 @@ async fn attempt(log: &Log, target: &Target, metrics: &Metrics, delivery: Delive
             } else {
                 format!("HTTP {status} (not retryable): {body}")
             };
-            metrics
-                .delivery_attempts
-                .with_label_values(&[name, "dead"])
-                .inc();
+            metrics.dead.inc();
             (
                 Verdict::Answered,
                 bury(log, name, &delivery, &state, reason),

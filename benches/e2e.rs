@@ -33,7 +33,8 @@
 //! `-- --backlog N`: ingests N events while the target is down, then
 //! restarts the relay with the target up and measures the relay's peak RSS,
 //! the time from start to `/readyz` with that backlog, its RSS then (the
-//! open store's own), the drain rate and the relay's CPU per delivery; then,
+//! open store's own), the drain rate (and its ratio to the rate the same run
+//! ingested at: 64 senders, target down) and the relay's CPU per delivery; then,
 //! as the bound, the **delivery floor**: the relay's own delivery client,
 //! in a process of its own with no log, at the same concurrency into the
 //! same target.
@@ -668,11 +669,12 @@ async fn backlog_mode(events: u64) {
     let (floor_rate, floor_cpu_us) = delivery_floor(&url, floor_count, TARGET_CONCURRENCY);
     println!();
     println!(
-        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | RSS at ready | drain | drain rate | relay CPU µs/delivery | peak RSS (drain) |"
+        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | RSS at ready | drain | drain rate | drain / ingest rate | relay CPU µs/delivery | peak RSS (drain) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let ingest_rate = sent as f64 / ingest_time.as_secs_f64();
     println!(
-        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {} | {} | {cpu_us:.0} | {:.1} MiB |",
+        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {} | {} | {} | {cpu_us:.0} | {:.1} MiB |",
         ingest_time.as_secs_f64(),
         store as f64 / 1048576.0,
         rss_ingest as f64 / 1048576.0,
@@ -685,6 +687,10 @@ async fn backlog_mode(events: u64) {
         drain.map_or("—".into(), |d| format!(
             "{:.0}/s",
             sent as f64 / d.as_secs_f64()
+        )),
+        drain.map_or("—".into(), |d| format!(
+            "{:.2}× ({ingest_rate:.0}/s)",
+            sent as f64 / d.as_secs_f64() / ingest_rate
         )),
         rss_drain as f64 / 1048576.0,
     );

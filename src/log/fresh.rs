@@ -336,4 +336,123 @@ mod tests {
         assert!(q.settle(1));
         assert!(!q.is_full());
     }
+
+    /// The ranges against the plainest model: a set of every settled id
+    /// (what this module kept before ranges), under random reading,
+    /// settling, releasing and ids settled by an earlier run.
+    mod against_a_set {
+        use super::*;
+        use proptest::prelude::*;
+
+        const IDS: u64 = 48;
+
+        #[derive(Default)]
+        struct Model {
+            watermark: u64,
+            read_to: u64,
+            taken: BTreeSet<u64>,
+            settled: BTreeSet<u64>,
+        }
+
+        impl Model {
+            fn busy(&self, id: u64) -> bool {
+                self.taken.contains(&id) || self.settled.contains(&id)
+            }
+            fn settle(&mut self, id: u64) {
+                self.taken.remove(&id);
+                self.settled.insert(id);
+                let limit = match self.taken.first() {
+                    Some(&oldest) => (oldest - 1).min(self.read_to),
+                    None => self.read_to,
+                };
+                if limit > self.watermark {
+                    self.watermark = limit;
+                    self.settled = self.settled.split_off(&(limit + 1));
+                }
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Read on up to this many ids.
+            Read(u64),
+            /// Settle the n-th taken one (modulo how many there are).
+            Settle(usize),
+            Release(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (1..8u64).prop_map(Op::Read),
+                any::<usize>().prop_map(Op::Settle),
+                any::<usize>().prop_map(Op::Release),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn ranges_answer_as_the_set_does(
+                for_target in proptest::collection::vec(any::<bool>(), IDS as usize),
+                before in proptest::collection::btree_set(1..=IDS, 0..6),
+                ops in proptest::collection::vec(op(), 1..60),
+            ) {
+                let mine = |id: u64| for_target[(id - 1) as usize];
+                let mut q = FreshQueue::new(0, None);
+                let mut m = Model::default();
+                for &id in before.iter().filter(|&&id| mine(id)) {
+                    q.settled_before(id);
+                    m.settled.insert(id);
+                }
+                for op in ops {
+                    match op {
+                        Op::Read(n) => {
+                            // As `take_fresh` reads: skip what is busy,
+                            // take what is for the target, pass the rest.
+                            let end = (m.read_to + n).min(IDS);
+                            for id in m.read_to + 1..=end {
+                                // (A range also covers ids not for the
+                                // target: busy or not, they are passed.)
+                                if mine(id) {
+                                    prop_assert_eq!(q.is_busy(id), m.busy(id), "id {}", id);
+                                    if m.busy(id) {
+                                        continue;
+                                    }
+                                }
+                                if mine(id) {
+                                    q.take(id);
+                                    m.taken.insert(id);
+                                } else {
+                                    q.pass(id);
+                                }
+                                m.read_to = m.read_to.max(id);
+                            }
+                        }
+                        Op::Settle(n) if !m.taken.is_empty() => {
+                            let id = *m.taken.iter().nth(n % m.taken.len()).unwrap();
+                            q.settle(id);
+                            m.settle(id);
+                        }
+                        Op::Release(n) if !m.taken.is_empty() => {
+                            let id = *m.taken.iter().nth(n % m.taken.len()).unwrap();
+                            q.release(id);
+                            m.taken.remove(&id);
+                            m.read_to = m.read_to.min(id - 1);
+                        }
+                        _ => {}
+                    }
+                    prop_assert_eq!(q.watermark(), m.watermark);
+                    prop_assert_eq!(q.read_to(), m.read_to);
+                    for id in (1..=IDS).filter(|&id| mine(id)) {
+                        prop_assert_eq!(q.waits(id), id > m.watermark && !m.settled.contains(&id), "id {}", id);
+                    }
+                    // Memory follows what is in flight, not what settled:
+                    // up to where reading is, ranges are apart only where
+                    // something is taken (above it lie only ids settled
+                    // after a release, or by the last run).
+                    let reached = q.settled.range(..=q.read_to() + 1).count();
+                    prop_assert!(reached <= q.taken.len() + 1, "{} ranges", reached);
+                }
+            }
+        }
+    }
 }

@@ -8,7 +8,9 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{
+    CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
 
 use crate::config::Secret;
 use crate::log::EventId;
@@ -25,6 +27,9 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const RELAY_ATTEMPT: HeaderName = HeaderName::from_static("x-relay-attempt");
 /// The target's own secret, when it has one.
 const WEBHOOK_SECRET: HeaderName = HeaderName::from_static("x-webhook-secret");
+/// Room for every header a request carries (ours, the client's defaults,
+/// `host` and `content-length`), so that none is added to a full map.
+const REQUEST_HEADERS: usize = 12;
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +85,9 @@ pub fn is_retryable_status(status: u16) -> bool {
 pub struct Deliverer {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// The `host` header hyper would otherwise format for every HTTP/1
+    /// request; none for `https`, which may negotiate HTTP/2 (`:authority`).
+    host: Option<HeaderValue>,
     secret: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -111,9 +119,14 @@ impl Deliverer {
             }
             None => None,
         };
+        let host = match url.scheme() {
+            "http" => Some(host_header(&url)?),
+            _ => None,
+        };
         Ok(Deliverer {
             client,
             url,
+            host,
             secret,
             timeout,
         })
@@ -121,18 +134,27 @@ impl Deliverer {
 
     /// POSTs `body` as attempt number `attempt` (1-based) of event `id`.
     pub async fn attempt(&self, id: EventId, attempt: u32, body: Bytes) -> Outcome {
-        let mut request = self
-            .client
-            .post(self.url.clone())
-            .header(IDEMPOTENCY_KEY, HeaderValue::from(id.0))
-            .header(RELAY_ATTEMPT, HeaderValue::from(attempt))
-            .body(body);
-        if let Some(secret) = &self.secret {
-            request = request.header(WEBHOOK_SECRET, secret.clone());
+        // The request's headers in a map with room for all of them, `host`
+        // and `content-length` included: reqwest hands hyper a copy of the
+        // map sized to what it holds, and every header added to that copy
+        // (hyper adds those two when missing) grew it, two allocations and
+        // a formatted host per delivery.
+        let mut headers = HeaderMap::with_capacity(REQUEST_HEADERS);
+        if let Some(host) = &self.host {
+            headers.insert(HOST, host.clone());
         }
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.insert(IDEMPOTENCY_KEY, HeaderValue::from(id.0));
+        headers.insert(RELAY_ATTEMPT, HeaderValue::from(attempt));
+        if let Some(secret) = &self.secret {
+            headers.insert(WEBHOOK_SECRET, secret.clone());
+        }
+        let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
+        *request.headers_mut() = headers;
+        *request.body_mut() = Some(body.into());
         // reqwest's own timeout covers the body too; this guards the rest.
         let sent = tokio::time::timeout(self.timeout, async {
-            let response = request.send().await?;
+            let response = self.client.execute(request).await?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -164,6 +186,19 @@ impl Deliverer {
             Ok(Ok((status, _, body))) => Outcome::Reject { status, body },
         }
     }
+}
+
+/// The `host` header of requests to `url`: its host, and its port unless
+/// that is the scheme's default (what hyper would send).
+fn host_header(url: &reqwest::Url) -> anyhow::Result<HeaderValue> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| anyhow::anyhow!("the target URL has no host"))?;
+    let value = match url.port() {
+        Some(port) => HeaderValue::try_from(format!("{host}:{port}")),
+        None => HeaderValue::try_from(host),
+    };
+    value.map_err(|_| anyhow::anyhow!("the target URL's host is not a valid header value"))
 }
 
 fn classify(err: &reqwest::Error) -> Failure {
@@ -202,6 +237,21 @@ pub fn install_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_header_has_the_port_only_when_it_is_not_the_default() {
+        let host = |url: &str| host_header(&url.parse().unwrap()).unwrap();
+        assert_eq!(host("http://127.0.0.1:8080/hook"), "127.0.0.1:8080");
+        assert_eq!(host("http://crm.example.com/hook"), "crm.example.com");
+        assert_eq!(host("http://crm.example.com:80/hook"), "crm.example.com");
+        assert_eq!(host("https://crm.example.com:443/x"), "crm.example.com");
+        assert_eq!(
+            host("https://crm.example.com:8443/x"),
+            "crm.example.com:8443"
+        );
+        assert_eq!(host("http://[::1]:9000/"), "[::1]:9000");
+        assert_eq!(host("https://bücher.example/"), "xn--bcher-kva.example");
+    }
 
     #[test]
     fn retryable_statuses_are_exactly_the_documented_ones() {

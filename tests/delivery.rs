@@ -69,6 +69,22 @@ async fn fans_out_by_event_filter_with_exact_bodies_and_headers() {
     assert_eq!(at_crm[0].header("x-relay-attempt"), "1");
     assert_eq!(at_crm[0].header("content-type"), "application/json");
     assert!(at_crm[0].header("user-agent").starts_with("leadflo-relay/"));
+    // The relay sets these itself (hyper would otherwise add them): each
+    // exactly once, with what hyper would have sent.
+    let crm_url: reqwest::Url = crm.url().parse().unwrap();
+    let authority = format!(
+        "{}:{}",
+        crm_url.host_str().unwrap(),
+        crm_url.port().unwrap()
+    );
+    for (name, value) in [
+        ("host", authority),
+        ("content-length", lead.len().to_string()),
+    ] {
+        let values: Vec<_> = at_crm[0].headers.get_all(name).iter().collect();
+        assert_eq!(values, [value.as_str()], "{name}");
+    }
+    assert!(at_crm[0].headers.get("transfer-encoding").is_none());
     assert_eq!(
         at_crm[0].header("x-webhook-secret"),
         "",

@@ -27,6 +27,15 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const RELAY_ATTEMPT: HeaderName = HeaderName::from_static("x-relay-attempt");
 /// The target's own secret, when it has one.
 const WEBHOOK_SECRET: HeaderName = HeaderName::from_static("x-webhook-secret");
+/// The most of an answer's body that is read (past a rejection's reason), only
+/// so that its keep-alive connection can serve the next delivery: hyper
+/// closes a connection whose response body was dropped before its end, and
+/// CRMs answer with a JSON body. A longer body is dropped with its
+/// connection rather than read to no purpose.
+const DRAIN_BODY_BYTES: usize = 64 * 1024;
+/// How long the rest of such a body may take to arrive; after that the
+/// connection is closed. The outcome is already known: this never changes it.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// Room for every header a request carries (ours, the client's defaults,
 /// `host` and `content-length`), so that none is added to a full map.
 const REQUEST_HEADERS: usize = 12;
@@ -154,7 +163,7 @@ impl Deliverer {
         *request.body_mut() = Some(body.into());
         // reqwest's own timeout covers the body too; this guards the rest.
         let sent = tokio::time::timeout(self.timeout, async {
-            let response = self.client.execute(request).await?;
+            let mut response = self.client.execute(request).await?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -164,11 +173,20 @@ impl Deliverer {
             let body = if (200..300).contains(&status) || is_retryable_status(status) {
                 String::new()
             } else {
-                read_prefix(response).await
+                read_prefix(&mut response).await
             };
-            Ok::<_, reqwest::Error>((status, retry_after, body))
+            Ok::<_, reqwest::Error>((status, retry_after, body, response))
         })
         .await;
+        let sent = match sent {
+            Ok(Ok((status, retry_after, body, response))) => {
+                let wait = DRAIN_WAIT.min(self.timeout);
+                let _ = tokio::time::timeout(wait, drain(response)).await;
+                Ok(Ok((status, retry_after, body)))
+            }
+            Ok(Err(err)) => Ok(Err(err)),
+            Err(elapsed) => Err(elapsed),
+        };
         match sent {
             Err(_) => Outcome::Retry {
                 failure: Failure::Timeout,
@@ -212,7 +230,7 @@ fn classify(err: &reqwest::Error) -> Failure {
 }
 
 /// The first bytes of a response body, as lossy text, for a dead letter.
-async fn read_prefix(mut response: reqwest::Response) -> String {
+async fn read_prefix(response: &mut reqwest::Response) -> String {
     let mut kept = Vec::new();
     while kept.len() < REASON_BODY_BYTES {
         match response.chunk().await {
@@ -222,6 +240,18 @@ async fn read_prefix(mut response: reqwest::Response) -> String {
     }
     kept.truncate(REASON_BODY_BYTES);
     String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// Reads and discards what is left of a response body, up to
+/// [`DRAIN_BODY_BYTES`], so that its connection goes back to the pool.
+async fn drain(mut response: reqwest::Response) {
+    let mut read = 0;
+    while read <= DRAIN_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            _ => return,
+        }
+    }
 }
 
 /// reqwest is built without a default TLS crypto provider (aws-lc-rs costs

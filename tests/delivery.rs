@@ -5,6 +5,8 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::receiver::{Receiver, Reply};
@@ -603,5 +605,131 @@ async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() 
             "event {id} not delivered after the outage"
         );
     }
+    relay.stop().await;
+}
+
+/// A target that writes each answer's head and its body apart, as servers
+/// that flush the head first do: a 200 head, then, a moment later, a JSON
+/// body. It counts the connections it accepted and the answers it began.
+struct SplitAnswers {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SplitAnswers {
+    const BODY: &'static str = r#"{"status":"ok","id":"contact_1"}"#;
+
+    async fn start() -> SplitAnswers {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (counted, done) = (connections.clone(), answered.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(SplitAnswers::serve(stream, done.clone()));
+            }
+        });
+        SplitAnswers {
+            addr,
+            connections,
+            answered,
+            accept,
+        }
+    }
+
+    /// Answers every request on one keep-alive connection until it closes.
+    async fn serve(mut stream: tokio::net::TcpStream, answered: Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let head_end = loop {
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while buf.len() < head_end + length {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..head_end + length);
+            let answer_head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                Self::BODY.len()
+            );
+            if stream.write_all(answer_head.as_bytes()).await.is_err() {
+                return;
+            }
+            answered.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if stream.write_all(Self::BODY.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+}
+
+impl Drop for SplitAnswers {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_target_answering_with_a_body_keeps_one_connection() {
+    let crm = SplitAnswers::start().await;
+    let relay = TestRelay::start_with(|c| {
+        let mut crm_target = target("crm", &crm.url());
+        crm_target.concurrency = 1;
+        c.targets = vec![crm_target];
+    })
+    .await;
+    const EVENTS: usize = 10;
+    for n in 0..EVENTS {
+        send(&relay, visitor(n)).await;
+        eventually("the target's answer", WAIT, async || {
+            (crm.answered.load(Ordering::SeqCst) > n).then_some(())
+        })
+        .await;
+    }
+    // Unread, the body a 200 brought would have closed each connection: one
+    // new connection per delivery. Read, it leaves the connection in the
+    // pool (a second one is allowed for the pool's own races).
+    let connections = crm.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "{connections} connections for {EVENTS} deliveries"
+    );
+    // Each 200 counts though its body came late: every event delivered once.
+    let success = r#"leadflo_relay_delivery_attempts_total{outcome="success",target="crm"}"#;
+    eventually("every delivery recorded", WAIT, async || {
+        let delivered = metric_value(&metrics_text(relay.admin).await, success);
+        (delivered == Some(EVENTS as f64)).then_some(())
+    })
+    .await;
+    let metrics = metrics_text(relay.admin).await;
+    let retried = r#"leadflo_relay_delivery_attempts_total{outcome="retry",target="crm"}"#;
+    assert_eq!(metric_value(&metrics, retried).unwrap_or(0.0), 0.0);
+    assert_eq!(crm.answered.load(Ordering::SeqCst), EVENTS);
     relay.stop().await;
 }

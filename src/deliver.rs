@@ -111,13 +111,20 @@ impl Deliverer {
         let mut headers = HeaderMap::new();
         headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
+            .pool_idle_timeout(Duration::from_secs(60));
+        if url.scheme() == "http" {
+            // reqwest's own retries are only for HTTP/2's refused streams and
+            // graceful shutdowns, which plain http (HTTP/1.1 here) never
+            // sees; yet its retry layer copies every request, headers and
+            // all, in case. No retries: no copy.
+            builder = builder.retry(reqwest::retry::never().max_retries_per_request(0));
+        }
+        let client = builder.build()?;
         let secret = match secret {
             Some(secret) => {
                 let mut value = HeaderValue::from_bytes(secret.expose()).map_err(|_| {

@@ -169,7 +169,7 @@ impl Deliverer {
         *request.headers_mut() = headers;
         *request.body_mut() = Some(body.into());
         // reqwest's own timeout covers the body too; this guards the rest.
-        let sent = tokio::time::timeout(self.timeout, async {
+        let mut sent = tokio::time::timeout(self.timeout, async {
             let mut response = self.client.execute(request).await?;
             let status = response.status().as_u16();
             let retry_after = response
@@ -185,15 +185,10 @@ impl Deliverer {
             Ok::<_, reqwest::Error>((status, retry_after, body, response))
         })
         .await;
-        let sent = match sent {
-            Ok(Ok((status, retry_after, body, response))) => {
-                let wait = DRAIN_WAIT.min(self.timeout);
-                let _ = tokio::time::timeout(wait, drain(response)).await;
-                Ok(Ok((status, retry_after, body)))
-            }
-            Ok(Err(err)) => Ok(Err(err)),
-            Err(elapsed) => Err(elapsed),
-        };
+        if let Ok(Ok((.., response))) = &mut sent {
+            let wait = DRAIN_WAIT.min(self.timeout);
+            let _ = tokio::time::timeout(wait, drain(response)).await;
+        }
         match sent {
             Err(_) => Outcome::Retry {
                 failure: Failure::Timeout,
@@ -203,12 +198,14 @@ impl Deliverer {
                 failure: classify(&err),
                 retry_after: None,
             },
-            Ok(Ok((status, _, _))) if (200..300).contains(&status) => Outcome::Delivered { status },
-            Ok(Ok((status, retry_after, _))) if is_retryable_status(status) => Outcome::Retry {
+            Ok(Ok((status, _, _, _))) if (200..300).contains(&status) => {
+                Outcome::Delivered { status }
+            }
+            Ok(Ok((status, retry_after, _, _))) if is_retryable_status(status) => Outcome::Retry {
                 failure: Failure::Status(status),
                 retry_after,
             },
-            Ok(Ok((status, _, body))) => Outcome::Reject { status, body },
+            Ok(Ok((status, _, body, _))) => Outcome::Reject { status, body },
         }
     }
 }
@@ -251,7 +248,7 @@ async fn read_prefix(response: &mut reqwest::Response) -> String {
 
 /// Reads and discards what is left of a response body, up to
 /// [`DRAIN_BODY_BYTES`], so that its connection goes back to the pool.
-async fn drain(mut response: reqwest::Response) {
+async fn drain(response: &mut reqwest::Response) {
     let mut read = 0;
     while read <= DRAIN_BODY_BYTES {
         match response.chunk().await {

@@ -646,14 +646,25 @@ impl SplitAnswers {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
+        // Appends what arrives to `buf`; false once the connection is over.
+        let mut read_more =
+            async |stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>| match stream
+                .read(&mut chunk)
+                .await
+            {
+                Ok(0) | Err(_) => false,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    true
+                }
+            };
         loop {
             let head_end = loop {
                 if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     break at + 4;
                 }
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             };
             let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
@@ -663,9 +674,8 @@ impl SplitAnswers {
                 .map(|v| v.trim().parse().unwrap())
                 .unwrap_or(0);
             while buf.len() < head_end + length {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             }
             buf.drain(..head_end + length);

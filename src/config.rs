@@ -582,7 +582,8 @@ impl Config {
             if let Ok(mut url) = reqwest::Url::parse(&target.url) {
                 if url.password().is_some() {
                     let _ = url.set_password(Some("[redacted]"));
-                    target.url = url.to_string();
+                    // Readable, not percent-encoded: this is for people.
+                    target.url = url.to_string().replacen("%5Bredacted%5D", "[redacted]", 1);
                 }
             }
         }
@@ -967,6 +968,16 @@ url = "https://hooks.slack.com/services/T000/B000/XXXX"
         assert!(
             !err.contains("pw@"),
             "errors must not print URL credentials: {err}"
+        );
+        let config = Config::parse(
+            "[[targets]]\nname = \"a\"\nurl = \"https://user:pw-s3cr3t@x.example/hook\"\n",
+            "f",
+        )
+        .unwrap();
+        let shown = config.to_toml();
+        assert!(
+            shown.contains("https://user:[redacted]@x.example/hook") && !shown.contains("s3cr3t"),
+            "config check must not print URL passwords: {shown}"
         );
     }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{
-    CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
+    RETRY_AFTER, USER_AGENT,
 };
 
 use crate::config::Secret;
@@ -97,6 +98,8 @@ pub struct Deliverer {
     /// The `host` header hyper would otherwise format for every HTTP/1
     /// request; none for `https`, which may negotiate HTTP/2 (`:authority`).
     host: Option<HeaderValue>,
+    /// From credentials in the target's URL, if any.
+    authorization: Option<HeaderValue>,
     secret: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -125,6 +128,13 @@ impl Deliverer {
             builder = builder.retry(reqwest::retry::never().max_retries_per_request(0));
         }
         let client = builder.build()?;
+        // Credentials in the URL (`https://user:pass@host/…`) become an
+        // `Authorization: Basic` header, as reqwest's request builder makes
+        // them (percent-decoded, marked sensitive); the URL then goes without
+        // them. `attempt` builds its request directly, which skips that step.
+        let probe = client.post(url).build()?;
+        let authorization = probe.headers().get(AUTHORIZATION).cloned();
+        let url = probe.url().clone();
         let secret = match secret {
             Some(secret) => {
                 let mut value = HeaderValue::from_bytes(secret.expose()).map_err(|_| {
@@ -143,6 +153,7 @@ impl Deliverer {
             client,
             url,
             host,
+            authorization,
             secret,
             timeout,
         })
@@ -164,6 +175,9 @@ impl Deliverer {
         headers.insert(RELAY_ATTEMPT, HeaderValue::from(attempt));
         if let Some(secret) = &self.secret {
             headers.insert(WEBHOOK_SECRET, secret.clone());
+        }
+        if let Some(authorization) = &self.authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
         }
         let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
         *request.headers_mut() = headers;

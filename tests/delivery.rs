@@ -361,6 +361,45 @@ async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
     relay.stop().await;
 }
 
+/// Zapier, Make and self-hosted CRMs are often given as
+/// `https://user:password@host/path`: the credentials go as HTTP Basic
+/// authentication, percent-decoded, like a browser or curl sends them.
+#[tokio::test]
+async fn credentials_in_a_target_url_are_sent_as_basic_auth() {
+    // "zap@user" : "p:ss w", percent-encoded in the URL.
+    const EXPECTED: &str = "Basic emFwQHVzZXI6cDpzcyB3";
+    let guarded = |_: usize, r: &common::receiver::Received| {
+        if r.header("authorization") == EXPECTED {
+            Reply::ok()
+        } else {
+            Reply::status(401).body(r#"{"error":"Unauthorized"}"#)
+        }
+    };
+    let crm = Receiver::start(guarded).await;
+    let url = crm
+        .url()
+        .replacen("http://", "http://zap%40user:p%3Ass%20w@", 1);
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &url)]).await;
+    send(&relay, visitor(1)).await;
+    eventually("the delivery to succeed", WAIT, async || {
+        (relay.metrics.attempts("crm", "success") == 1).then_some(())
+    })
+    .await;
+    assert!(
+        relay.log.dead_letters("crm").unwrap().is_empty(),
+        "the target refused the credentials"
+    );
+    let request = &crm.requests()[0];
+    assert_eq!(request.header("authorization"), EXPECTED);
+    // The host header names the host alone, never the credentials.
+    assert!(
+        !request.header("host").contains('@'),
+        "{}",
+        request.header("host")
+    );
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
     let crm = Receiver::start(|n, _| {

@@ -800,6 +800,7 @@ impl Log {
                 q.release(id.0);
             } else {
                 q.explicit_quiet_until = 0;
+                q.explicit_writes += 1;
             }
         }
     }
@@ -1021,49 +1022,71 @@ impl Log {
         let prefix = queue_prefix(target);
         let mut end = prefix.clone();
         *end.last_mut().expect("prefix ends in a separator") = 1;
-        let start = match query.after {
-            Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
-            None => Bound::Included(prefix),
-        };
         // Nothing explicit due before `quiet_until`: the explicit queue is
         // not read again until then (see `FreshQueue::explicit_quiet_until`).
-        let quiet_until = self
+        // `writes` tells whether an entry was written or released while
+        // this read ran, which a "quiet" it concludes must not hide.
+        let (quiet_until, writes) = self
             .fresh
             .lock()
             .expect("fresh lock")
             .get(target)
-            .map(|q| q.explicit_quiet_until);
-        let mut next_due = None;
+            .map(|q| (q.explicit_quiet_until, q.explicit_writes))
+            .unzip();
+        let mut next_due;
         if query.ignore_due || quiet_until.is_none_or(|until| query.now_ms >= until) {
-            for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
-                let (key, value) = item?;
-                let corrupt = |reason| LogError::Corrupt {
-                    key: key.to_vec(),
-                    reason,
+            let mut after = query.after;
+            loop {
+                let start = match after {
+                    Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
+                    None => Bound::Included(prefix.clone()),
                 };
-                let (due_ms, id) =
-                    parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
-                if !query.ignore_due && due_ms > query.now_ms {
-                    next_due = Some(due_ms);
+                next_due = None;
+                for item in self
+                    .db
+                    .range::<Vec<u8>, _>((start, Bound::Excluded(end.clone())))
+                {
+                    let (key, value) = item?;
+                    let corrupt = |reason| LogError::Corrupt {
+                        key: key.to_vec(),
+                        reason,
+                    };
+                    let (due_ms, id) =
+                        parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
+                    if !query.ignore_due && due_ms > query.now_ms {
+                        next_due = Some(due_ms);
+                        break;
+                    }
+                    if (query.skip)(id) {
+                        continue;
+                    }
+                    let state = record::decode_state(&value).map_err(corrupt)?;
+                    due.push(Delivery {
+                        id,
+                        due_ms,
+                        state,
+                        fresh: false,
+                        body: None,
+                    });
+                    if due.len() >= query.limit {
+                        return Ok((due, None));
+                    }
+                }
+                if !due.is_empty() {
                     break;
                 }
-                if (query.skip)(id) {
+                // Nothing after the cursor: entries written (rescheduled,
+                // released) before it since are found from the front, at
+                // once rather than at the next pass.
+                if after.take().is_some() {
                     continue;
                 }
-                let state = record::decode_state(&value).map_err(corrupt)?;
-                due.push(Delivery {
-                    id,
-                    due_ms,
-                    state,
-                    fresh: false,
-                    body: None,
-                });
-                if due.len() >= query.limit {
-                    return Ok((due, None));
+                // Read from the front and found nothing due: quiet until the
+                // first entry that is not due yet.
+                if !query.ignore_due {
+                    self.explicit_quiet(target, next_due.unwrap_or(u64::MAX), writes);
                 }
-            }
-            if due.is_empty() && !query.ignore_due {
-                self.explicit_quiet(target, next_due.unwrap_or(u64::MAX));
+                break;
             }
         } else {
             next_due = quiet_until.filter(|&until| until < u64::MAX);
@@ -1072,11 +1095,14 @@ impl Log {
         Ok((due, next_due))
     }
 
-    /// No explicit entry of `target` is due before `until` (a read found
-    /// none, or the next one due then).
-    fn explicit_quiet(&self, target: &str, until: u64) {
+    /// No explicit entry of `target` is due before `until` (a read from
+    /// the front found none, or the next one due then), unless an entry was
+    /// written or released since the read began (`writes` was read then).
+    fn explicit_quiet(&self, target: &str, until: u64, writes: Option<u64>) {
         if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
-            q.explicit_quiet_until = until;
+            if Some(q.explicit_writes) == writes {
+                q.explicit_quiet_until = until;
+            }
         }
     }
 
@@ -1085,6 +1111,7 @@ impl Log {
     fn explicit_added(&self, target: &str, due_ms: u64) {
         if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
             q.explicit_quiet_until = q.explicit_quiet_until.min(due_ms);
+            q.explicit_writes += 1;
         }
     }
 
@@ -2573,6 +2600,48 @@ pub mod record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read of the explicit queue that found nothing due must not mark
+    /// it quiet past an entry written while it ran (that entry's write
+    /// lowered the mark before the read's conclusion would raise it).
+    #[test]
+    fn a_write_during_a_queue_read_outlives_the_reads_quiet_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&LogOptions {
+            data_dir: dir.path().to_owned(),
+            checkpoint_interval: Duration::from_secs(1),
+            cache_capacity_bytes: 8 << 20,
+            quarantine_max_events: 10,
+            quarantine_max_bytes: 1 << 20,
+        })
+        .unwrap();
+        let subscription = Subscription {
+            target: "crm".into(),
+            events: None,
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        log.adopt_targets(&[subscription]).unwrap();
+        let state = |log: &Log| {
+            let fresh = log.fresh.lock().unwrap();
+            let q = &fresh["crm"];
+            (q.explicit_quiet_until, q.explicit_writes)
+        };
+        // The queue is empty: a read says so.
+        let (_, writes) = state(&log);
+        log.explicit_quiet("crm", u64::MAX, Some(writes));
+        assert_eq!(state(&log).0, u64::MAX);
+        // The next read begins (and will find nothing) ...
+        let (_, writes) = state(&log);
+        // ... an entry due at 5 is written meanwhile ...
+        log.explicit_added("crm", 5);
+        // ... and the read concludes: nothing until forever.
+        log.explicit_quiet("crm", u64::MAX, Some(writes));
+        assert_eq!(state(&log).0, 5, "the entry written meanwhile is hidden");
+        // A read that began after the write may conclude.
+        let (_, writes) = state(&log);
+        log.explicit_quiet("crm", 7, Some(writes));
+        assert_eq!(state(&log).0, 7);
+    }
 
     /// Pruning decides by the event's receive time; an event record that
     /// cannot be read is kept, and the pass goes on past it.

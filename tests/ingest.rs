@@ -1013,3 +1013,100 @@ async fn queue_entries_of_a_log_from_before_watermarks_are_kept() {
     }
     assert_eq!(log.queued_count("crm"), 0);
 }
+
+/// One read of the explicit (retry) queue, as the dispatcher makes it.
+fn explicit_read(
+    log: &Log,
+    now_ms: u64,
+    limit: usize,
+    ignore_due: bool,
+    after: Option<(u64, EventId)>,
+    skip: &dyn Fn(EventId) -> bool,
+) -> Vec<EventId> {
+    let query = leadflo_relay::log::DueQuery {
+        now_ms,
+        limit,
+        ignore_due,
+        after,
+        skip,
+    };
+    let (due, _) = log.due_deliveries("crm", &query).unwrap();
+    due.iter().map(|d| d.id).collect()
+}
+
+/// Two events whose first attempts failed: explicit entries A and B, due at
+/// `due_ms(0)` and `due_ms(1)`.
+async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Log, Vec<EventId>) {
+    let (log, ids) = fresh::open_and_append(
+        dir,
+        vec![fresh::subscription("crm", None)],
+        &["visitor_created", "visitor_created"],
+    )
+    .await;
+    for (n, delivery) in fresh::due(&log, "crm").into_iter().enumerate() {
+        let state = leadflo_relay::log::DeliveryState {
+            attempts: 1,
+            ..delivery.state.clone()
+        };
+        log.reschedule("crm", &delivery, due_ms(n as u64), &state)
+            .unwrap();
+    }
+    (log, ids)
+}
+
+/// An attempt that panicked (or could not be recorded) releases its entry,
+/// which lies before the dispatcher's cursor: the next read, which resumes
+/// after the cursor, finds it from the front. It used to conclude the queue
+/// was quiet for good, and the entry waited for a restart.
+#[tokio::test]
+async fn a_released_retry_behind_the_cursor_is_taken_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = leadflo_relay::dispatch::now_ms();
+    let (log, ids) = two_retries(dir.path(), |_| now - 1_000).await;
+    let (a, b) = (ids[0], ids[1]);
+    assert_eq!(explicit_read(&log, now, 2, false, None, &|_| false), [a, b]);
+    let cursor = fresh::due(&log, "crm")
+        .iter()
+        .find(|d| d.id == b)
+        .map(|d| (d.due_ms, d.id));
+    log.release("crm", a, false);
+    let b_in_flight = |id| id == b;
+    assert_eq!(
+        explicit_read(&log, now, 2, false, cursor, &b_in_flight),
+        [a]
+    );
+    assert_eq!(explicit_read(&log, now, 2, false, None, &b_in_flight), [a]);
+}
+
+/// After an outage, catching up takes entries due far ahead, so the cursor
+/// runs ahead of time; one fails and is rescheduled before the cursor. The
+/// read after the cursor finds nothing: that must not hide the entry past
+/// its due time (it used to, until a restart).
+#[tokio::test]
+async fn a_retry_rescheduled_behind_a_catching_up_cursor_is_taken_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = leadflo_relay::dispatch::now_ms();
+    let hour = 3_600_000;
+    let (log, ids) = two_retries(dir.path(), |n| now + hour * (n + 1)).await;
+    let (a, b) = (ids[0], ids[1]);
+    // The circuit closed: catching up takes A (delivered), then B.
+    assert_eq!(explicit_read(&log, now, 1, true, None, &|_| false), [a]);
+    let queue = fresh::due(&log, "crm");
+    log.delivered("crm", &queue[0]).unwrap();
+    let cursor = Some((queue[1].due_ms, b));
+    assert_eq!(
+        explicit_read(&log, now, 1, true, Some((now + hour, a)), &|_| false),
+        [b]
+    );
+    // B fails: catching up ends, B is due again in 50 ms.
+    let state = leadflo_relay::log::DeliveryState {
+        attempts: 2,
+        ..queue[1].state.clone()
+    };
+    log.reschedule("crm", &queue[1], now + 50, &state).unwrap();
+    assert!(explicit_read(&log, now, 1, false, cursor, &|_| false).is_empty());
+    assert_eq!(
+        explicit_read(&log, now + 60, 1, false, None, &|_| false),
+        [b]
+    );
+}

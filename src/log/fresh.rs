@@ -50,6 +50,9 @@ pub struct FreshQueue {
     /// looking at the explicit queue can wait; lowered by every write of an
     /// entry and by a release.
     pub explicit_quiet_until: u64,
+    /// Counts the writes and releases of explicit entries, so that a read
+    /// that ran meanwhile does not set `explicit_quiet_until` past them.
+    pub explicit_writes: u64,
 }
 
 impl FreshQueue {
@@ -63,6 +66,7 @@ impl FreshQueue {
             settled: BTreeMap::new(),
             ahead: VecDeque::new(),
             explicit_quiet_until: 0,
+            explicit_writes: 0,
         }
     }
 

@@ -126,7 +126,12 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
             // Open: one probe at a time, once its interval has passed.
             Some(until) if in_flight.is_empty() && Instant::now() >= until => 1,
             Some(until) => {
-                wake_at = wake_at.min(until);
+                // With an attempt in flight (the probe, or those from before
+                // the circuit opened), its end wakes the loop; a probe time
+                // already passed would wake it at once, again and again.
+                if in_flight.is_empty() {
+                    wake_at = wake_at.min(until);
+                }
                 0
             }
             None => target.concurrency - in_flight.len(),

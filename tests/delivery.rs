@@ -780,3 +780,60 @@ async fn a_target_answering_with_a_body_keeps_one_connection() {
     assert_eq!(crm.answered.load(Ordering::SeqCst), EVENTS);
     relay.stop().await;
 }
+
+/// CPU time (user + system, in clock ticks) the process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name: state is the first, utime the 12th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// While the one probe of an open circuit is in flight, the dispatcher
+/// waits for it. It used to wake at once, again and again, for the probe
+/// time that had passed: a core spent for as long as a hanging target took
+/// to time out, every probe. The real binary, so its CPU time is its own
+/// (a busy loop costs about 100 ticks a second; waiting costs next to none).
+#[tokio::test]
+async fn an_open_circuit_waits_for_its_probe_without_spinning() {
+    // The first attempt fails at once (opening the circuit); the probe
+    // hangs for longer than the measurement.
+    let crm = Receiver::start(|n, _| match n {
+        0 => Reply::status(500),
+        _ => Reply::status(500).after(Duration::from_secs(8)),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[targets]]\nname = \"crm\"\nurl = \"{}\"\nconcurrency = 1\ntimeout = \"20s\"\n\
+             circuit_failures = 1\nprobe_max_interval = \"100ms\"\n",
+            crm.url()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut relay = RelayProcess::start(&data, &["--config", config.to_str().unwrap()]);
+    let (status, _) = post(&client(), &relay.url(), Some(SECRET), visitor(1)).await;
+    assert_eq!(status, 200);
+    eventually("the probe in flight", WAIT, async || {
+        (crm.count() == 2 && crm.in_flight() == 1).then_some(())
+    })
+    .await;
+    let pid = relay.child.id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    assert_eq!(
+        crm.in_flight(),
+        1,
+        "the probe was still in flight throughout"
+    );
+    assert!(
+        used < 50,
+        "the relay used {used} ticks of CPU in 2 s of waiting for one probe"
+    );
+    relay.kill9();
+}

@@ -2180,7 +2180,7 @@ impl ApplyState {
         if let Err(err) = wal::prepare_spare(&self.dir) {
             // Only a speed-up: segments then grow as they are written.
             tracing::debug!(error = %err, "no spare write-ahead log segment");
-            let _ = std::fs::remove_file(self.dir.join(wal::SPARE_NAME));
+            let _ = std::fs::remove_file(self.dir.join(wal::SPARE_PREP_NAME));
         }
         Ok(())
     }

@@ -60,22 +60,31 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(found)
 }
 
-/// The spare segment file's name.
+/// The spare segment file's name. A file by this name is complete (full
+/// size, synced) and never written again under it: the committer may take
+/// it for its next segment at any moment (see [`Wal::create`]).
 pub const SPARE_NAME: &str = "relay.wal.spare";
+
+/// Where a spare is made: a retired segment, or a new file, is filled to
+/// full size under this name, then renamed to [`SPARE_NAME`]. Only the
+/// checkpoint writes it.
+pub const SPARE_PREP_NAME: &str = "relay.wal.spare-prep";
 
 /// Size a spare segment is made to before it is used.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Retires the segments up to and including `seq` (sled holds all of
-/// them): one becomes the spare when there is none, the others are deleted.
+/// them): one is kept to become the spare when there is none, the others
+/// are deleted.
 pub fn remove_through(dir: &Path, seq: u64) -> std::io::Result<()> {
     let spare = dir.join(SPARE_NAME);
+    let prep = dir.join(SPARE_PREP_NAME);
     for old in segments(dir)?.into_iter().filter(|s| *s <= seq) {
         let path = segment_path(dir, old);
-        let retired = if spare.exists() {
+        let retired = if spare.exists() || prep.exists() {
             std::fs::remove_file(&path)
         } else {
-            std::fs::rename(&path, &spare)
+            std::fs::rename(&path, &prep)
         };
         match retired {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
@@ -87,8 +96,14 @@ pub fn remove_through(dir: &Path, seq: u64) -> std::io::Result<()> {
 
 /// Makes sure a spare segment of at least [`SEGMENT_BYTES`] exists (written
 /// with zeros once, then reused), so that the next segment starts full size.
+/// It is filled under [`SPARE_PREP_NAME`] and only then named the spare:
+/// filling the spare itself raced the committer, which may rename it into
+/// its next segment and write frames there while the zeros still went in.
 pub fn prepare_spare(dir: &Path) -> std::io::Result<()> {
-    let path = dir.join(SPARE_NAME);
+    if dir.join(SPARE_NAME).exists() {
+        return Ok(());
+    }
+    let path = dir.join(SPARE_PREP_NAME);
     // Only with room to spare: the spare is a speed-up, and filling a
     // nearly full disk with zeros would make commits fail meanwhile.
     if !path.exists() && fs2::available_space(dir)? < 4 * SEGMENT_BYTES {
@@ -100,18 +115,19 @@ pub fn prepare_spare(dir: &Path) -> std::io::Result<()> {
         .truncate(false)
         .open(&path)?;
     let len = file.metadata()?.len();
-    if len >= SEGMENT_BYTES {
-        return Ok(());
-    }
-    file.seek(SeekFrom::Start(len))?;
-    let zeros = vec![0u8; 1024 * 1024];
-    let mut left = SEGMENT_BYTES - len;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        file.write_all(&zeros[..n])?;
-        left -= n as u64;
+    if len < SEGMENT_BYTES {
+        file.seek(SeekFrom::Start(len))?;
+        let zeros = vec![0u8; 1024 * 1024];
+        let mut left = SEGMENT_BYTES - len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
     }
     file.sync_all()?;
+    drop(file);
+    std::fs::rename(&path, dir.join(SPARE_NAME))?;
     File::open(dir)?.sync_all()
 }
 
@@ -408,10 +424,17 @@ mod tests {
         assert_eq!((last_old, wal.seq()), (2, 3));
         remove_through(dir.path(), last_old).unwrap();
         assert_eq!(segments(dir.path()).unwrap(), vec![3]);
-        // One retired segment became the spare; the next segment is made
-        // from it, and its old frames (ids 1 and 2) are still readable, as
-        // replay expects, after the new one.
-        assert!(dir.path().join(SPARE_NAME).exists());
+        // One retired segment is kept to become the spare, under another
+        // name until it is full size: the committer never sees a spare that
+        // is still being written (it may take it at any moment).
+        let spare = dir.path().join(SPARE_NAME);
+        let prep = dir.path().join(SPARE_PREP_NAME);
+        assert!(!spare.exists() && prep.exists());
+        prepare_spare(dir.path()).unwrap();
+        assert!(!prep.exists());
+        assert!(std::fs::metadata(&spare).unwrap().len() >= SEGMENT_BYTES);
+        // The next segment is made from it, its old frames (ids 1 and 2)
+        // still there after the new one, as replay expects.
         let mut wal = wal;
         let mut f = Frame::new();
         f.push(KIND_EVENT, 3, b"three", ["crm"]);

@@ -82,6 +82,13 @@ use fresh::FreshQueue;
 const EVENT_PREFIX: u8 = b'e';
 const QUARANTINE_PREFIX: u8 = b'x';
 const META_LAST_ID: &[u8] = b"m/last_id";
+/// The highest id a checkpoint has made durable against a power cut, sled
+/// blob files included: opening the log writes every write-ahead log frame
+/// above it again. Not `m/last_id`: sled's own flusher syncs its data file
+/// every few milliseconds, so that mark can outlive a power cut while a
+/// large event's blob file (sled writes values over a quarter of its
+/// segment size to files of their own, without syncing them) does not.
+const META_DURABLE_ID: &[u8] = b"m/durable_id";
 /// Per-target backlog counts saved by a clean shutdown (see
 /// [`Log::save_backlog_counts`]); taken, and deleted, by the next open.
 const META_SAVED_COUNTS: &[u8] = b"m/backlog_counts";
@@ -512,12 +519,17 @@ impl Log {
         // sled applies a group commit key by key, its `m/last_id` last: a
         // group above that mark may be in sled in part (keys of later
         // events included), so it is written again whole.
-        let applied = self.applied_through()?;
+        // Frames up to the last checkpoint's mark are durable in sled; those
+        // above it are written again whole, also those sled already had
+        // (identical keys and values): a power cut may have taken a large
+        // event's blob from under them. A log from before the mark existed
+        // replays every frame.
+        let durable = self.durable_through()?;
         let mut batch = Writes::default();
         let mut last = self.recover_last_id()?;
         let mut replayed = 0;
         let mut adopted = std::collections::HashMap::new();
-        for entry in entries.iter().filter(|e| e.id > applied) {
+        for entry in entries.iter().filter(|e| e.id > durable) {
             let id = entry.id;
             match entry.kind {
                 wal::KIND_EVENT => {
@@ -553,12 +565,14 @@ impl Log {
             source,
         };
         self.db.apply_batch(batch.into_batch())?;
-        let started = SystemTime::now();
+        // Every blob file, not only this run's: the process that crashed may
+        // have left some unsynced, vouched for by no checkpoint.
+        sync_recent_blobs(&self.dir, UNIX_EPOCH).map_err(io)?;
+        self.db.insert(META_DURABLE_ID, &last.to_be_bytes())?;
         self.db.flush()?;
         File::open(self.dir.join("db"))
             .and_then(|f| f.sync_data())
             .map_err(io)?;
-        sync_recent_blobs(&self.dir, started).map_err(io)?;
         wal::remove_through(&self.dir, last_old).map_err(io)?;
         if replayed > 0 {
             tracing::info!(
@@ -927,6 +941,14 @@ impl Log {
     }
 
     /// The id of the last group commit sled has every write of.
+    /// See [`META_DURABLE_ID`]; 0 when no checkpoint has set it yet.
+    fn durable_through(&self) -> Result<u64, LogError> {
+        Ok(match self.db.get(META_DURABLE_ID)? {
+            Some(v) => decode_u64(&v).unwrap_or(0),
+            None => 0,
+        })
+    }
+
     fn applied_through(&self) -> Result<u64, LogError> {
         Ok(match self.db.get(META_LAST_ID)? {
             Some(v) => decode_u64(&v).unwrap_or(0),
@@ -2167,13 +2189,21 @@ impl ApplyState {
             );
         }
         let started = SystemTime::now();
+        // Everything through `through` is in sled (the apply thread runs
+        // this between commits), large events' blob files written already.
+        let through = self.applied.load(Ordering::Acquire);
+        // Those files first: sled's flusher may make the mark below durable
+        // at any moment, and every blob it vouches for must be by then.
+        sync_recent_blobs(&self.dir, self.last_checkpoint_wall)
+            .map_err(|e| format!("fsync of sled blobs: {e}"))?;
+        self.db
+            .insert(META_DURABLE_ID, &through.to_be_bytes())
+            .map_err(|e| format!("sled write of the checkpoint mark: {e}"))?;
         self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
         crashpoint::reached(crashpoint::CHECKPOINT_FLUSHED);
         self.data_file
             .sync_data()
             .map_err(|e| format!("fdatasync of the log: {e}"))?;
-        sync_recent_blobs(&self.dir, self.last_checkpoint_wall)
-            .map_err(|e| format!("fsync of sled blobs: {e}"))?;
         self.last_checkpoint_wall = started;
         wal::remove_through(&self.dir, through_seq)
             .map_err(|e| format!("deleting old write-ahead log segments: {e}"))?;
@@ -2678,5 +2708,68 @@ mod tests {
         assert!(log.db.contains_key(id_key(EVENT_PREFIX, 1_000)).unwrap());
         assert!(log.event(EventId(2_000)).unwrap().is_some());
         assert!(log.event(EventId(3_000)).unwrap().is_none());
+    }
+
+    /// Copies the data directory `from` to `to`, sled's blob files only
+    /// with `blobs`: what a power cut leaves of files never synced.
+    fn copy_data(from: &Path, to: &Path, blobs: bool) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                if entry.file_name() == "blobs" && !blobs {
+                    std::fs::create_dir_all(&target).unwrap();
+                } else {
+                    copy_data(&entry.path(), &target, blobs);
+                }
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    /// A large event (sled keeps it in a blob file of its own, unsynced)
+    /// applied, and sled's data file written with the group's `m/last_id`
+    /// (its flusher syncs that file every few ms), before any checkpoint:
+    /// a power cut then takes the blob and leaves the mark. Opening the log
+    /// must write the event again from the write-ahead log; it used to
+    /// replay only frames above `m/last_id`, and the event was gone.
+    #[tokio::test]
+    async fn a_large_event_survives_a_power_cut_before_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = |data: &Path| LogOptions {
+            data_dir: data.to_owned(),
+            checkpoint_interval: Duration::from_secs(3600),
+            cache_capacity_bytes: 8 << 20,
+            quarantine_max_events: 10,
+            quarantine_max_bytes: 1 << 20,
+        };
+        let data = dir.path().join("data");
+        let log = Log::open(&options(&data)).unwrap();
+        let (committer, _apply) = log
+            .start_committer(&options(&data), vec![], Arc::new(Metrics::new()))
+            .unwrap();
+        let body = Bytes::from(vec![b'x'; 300 * 1024]);
+        let event = Entry::Event {
+            event: "visitor_created".into(),
+            body: body.clone(),
+        };
+        let id = committer.append(event).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while log.event_body(id).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the event was never applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // What sled's flusher does on its own.
+        log.db.flush().unwrap();
+        assert!(
+            std::fs::read_dir(data.join("blobs")).unwrap().count() > 0,
+            "the event is not in a blob file: the test tests nothing"
+        );
+        let cut = dir.path().join("cut");
+        copy_data(&data, &cut, false);
+        let reopened = Log::open(&options(&cut)).unwrap();
+        assert_eq!(reopened.event_body(id).unwrap(), Some(body));
     }
 }

@@ -213,7 +213,9 @@ impl Ingest {
             Err(why) => return Err(self.quarantine(why, body).await),
         };
         let class = event_class(&event);
-        let id = self.commit(Entry::Event { event, body }).await?;
+        let id = self
+            .commit(Entry::Event { event, body }, Some(class))
+            .await?;
         self.metrics.ingest_events.with_label_values(&[class]).inc();
         Ok(id)
     }
@@ -254,27 +256,64 @@ impl Ingest {
             reason: why.clone(),
             body,
         };
-        if let Err(err) = self.commit(entry).await {
+        if let Err(err) = self.commit(entry, None).await {
             tracing::warn!(reason = %err.message(), "could not quarantine a malformed body");
         }
         Rejection::BadRequest(why)
     }
 
-    async fn commit(&self, entry: Entry) -> Result<EventId, Rejection> {
+    /// Commits `entry` within the commit timeout. An event (`class` is its
+    /// metric label) that was queued in time but not confirmed in time may
+    /// still be stored: its 503 says so, and when it lands it is counted and
+    /// logged (by id) like any stored event, and delivered.
+    async fn commit(
+        &self,
+        entry: Entry,
+        class: Option<&'static str>,
+    ) -> Result<EventId, Rejection> {
         let budget = self.settings.commit_timeout;
-        match tokio::time::timeout(budget, self.committer.append(entry)).await {
+        let deadline = tokio::time::Instant::now() + budget;
+        let closed = || {
+            Rejection::Unavailable("the relay is shutting down; the event was not stored".into())
+        };
+        let failed = || {
+            Rejection::Unavailable(
+                "the relay could not write the event to disk; it was not stored".into(),
+            )
+        };
+        let mut pending = match tokio::time::timeout_at(deadline, self.committer.submit(entry))
+            .await
+        {
+            Ok(Ok(pending)) => pending,
+            Ok(Err(_)) => return Err(closed()),
+            Err(_) => {
+                return Err(Rejection::Unavailable(format!(
+                    "the relay could not take the event for writing within {} ms; it was not stored",
+                    budget.as_millis()
+                )));
+            }
+        };
+        match tokio::time::timeout_at(deadline, &mut pending).await {
             Ok(Ok(id)) => Ok(id),
-            Ok(Err(CommitError::Closed)) => Err(Rejection::Unavailable(
-                "the relay is shutting down; the event was not stored".into(),
-            )),
-            Ok(Err(CommitError::Failed)) => Err(Rejection::Unavailable(
-                "the relay could not write the event to disk; it was not acknowledged".into(),
-            )),
-            Err(_) => Err(Rejection::Unavailable(format!(
-                "the relay could not confirm the write to disk within {} ms; it was not \
-                 acknowledged",
-                budget.as_millis()
-            ))),
+            Ok(Err(CommitError::Closed)) => Err(closed()),
+            Ok(Err(CommitError::Failed)) => Err(failed()),
+            Err(_) => {
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    if let Ok(id) = pending.await {
+                        if let Some(class) = class {
+                            metrics.ingest_events.with_label_values(&[class]).inc();
+                        }
+                        tracing::warn!(%id, "an event answered 503 for the commit timeout was stored after all; it will be delivered");
+                    }
+                });
+                Err(Rejection::Unavailable(format!(
+                    "the relay could not confirm the write to disk within {} ms; the event may \
+                     still be stored and delivered (check `leadflo-relay events` before sending \
+                     it again)",
+                    budget.as_millis()
+                )))
+            }
         }
     }
 }

@@ -1731,6 +1731,13 @@ impl Committer {
     /// fsynced). A caller that stops waiting must not assume either outcome:
     /// the entry may still become durable.
     pub async fn append(&self, entry: Entry) -> Result<EventId, CommitError> {
+        self.submit(entry).await?.await
+    }
+
+    /// Queues `entry` for the committer (waiting while its queue is full)
+    /// and returns what [`Committer::append`] would then wait for. Dropped
+    /// before it returns, the entry is not queued and never stored.
+    pub async fn submit(&self, entry: Entry) -> Result<Pending, CommitError> {
         let (reply, answer) = oneshot::channel();
         let request = Request {
             entry,
@@ -1741,7 +1748,24 @@ impl Committer {
             .send(Message::Append(request))
             .await
             .map_err(|_| CommitError::Closed)?;
-        answer.await.map_err(|_| CommitError::Closed)?
+        Ok(Pending(answer))
+    }
+}
+
+/// A queued entry's outcome: its id once it is durable. Dropping it does
+/// not withdraw the entry.
+pub struct Pending(oneshot::Receiver<Result<EventId, CommitError>>);
+
+impl std::future::Future for Pending {
+    type Output = Result<EventId, CommitError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(CommitError::Closed)))
     }
 }
 

@@ -432,7 +432,83 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
         .start_committer(&options, Vec::new(), metrics.clone())
         .unwrap();
     handle.close().await;
-    let ingest = Arc::new(Ingest::new(
+    let ingest = ingest_with(dir.path(), committer, &metrics, Duration::from_secs(3));
+    let (url, stop) = serve_ingest(ingest).await;
+    let (status, json) = post(&client(), &url, Some(SECRET), VISITOR.into()).await;
+    assert_eq!(status, 503, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("not stored"),
+        "{json}"
+    );
+    assert_eq!(metrics.requests(IngestResult::Unavailable), 1);
+    assert_eq!(metrics.requests(IngestResult::Accepted), 0);
+    stop.await;
+}
+
+/// A disk slower than the commit timeout: the event was queued for writing
+/// in time, so its 503 must not say it was not stored (the sender's people
+/// would enter the lead again), and when it lands it is counted like any
+/// stored event. Both used to be wrong: "not acknowledged", and uncounted.
+#[tokio::test]
+async fn an_event_answered_503_for_a_slow_disk_that_lands_later_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_log(dir.path());
+    let metrics = Arc::new(Metrics::new());
+    let log = Log::open(&options).unwrap();
+    let (committer, _handle) = log
+        .start_committer(&options, Vec::new(), metrics.clone())
+        .unwrap();
+    // The slow disk: 32 MiB taken for writing just before the request.
+    let big = leadflo_relay::log::Entry::Event {
+        event: "bulk".into(),
+        body: bytes::Bytes::from(vec![b' '; 32 << 20]),
+    };
+    let ahead = committer.submit(big).await.unwrap();
+    let ingest = ingest_with(dir.path(), committer, &metrics, Duration::from_millis(1));
+    let (url, stop) = serve_ingest(ingest).await;
+    let (status, json) = post(&client(), &url, Some(SECRET), VISITOR.into()).await;
+    assert_eq!(status, 503, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("may still be stored"),
+        "{json}"
+    );
+    assert_eq!(metrics.requests(IngestResult::Unavailable), 1);
+    ahead.await.unwrap();
+    let visitors = || {
+        metrics
+            .ingest_events
+            .with_label_values(&["visitor_created"])
+            .get()
+    };
+    eventually(
+        "the late event counted",
+        Duration::from_secs(30),
+        async || (visitors() == 1).then_some(()),
+    )
+    .await;
+    let in_log = || {
+        let stored = log.events().filter_map(Result::ok);
+        stored.filter(|e| e.body == VISITOR.as_bytes()).count()
+    };
+    eventually(
+        "the late event in the log",
+        Duration::from_secs(30),
+        async || (in_log() == 1).then_some(()),
+    )
+    .await;
+    stop.await;
+}
+
+fn ingest_with(
+    dir: &std::path::Path,
+    committer: leadflo_relay::log::Committer,
+    metrics: &Arc<Metrics>,
+    commit_timeout: Duration,
+) -> Ingest {
+    Ingest::new(
         IngestSettings {
             path: "/leadflo-webhook".into(),
             secret: Some(SecretCheck::new(&leadflo_relay::config::Secret::new(
@@ -440,16 +516,21 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
             ))),
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(5),
-            commit_timeout: Duration::from_secs(3),
+            commit_timeout,
         },
         committer,
         Arc::new(leadflo_relay::disk::DiskGuard::new(
-            dir.path().to_owned(),
+            dir.to_owned(),
             Some(0),
             None,
         )),
         metrics.clone(),
-    ));
+    )
+}
+
+/// Serves `ingest` on a port of its own; returns its URL and what stops it.
+async fn serve_ingest(ingest: Ingest) -> (String, impl std::future::Future<Output = ()>) {
+    let ingest = Arc::new(ingest);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -464,17 +545,11 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
         move |r| ingest.clone().handle(r),
         shutdown.clone(),
     ));
-    let url = format!("http://{addr}/leadflo-webhook");
-    let (status, json) = post(&client(), &url, Some(SECRET), VISITOR.into()).await;
-    assert_eq!(status, 503, "{json}");
-    assert!(
-        json["error"].as_str().unwrap().contains("not stored"),
-        "{json}"
-    );
-    assert_eq!(metrics.requests(IngestResult::Unavailable), 1);
-    assert_eq!(metrics.requests(IngestResult::Accepted), 0);
-    shutdown.cancel();
-    server.await.unwrap();
+    let stop = async move {
+        shutdown.cancel();
+        server.await.unwrap();
+    };
+    (format!("http://{addr}/leadflo-webhook"), stop)
 }
 
 #[tokio::test]

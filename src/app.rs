@@ -20,7 +20,7 @@ use crate::dispatch::{self, Target};
 use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
 use crate::log::{Committer, CommitterHandle, Log, LogOptions, Subscription};
-use crate::metrics::Metrics;
+use crate::metrics::{IngestResult, Metrics};
 
 /// The secrets a relay runs with, resolved by the caller (never from flags).
 #[derive(Debug, Clone, Default)]
@@ -223,7 +223,11 @@ impl Relay {
             move |request| ingest.clone().handle(request),
             {
                 let evicted = self.metrics.connections_evicted.clone();
-                Arc::new(move || evicted.inc())
+                let metrics = self.metrics.clone();
+                http::ConnectionEvents {
+                    evicted: Arc::new(move || evicted.inc()),
+                    malformed: Arc::new(move || metrics.count_request(IngestResult::BadRequest)),
+                }
             },
             shutdown.clone(),
         ));

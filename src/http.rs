@@ -34,6 +34,26 @@ pub struct ConnectionLimits {
 /// Called once per connection closed to make room for a new one.
 pub type OnEvict = Arc<dyn Fn() + Send + Sync>;
 
+/// What a listener reports besides the requests its handler answers.
+#[derive(Clone)]
+pub struct ConnectionEvents {
+    /// An idle connection was closed to make room for a new one.
+    pub evicted: OnEvict,
+    /// hyper refused a request before the handler saw it (a malformed
+    /// request line or headers, headers over the size limit: it answers
+    /// 400 or 431 itself and closes the connection).
+    pub malformed: OnEvict,
+}
+
+impl ConnectionEvents {
+    fn none() -> ConnectionEvents {
+        ConnectionEvents {
+            evicted: Arc::new(|| {}),
+            malformed: Arc::new(|| {}),
+        }
+    }
+}
+
 /// Serves `handler` on `listener` until `shutdown` is cancelled, then stops
 /// accepting and lets open requests finish within the grace period.
 pub async fn serve<H, F>(
@@ -45,7 +65,14 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    serve_counting(listener, limits, handler, Arc::new(|| {}), shutdown).await
+    serve_counting(
+        listener,
+        limits,
+        handler,
+        ConnectionEvents::none(),
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`], calling `on_evict` for each connection closed to make room.
@@ -59,7 +86,7 @@ pub async fn serve_counting<H, F>(
     listener: TcpListener,
     limits: ConnectionLimits,
     handler: H,
-    on_evict: OnEvict,
+    events: ConnectionEvents,
     shutdown: CancellationToken,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -91,7 +118,7 @@ pub async fn serve_counting<H, F>(
             Ok(permit) => permit,
             Err(_) => {
                 if open.evict_longest_idle() {
-                    on_evict();
+                    (events.evicted)();
                 }
                 // The evicted connection closes at once when idle; if every
                 // connection is busy, this waits for the first to finish.
@@ -117,19 +144,25 @@ pub async fn serve_counting<H, F>(
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
         let open = open.clone();
+        let malformed = events.malformed.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
-            // Errors here are clients going away or timing out: not ours to log.
-            tokio::select! {
-                _ = connection.as_mut() => {}
+            // Errors here are clients going away or timing out (an idle
+            // keep-alive connection too): not ours to log. A request hyper
+            // could not parse is counted.
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
                 _ = close.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.as_mut().await;
+                    connection.as_mut().await
                 }
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.as_mut().await;
+                    connection.as_mut().await
                 }
+            };
+            if ended.is_err_and(|err| err.is_parse()) {
+                malformed();
             }
             open.remove(id);
             drop(permit);

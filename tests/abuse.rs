@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use leadflo_relay::metrics::IngestResult;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -104,7 +105,25 @@ async fn huge_or_many_headers_are_refused_and_the_relay_keeps_serving() {
         answer.starts_with("HTTP/1.1 431") || answer.is_empty(),
         "{answer}"
     );
+    // A request line that is not HTTP: hyper answers 400 itself.
+    let answer = raw_exchange(
+        relay.ingest,
+        b"HELLO THERE\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400") || answer.is_empty(),
+        "{answer}"
+    );
     assert_eq!(relay.log.events().count(), 0);
+    // Refused before the handler, and counted all the same.
+    eventually(
+        "the refusals counted",
+        Duration::from_secs(10),
+        async || (relay.metrics.requests(IngestResult::BadRequest) == 3).then_some(()),
+    )
+    .await;
     let (status, _) = post(&client(), &relay.url(), Some(SECRET), LEAD.into()).await;
     assert_eq!(status, 200);
     relay.stop().await;

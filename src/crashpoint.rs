@@ -52,6 +52,18 @@ pub const POINTS: [&str; 10] = [
     PRUNE_BATCH,
 ];
 
+/// The environment variable that arms a fault point:
+/// `LEADFLO_RELAY_FAIL_AT=<point>:<n>` makes the `n`th hit of `<point>`
+/// report an I/O error instead of doing its work (once). For tests only.
+pub const FAIL_ENV: &str = "LEADFLO_RELAY_FAIL_AT";
+
+/// A checkpoint's `fdatasync` of sled's data file reports an error, as a
+/// failing disk would (without syncing anything).
+pub const CHECKPOINT_SYNC: &str = "checkpoint.sync";
+
+/// Every fault point.
+pub const FAULT_POINTS: [&str; 1] = [CHECKPOINT_SYNC];
+
 struct Armed {
     point: String,
     /// Hits left before the crash.
@@ -59,12 +71,17 @@ struct Armed {
 }
 
 static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+static ARMED_FAULT: OnceLock<Option<Armed>> = OnceLock::new();
 
 /// Reads [`ENV`]; returns an error naming a bad value. Call once at start so
 /// a typo fails loudly instead of never crashing.
 pub fn arm_from_env() -> Result<(), String> {
     let parsed = match std::env::var(ENV) {
         Ok(value) => Some(parse(&value)?),
+        Err(_) => None,
+    };
+    let fault = match std::env::var(FAIL_ENV) {
+        Ok(value) => Some(parse_for(FAIL_ENV, &FAULT_POINTS, &value)?),
         Err(_) => None,
     };
     let armed = ARMED.get_or_init(|| parsed);
@@ -75,22 +92,41 @@ pub fn arm_from_env() -> Result<(), String> {
             "crash point armed ({ENV}): this process will kill itself there"
         );
     }
+    if let Some(armed) = ARMED_FAULT.get_or_init(|| fault) {
+        tracing::warn!(
+            point = %armed.point,
+            hits = armed.left.load(Ordering::Relaxed),
+            "fault point armed ({FAIL_ENV}): an I/O error will be reported there"
+        );
+    }
     Ok(())
 }
 
+/// Counts a hit of fault point `point`; true when this hit must fail.
+pub fn fails(point: &'static str) -> bool {
+    let Some(Some(armed)) = ARMED_FAULT.get() else {
+        return false;
+    };
+    armed.point == point && armed.left.fetch_sub(1, Ordering::SeqCst) == 1
+}
+
 fn parse(value: &str) -> Result<Armed, String> {
+    parse_for(ENV, &POINTS, value)
+}
+
+fn parse_for(env: &str, points: &[&str], value: &str) -> Result<Armed, String> {
     let (point, n) = value.rsplit_once(':').unwrap_or((value, "1"));
-    if !POINTS.contains(&point) {
+    if !points.contains(&point) {
         return Err(format!(
-            "{ENV}={value:?}: unknown crash point {point:?}; expected one of {}",
-            POINTS.join(", ")
+            "{env}={value:?}: unknown point {point:?}; expected one of {}",
+            points.join(", ")
         ));
     }
     let n: u64 = n
         .parse()
         .ok()
         .filter(|n| *n >= 1)
-        .ok_or_else(|| format!("{ENV}={value:?}: the hit count must be a number from 1"))?;
+        .ok_or_else(|| format!("{env}={value:?}: the hit count must be a number from 1"))?;
     Ok(Armed {
         point: point.to_owned(),
         left: AtomicU64::new(n),
@@ -137,6 +173,20 @@ mod tests {
         assert_eq!(
             parse("prune.batch").unwrap().left.load(Ordering::Relaxed),
             1
+        );
+    }
+
+    #[test]
+    fn fault_points_are_their_own_list() {
+        let armed = parse_for(FAIL_ENV, &FAULT_POINTS, "checkpoint.sync:2").unwrap();
+        assert_eq!(armed.point, CHECKPOINT_SYNC);
+        assert_eq!(armed.left.load(Ordering::Relaxed), 2);
+        let err = parse_for(FAIL_ENV, &FAULT_POINTS, "commit.logged")
+            .err()
+            .unwrap();
+        assert!(
+            err.contains(FAIL_ENV) && err.contains("checkpoint.sync"),
+            "{err}"
         );
     }
 

@@ -565,14 +565,15 @@ impl Log {
             source,
         };
         self.db.apply_batch(batch.into_batch())?;
-        // Every blob file, not only this run's: the process that crashed may
-        // have left some unsynced, vouched for by no checkpoint.
-        sync_recent_blobs(&self.dir, UNIX_EPOCH).map_err(io)?;
-        self.db.insert(META_DURABLE_ID, &last.to_be_bytes())?;
         self.db.flush()?;
         File::open(self.dir.join("db"))
             .and_then(|f| f.sync_data())
             .map_err(io)?;
+        // Every blob file, not only this run's: the process that crashed may
+        // have left some unsynced, vouched for by no checkpoint.
+        sync_recent_blobs(&self.dir, UNIX_EPOCH).map_err(io)?;
+        // Everything through `last` is synced: the mark (see `make_durable`).
+        self.db.insert(META_DURABLE_ID, &last.to_be_bytes())?;
         wal::remove_through(&self.dir, last_old).map_err(io)?;
         if replayed > 0 {
             tracing::info!(
@@ -896,6 +897,7 @@ impl Log {
             dir: self.dir.clone(),
             data_file,
             sled_missing_commits: false,
+            sync_failed: false,
             last_checkpoint_wall: SystemTime::now(),
             subscriptions: subscriptions.clone(),
             metrics: metrics.clone(),
@@ -1900,6 +1902,11 @@ struct ApplyState {
     /// sled failed to apply a commit that was acknowledged: the
     /// write-ahead log must be kept until a restart replays it.
     sled_missing_commits: bool,
+    /// An fsync failed: what it covered may never reach the disk, although
+    /// a later fsync of the same file reports success (Linux drops the
+    /// failed pages' dirty state). The write-ahead log is kept until a
+    /// restart replays it, as after `sled_missing_commits`.
+    sync_failed: bool,
     /// When the last checkpoint began: sled blob files written since then
     /// are fsynced by the next one.
     last_checkpoint_wall: SystemTime,
@@ -2212,22 +2219,39 @@ impl ApplyState {
                     .to_owned(),
             );
         }
+        if self.sync_failed {
+            return Err(
+                "an fsync failed earlier, so sled may lack what it covered even if a later one \
+                 succeeds; the write-ahead log is kept until a restart replays it"
+                    .to_owned(),
+            );
+        }
         let started = SystemTime::now();
         // Everything through `through` is in sled (the apply thread runs
         // this between commits), large events' blob files written already.
         let through = self.applied.load(Ordering::Acquire);
-        // Those files first: sled's flusher may make the mark below durable
-        // at any moment, and every blob it vouches for must be by then.
-        sync_recent_blobs(&self.dir, self.last_checkpoint_wall)
-            .map_err(|e| format!("fsync of sled blobs: {e}"))?;
+        self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+        crashpoint::reached(crashpoint::CHECKPOINT_FLUSHED);
+        let synced = if crashpoint::fails(crashpoint::CHECKPOINT_SYNC) {
+            Err(std::io::Error::other("injected by LEADFLO_RELAY_FAIL_AT"))
+        } else {
+            self.data_file.sync_data()
+        };
+        synced.map_err(|e| {
+            self.sync_failed = true;
+            format!("fdatasync of the log: {e}")
+        })?;
+        sync_recent_blobs(&self.dir, self.last_checkpoint_wall).map_err(|e| {
+            self.sync_failed = true;
+            format!("fsync of sled blobs: {e}")
+        })?;
+        // Only now, with everything through it synced, the mark: sled makes
+        // it durable with its next write-out (it need not be yet: frames
+        // above an older mark are only written again), and it never claims
+        // what a failed sync may have lost.
         self.db
             .insert(META_DURABLE_ID, &through.to_be_bytes())
             .map_err(|e| format!("sled write of the checkpoint mark: {e}"))?;
-        self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
-        crashpoint::reached(crashpoint::CHECKPOINT_FLUSHED);
-        self.data_file
-            .sync_data()
-            .map_err(|e| format!("fdatasync of the log: {e}"))?;
         self.last_checkpoint_wall = started;
         wal::remove_through(&self.dir, through_seq)
             .map_err(|e| format!("deleting old write-ahead log segments: {e}"))?;

@@ -257,3 +257,87 @@ async fn a_write_failing_with_enospc_gets_503_and_loses_nothing_acknowledged() {
         );
     }
 }
+
+/// A checkpoint's `fdatasync` fails once, as a failing disk's would. Linux
+/// reports such an error once: a later `fsync` of the file succeeds though
+/// the data it covered may never reach the disk. So no later checkpoint may
+/// retire the write-ahead log: the relay keeps it, stops itself, and the
+/// restart writes the events again. It used to take the next checkpoint's
+/// success at its word and delete the only durable copy.
+#[tokio::test]
+async fn a_failed_fsync_keeps_the_write_ahead_log_until_a_restart_replays_it() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let config = work.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndata_dir = {:?}\ncheckpoint_interval = \"100ms\"\nmin_free_bytes = 0\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let mut relay = RelayProcess::start_with_env(
+        &data,
+        &["--config", config],
+        &[
+            ("LEADFLO_WEBHOOK_SECRET", SECRET),
+            (leadflo_relay::crashpoint::FAIL_ENV, "checkpoint.sync:1"),
+        ],
+    );
+    // Events keep coming (checkpoints follow commits); every checkpoint
+    // fails from the first on, and after 10 s of that the relay stops
+    // itself (a supervisor would start it again).
+    let client = client();
+    let mut acked = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay kept running on checkpoints that cannot be trusted"
+        );
+        let sent = client
+            .post(relay.url())
+            .header("x-webhook-secret", SECRET)
+            .body(padded_lead(acked.len()))
+            .send()
+            .await;
+        if let Ok(answer) = sent {
+            if answer.status() == 200 {
+                let json: serde_json::Value = answer.json().await.unwrap();
+                acked.push(json["id"].as_str().unwrap().parse::<EventId>().unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let said = relay.stderr_text();
+    assert!(
+        said.contains("injected by LEADFLO_RELAY_FAIL_AT")
+            && said.contains("stopping so the relay can be restarted"),
+        "{said}"
+    );
+    // The restart writes every event since the last good checkpoint again.
+    let relay = RelayProcess::start(&data, &["--config", config]);
+    let said = relay.stderr_text();
+    let replayed = said
+        .lines()
+        .find(|line| line.contains("recovered acknowledged events from the write-ahead log"))
+        .unwrap_or_else(|| panic!("nothing replayed: {said}"));
+    assert!(
+        replayed.contains(&format!("replayed={}", acked.len())),
+        "{} acknowledged: {replayed}",
+        acked.len()
+    );
+    relay.sigterm();
+    let mut relay = relay;
+    relay.wait_for_exit(Duration::from_secs(30));
+    let log = open_log(&data);
+    for id in acked {
+        assert!(log.event(id).unwrap().is_some(), "event {id} lost");
+    }
+}

@@ -419,6 +419,10 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let secret = config.inbound_secret()?;
     let admin_token = config.admin_token()?;
     let previous = config.previous_secret()?;
+    // Each target's own secret too: `serve` refuses to start without it.
+    for target in &config.targets {
+        target.secret()?;
+    }
     let origin = match &args.config {
         Some(path) => format!("{} with flag overrides", path.display()),
         None => "built-in defaults with flag overrides".to_owned(),

@@ -138,6 +138,38 @@ fn check_config_names_file_key_and_expectation() {
     );
 }
 
+/// A target whose secret cannot be read fails `check-config` as it fails
+/// `serve` (it used to pass the check, and the relay then did not start).
+#[test]
+fn check_config_reads_each_targets_secret_like_serve_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[[targets]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9/hook\"\n\
+         secret_env = \"LEADFLO_TEST_CRM_SECRET_UNSET\"\n",
+    )
+    .unwrap();
+    let secret = [("LEADFLO_WEBHOOK_SECRET", "inbound-secret-value")];
+    let output = run(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &secret,
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let said = text(&output);
+    assert!(
+        said.contains("crm") && said.contains("LEADFLO_TEST_CRM_SECRET_UNSET"),
+        "{said}"
+    );
+    let mut with_it = secret.to_vec();
+    with_it.push(("LEADFLO_TEST_CRM_SECRET_UNSET", "crm-secret-value"));
+    let output = run(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &with_it,
+    );
+    assert!(output.status.success(), "{}", text(&output));
+}
+
 #[test]
 fn check_config_prints_the_effective_config_with_overrides_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();

@@ -61,8 +61,12 @@ pub const FAIL_ENV: &str = "LEADFLO_RELAY_FAIL_AT";
 /// failing disk would (without syncing anything).
 pub const CHECKPOINT_SYNC: &str = "checkpoint.sync";
 
+/// A group commit's write to the write-ahead log fails halfway, and so does
+/// cutting the half frame off again (once), as on a failing disk.
+pub const COMMIT_WRITE: &str = "commit.write";
+
 /// Every fault point.
-pub const FAULT_POINTS: [&str; 1] = [CHECKPOINT_SYNC];
+pub const FAULT_POINTS: [&str; 2] = [CHECKPOINT_SYNC, COMMIT_WRITE];
 
 struct Armed {
     point: String,

@@ -341,3 +341,50 @@ async fn a_failed_fsync_keeps_the_write_ahead_log_until_a_restart_replays_it() {
         assert!(log.event(id).unwrap().is_some(), "event {id} lost");
     }
 }
+
+/// A commit's write fails halfway and so does cutting the half frame off
+/// (a failing disk). The next commit must not land behind that half frame:
+/// replay stops at the first broken frame, so an acknowledged event there
+/// would be read back by nobody. It used to be appended there all the same.
+#[tokio::test]
+async fn a_half_written_frame_is_cut_off_before_the_next_commit() {
+    use leadflo_relay::log::wal;
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let config = work.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndata_dir = {:?}\ncheckpoint_interval = \"1h\"\nmin_free_bytes = 0\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut relay = RelayProcess::start_with_env(
+        &data,
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("LEADFLO_WEBHOOK_SECRET", SECRET),
+            (leadflo_relay::crashpoint::FAIL_ENV, "commit.write:2"),
+        ],
+    );
+    let client = client();
+    let mut answers = Vec::new();
+    for n in 0..3 {
+        answers.push(post(&client, &relay.url(), Some(SECRET), padded_lead(n)).await);
+    }
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [200, 503, 200], "{answers:?}");
+    let id = |n: usize| answers[n].1["id"].as_str().unwrap().parse::<u64>().unwrap();
+    relay.kill9();
+    let mut logged = Vec::new();
+    for seq in wal::segments(&data).unwrap() {
+        let bytes = std::fs::read(wal::segment_path(&data, seq)).unwrap();
+        logged.extend(wal::read_frames(&bytes).0.into_iter().map(|e| e.id));
+    }
+    assert_eq!(
+        logged,
+        [id(0), id(2)],
+        "the acknowledged events in the write-ahead log"
+    );
+}

@@ -206,6 +206,10 @@ pub struct Wal {
     seq: u64,
     file: File,
     len: u64,
+    /// A failed append left bytes past `len` that could not be cut off
+    /// yet: nothing is appended until they are (a frame after them would
+    /// never be read back).
+    torn: bool,
 }
 
 impl Wal {
@@ -246,6 +250,7 @@ impl Wal {
             seq,
             file,
             len: 0,
+            torn: false,
         })
     }
 
@@ -274,12 +279,22 @@ impl Wal {
     /// Appends `frame` and waits for `fdatasync`. On failure the file is cut
     /// back to where it was, so a later frame never follows a broken one.
     pub fn append(&mut self, frame: &mut Frame) -> std::io::Result<()> {
+        if self.torn {
+            self.cut_back()?;
+        }
         let bytes = frame.seal();
+        let mut injected = false;
         let written = if crashpoint::hits(crashpoint::COMMIT_TORN) {
             // Half a frame reaches the disk, then the process dies.
             let _ = self.file.write_all(&bytes[..bytes.len() / 2]);
             let _ = self.file.sync_data();
             crashpoint::crash(crashpoint::COMMIT_TORN)
+        } else if crashpoint::fails(crashpoint::COMMIT_WRITE) {
+            // A failing disk: half the frame is written, then an error, and
+            // cutting it off fails too (this once).
+            injected = true;
+            let _ = self.file.write_all(&bytes[..bytes.len() / 2]);
+            Err(std::io::Error::other("injected by LEADFLO_RELAY_FAIL_AT"))
         } else {
             self.file
                 .write_all(bytes)
@@ -291,13 +306,21 @@ impl Wal {
                 Ok(())
             }
             Err(err) => {
-                let _ = self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+                self.torn = true;
+                if !injected {
+                    let _ = self.cut_back();
+                }
                 Err(err)
             }
         }
+    }
+
+    /// Cuts the segment back to its last whole frame.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.seek(SeekFrom::Start(self.len))?;
+        self.torn = false;
+        Ok(())
     }
 }
 

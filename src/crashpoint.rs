@@ -108,10 +108,7 @@ pub fn arm_from_env() -> Result<(), String> {
 
 /// Counts a hit of fault point `point`; true when this hit must fail.
 pub fn fails(point: &'static str) -> bool {
-    let Some(Some(armed)) = ARMED_FAULT.get() else {
-        return false;
-    };
-    armed.point == point && armed.left.fetch_sub(1, Ordering::SeqCst) == 1
+    counts_down(&ARMED_FAULT, point)
 }
 
 fn parse(value: &str) -> Result<Armed, String> {
@@ -148,7 +145,13 @@ pub fn reached(point: &'static str) {
 /// Counts a hit of `point`; true when this is the hit to crash at (for a
 /// point that must do something first, such as write half a frame).
 pub fn hits(point: &'static str) -> bool {
-    let Some(Some(armed)) = ARMED.get() else {
+    counts_down(&ARMED, point)
+}
+
+/// Counts a hit of `point` if `armed` is armed there; true at the hit it
+/// waits for.
+fn counts_down(armed: &OnceLock<Option<Armed>>, point: &str) -> bool {
+    let Some(Some(armed)) = armed.get() else {
         return false;
     };
     armed.point == point && armed.left.fetch_sub(1, Ordering::SeqCst) == 1

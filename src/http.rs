@@ -31,18 +31,18 @@ pub struct ConnectionLimits {
     pub shutdown_grace: Duration,
 }
 
-/// Called once per connection closed to make room for a new one.
-pub type OnEvict = Arc<dyn Fn() + Send + Sync>;
+/// Called once per occurrence of a connection event.
+pub type Hook = Arc<dyn Fn() + Send + Sync>;
 
 /// What a listener reports besides the requests its handler answers.
 #[derive(Clone)]
 pub struct ConnectionEvents {
     /// An idle connection was closed to make room for a new one.
-    pub evicted: OnEvict,
+    pub evicted: Hook,
     /// hyper refused a request before the handler saw it (a malformed
     /// request line or headers, headers over the size limit: it answers
     /// 400 or 431 itself and closes the connection).
-    pub malformed: OnEvict,
+    pub malformed: Hook,
 }
 
 impl ConnectionEvents {
@@ -75,7 +75,7 @@ pub async fn serve<H, F>(
     .await
 }
 
-/// [`serve`], calling `on_evict` for each connection closed to make room.
+/// [`serve`], reporting [`ConnectionEvents`].
 ///
 /// At `max_connections`, a new connection closes the one that has been idle
 /// longest (no request in progress; hyper lets a request that has begun

@@ -2690,20 +2690,24 @@ pub mod record {
 mod tests {
     use super::*;
 
+    /// A log in `dir` with small caches and `checkpoint_interval`.
+    fn small(dir: &Path, checkpoint_interval: Duration) -> LogOptions {
+        LogOptions {
+            data_dir: dir.to_owned(),
+            checkpoint_interval,
+            cache_capacity_bytes: 8 << 20,
+            quarantine_max_events: 10,
+            quarantine_max_bytes: 1 << 20,
+        }
+    }
+
     /// A read of the explicit queue that found nothing due must not mark
     /// it quiet past an entry written while it ran (that entry's write
     /// lowered the mark before the read's conclusion would raise it).
     #[test]
     fn a_write_during_a_queue_read_outlives_the_reads_quiet_mark() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(&LogOptions {
-            data_dir: dir.path().to_owned(),
-            checkpoint_interval: Duration::from_secs(1),
-            cache_capacity_bytes: 8 << 20,
-            quarantine_max_events: 10,
-            quarantine_max_bytes: 1 << 20,
-        })
-        .unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
         let subscription = Subscription {
             target: "crm".into(),
             events: None,
@@ -2737,14 +2741,7 @@ mod tests {
     #[test]
     fn pruning_keeps_an_unreadable_event_and_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(&LogOptions {
-            data_dir: dir.path().to_owned(),
-            checkpoint_interval: Duration::from_secs(1),
-            cache_capacity_bytes: 8 << 20,
-            quarantine_max_events: 10,
-            quarantine_max_bytes: 1 << 20,
-        })
-        .unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
         let event = |received_at_ms| record::encode_event(received_at_ms, "visitor_created", b"{}");
         // Event 1000 unreadable, 2000 waiting at its first place, 3000 done.
         log.db
@@ -2797,13 +2794,7 @@ mod tests {
     #[tokio::test]
     async fn a_large_event_survives_a_power_cut_before_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let options = |data: &Path| LogOptions {
-            data_dir: data.to_owned(),
-            checkpoint_interval: Duration::from_secs(3600),
-            cache_capacity_bytes: 8 << 20,
-            quarantine_max_events: 10,
-            quarantine_max_bytes: 1 << 20,
-        };
+        let options = |data: &Path| small(data, Duration::from_secs(3600));
         let data = dir.path().join("data");
         let log = Log::open(&options(&data)).unwrap();
         let (committer, _apply) = log
@@ -2840,14 +2831,7 @@ mod tests {
     #[test]
     fn pruning_racing_a_dead_letter_retry_keeps_the_event() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(&LogOptions {
-            data_dir: dir.path().to_owned(),
-            checkpoint_interval: Duration::from_secs(1),
-            cache_capacity_bytes: 8 << 20,
-            quarantine_max_events: 10,
-            quarantine_max_bytes: 1 << 20,
-        })
-        .unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
         let ids: Vec<EventId> = (1..=500u64).map(|n| EventId(n * 1_000)).collect();
         let dead = |id| DeadLetter {
             id,

@@ -78,6 +78,37 @@ fn config_file(dir: &Path, data: &Path, min_free_bytes: u64) -> PathBuf {
     path
 }
 
+/// The relay on a data directory in `work`, checkpointing every
+/// `checkpoint_interval`, with fault point `fault` armed (see
+/// `leadflo_relay::crashpoint::FAIL_ENV`); also returns the data directory
+/// and the config file, for a restart without the fault.
+fn start_failing(
+    work: &Path,
+    checkpoint_interval: &str,
+    fault: &str,
+) -> (RelayProcess, PathBuf, PathBuf) {
+    let data = work.join("data");
+    let config = work.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndata_dir = {:?}\ncheckpoint_interval = \"{checkpoint_interval}\"\n\
+             min_free_bytes = 0\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let relay = RelayProcess::start_with_env(
+        &data,
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("LEADFLO_WEBHOOK_SECRET", SECRET),
+            (leadflo_relay::crashpoint::FAIL_ENV, fault),
+        ],
+    );
+    (relay, data, config)
+}
+
 fn padded_lead(pad: usize) -> Vec<u8> {
     format!(
         r#"{{"event":"visitor_created","pad":"{}"}}"#,
@@ -267,25 +298,8 @@ async fn a_write_failing_with_enospc_gets_503_and_loses_nothing_acknowledged() {
 #[tokio::test]
 async fn a_failed_fsync_keeps_the_write_ahead_log_until_a_restart_replays_it() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let config = work.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndata_dir = {:?}\ncheckpoint_interval = \"100ms\"\nmin_free_bytes = 0\n",
-            data.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let (mut relay, data, config) = start_failing(work.path(), "100ms", "checkpoint.sync:1");
     let config = config.to_str().unwrap();
-    let mut relay = RelayProcess::start_with_env(
-        &data,
-        &["--config", config],
-        &[
-            ("LEADFLO_WEBHOOK_SECRET", SECRET),
-            (leadflo_relay::crashpoint::FAIL_ENV, "checkpoint.sync:1"),
-        ],
-    );
     // Events keep coming (checkpoints follow commits); every checkpoint
     // fails from the first on, and after 10 s of that the relay stops
     // itself (a supervisor would start it again).
@@ -350,24 +364,7 @@ async fn a_failed_fsync_keeps_the_write_ahead_log_until_a_restart_replays_it() {
 async fn a_half_written_frame_is_cut_off_before_the_next_commit() {
     use leadflo_relay::log::wal;
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let config = work.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndata_dir = {:?}\ncheckpoint_interval = \"1h\"\nmin_free_bytes = 0\n",
-            data.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let mut relay = RelayProcess::start_with_env(
-        &data,
-        &["--config", config.to_str().unwrap()],
-        &[
-            ("LEADFLO_WEBHOOK_SECRET", SECRET),
-            (leadflo_relay::crashpoint::FAIL_ENV, "commit.write:2"),
-        ],
-    );
+    let (mut relay, data, _) = start_failing(work.path(), "1h", "commit.write:2");
     let client = client();
     let mut answers = Vec::new();
     for n in 0..3 {

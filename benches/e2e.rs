@@ -18,7 +18,8 @@
 //! 4. **fsync probe**: 1 KiB append + `fdatasync` in a loop on the data
 //!    directory's filesystem: the physical floor of a durable ack; and the
 //!    same over a preallocated file (as the write-ahead log writes), the
-//!    stricter floor.
+//!    stricter floor; run before every round and after the last, samples
+//!    pooled, so the floor spans the minutes of the acks it is compared with.
 //!
 //! A built-in load generator (hyper client, one keep-alive connection per
 //! sender, the seed's `visitor_created` payload with a different name, email
@@ -32,8 +33,9 @@
 //!
 //! `-- --backlog N`: ingests N events while the target is down, then
 //! restarts the relay with the target up and measures the relay's peak RSS,
-//! the time from start to `/readyz` with that backlog, its RSS then (the
-//! open store's own), the drain rate (and its ratio to the rate the same run
+//! the time from start to `/readyz` with that backlog, its peak RSS up to
+//! then (`VmHWM`: startup included), the drain rate (deliveries made before
+//! ready left out) (and its ratio to the rate the same run
 //! ingested at: 64 senders, target down) and the relay's CPU per delivery; then,
 //! as the bound, the **delivery floor**: the relay's own delivery client,
 //! in a process of its own with no log, at the same concurrency into the
@@ -118,27 +120,37 @@ fn run_ceiling() {
                     .collect()
                     .await
                     .map(|collected| collected.to_bytes());
-                if let (Some(log), Ok(body)) = (&inline_log, &body) {
+                // A body that could not be read is not a request served.
+                let Ok(body) = body else {
+                    return json_response(StatusCode::BAD_REQUEST, Bytes::new());
+                };
+                if let Some(log) = &inline_log {
                     use leadflo_relay::log::wal;
                     tokio::task::block_in_place(|| {
                         let mut frame = wal::Frame::new();
-                        frame.push(wal::KIND_EVENT, 1, body, std::iter::empty::<&str>());
+                        frame.push(wal::KIND_EVENT, 1, &body, std::iter::empty::<&str>());
                         log.lock().unwrap().append(&mut frame).unwrap();
                     });
                 }
-                if let (Some(durable), Ok(body)) = (&durable, &body) {
+                if let Some(durable) = &durable {
                     let (done, written) = tokio::sync::oneshot::channel();
                     if durable.send((body.clone(), done)).await.is_err() || written.await.is_err() {
                         return json_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
                     }
                 }
-                if let (Some(uri), Ok(body)) = (forward, body) {
+                if let Some(uri) = forward {
                     let outbound = hyper::Request::post(uri)
                         .header("content-type", "application/json")
                         .body(http_body_util::Full::new(body))
                         .unwrap();
-                    if let Ok(response) = client.request(outbound).await {
-                        let _ = response.into_body().collect().await;
+                    // A failed forward must not be answered (and counted) as a success.
+                    match client.request(outbound).await {
+                        Ok(response) if response.status().is_success() => {
+                            if response.into_body().collect().await.is_err() {
+                                return json_response(StatusCode::BAD_GATEWAY, Bytes::new());
+                            }
+                        }
+                        _ => return json_response(StatusCode::BAD_GATEWAY, Bytes::new()),
                     }
                 }
                 json_response(
@@ -257,6 +269,8 @@ struct Cell {
     latencies: Vec<u32>,
     deliveries_per_s: Vec<f64>,
     drains: Vec<f64>,
+    /// Events acknowledged but not yet at the target when the load stopped.
+    left_at_end: Vec<f64>,
     peak_rss: u64,
     bytes_per_event: Vec<f64>,
     /// The server process's CPU time per acknowledged request (for the
@@ -367,9 +381,18 @@ fn main() {
         (3, Duration::from_secs(5))
     };
     runtime.block_on(async {
+        // The fsync probe runs before every round and after the last, and
+        // its samples are pooled: a shared disk's latency drifts over the
+        // minutes of a run, and the floor should span the same minutes as
+        // the acks it is compared with.
         let probes = if quick { 300 } else { 2000 };
-        let fsync = fsync_probe(probes, false);
-        let overwrite = fsync_probe(probes, true);
+        let per_probe = probes / (rounds + 1);
+        let mut fsync = Vec::new();
+        let mut overwrite = Vec::new();
+        let probe = |fsync: &mut Vec<u32>, overwrite: &mut Vec<u32>| {
+            fsync.extend(fsync_probe(per_probe, false));
+            overwrite.extend(fsync_probe(per_probe, true));
+        };
         let mut ceiling: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
         let mut durable_floor: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
         let mut inline_floor: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
@@ -378,6 +401,7 @@ fn main() {
         let mut delivery: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
         for round in 0..rounds {
             eprintln!("round {}/{rounds}", round + 1);
+            probe(&mut fsync, &mut overwrite);
             for (n, &senders) in SENDERS.iter().enumerate() {
                 // 1. ceiling
                 let server = Ceiling::start(None, None, false);
@@ -426,7 +450,11 @@ fn main() {
                 let cpu = relay.cpu_seconds();
                 let bench_cpu = support::cpu_seconds(std::process::id());
                 let run = timed_load(relay.ingest, PATH, senders, duration).await;
-                let during = received.load(Ordering::Relaxed) as f64 / run.elapsed.as_secs_f64();
+                let at_end = received.load(Ordering::Relaxed);
+                let during = at_end as f64 / run.elapsed.as_secs_f64();
+                delivery[n]
+                    .left_at_end
+                    .push(run.acked.saturating_sub(at_end) as f64);
                 let drain = wait_for(&received, run.acked, Duration::from_secs(300)).await;
                 delivery[n].add_cpu(relay.cpu_seconds() - cpu, &run);
                 delivery[n].bench_cpu_us.push(
@@ -442,6 +470,9 @@ fn main() {
                 relay.stop();
             }
         }
+        probe(&mut fsync, &mut overwrite);
+        fsync.sort_unstable();
+        overwrite.sort_unstable();
         report(
             fsync,
             overwrite,
@@ -586,11 +617,19 @@ fn report(
         format!("≤ {:.0} µs (3× fsync p99 + 1 ms)", 3.0 * f99 + 1000.0),
         ack99_16 <= 3.0 * f99 + 1000.0,
     );
+    // The issue's bar is the durable ingest rate at 64 senders, the same
+    // number as in the first row (ingest alone), not the ingest rate with
+    // delivery running: deliveries during the load can never exceed that
+    // one (an event is delivered only after it is acknowledged).
     row(
-        "deliveries/s during load vs ingest at 64",
-        format!("{deliveries64:.0} vs {:.0}", at(delivery, 64)),
-        "≥ ingest".into(),
-        deliveries64 >= at(delivery, 64),
+        "deliveries/s during load vs durable ingest (alone) at 64",
+        format!(
+            "{deliveries64:.0} vs {relay64:.0} (ingest with delivery {:.0}/s; {:.0} left at load end)",
+            at(delivery, 64),
+            median(&delivery[2].left_at_end),
+        ),
+        "≥ ingest alone".into(),
+        deliveries64 >= relay64,
     );
     row(
         "ingest with delivery / ingest alone at 64",
@@ -680,9 +719,15 @@ async fn backlog_mode(events: u64) {
     let relay = RelayChild::start(&data, &config);
     wait_until_ready(relay.admin).await;
     let ready = started.elapsed();
-    // What the open store alone holds resident, before any delivery.
+    // Peak resident memory up to ready (VmHWM: startup's peak included;
+    // the dispatchers start with the admin listener, so delivery may have
+    // begun).
     let rss_ready = relay.peak_rss();
     let cpu = relay.cpu_seconds();
+    // Deliveries made before ready are not in the drain's time: leave them
+    // out of its rate.
+    let before_ready = received.load(Ordering::Relaxed);
+    let drained = (sent - before_ready.min(sent)) as f64;
     let drain = wait_for(&received, sent, Duration::from_secs(3600)).await;
     let cpu_us = (relay.cpu_seconds() - cpu) * 1e6 / sent as f64;
     let rss_drain = relay.peak_rss();
@@ -692,12 +737,12 @@ async fn backlog_mode(events: u64) {
     let (floor_rate, floor_cpu_us) = delivery_floor(&url, floor_count, TARGET_CONCURRENCY);
     println!();
     println!(
-        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | RSS at ready | drain | drain rate | drain / ingest rate | relay CPU µs/delivery | peak RSS (drain) |"
+        "| backlog | ingest time | store after ingest | peak RSS (ingest) | start to ready | peak RSS to ready | delivered before ready | drain | drain rate | drain / ingest rate | relay CPU µs/delivery | peak RSS (drain) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ingest_rate = sent as f64 / ingest_time.as_secs_f64();
     println!(
-        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {} | {} | {} | {cpu_us:.0} | {:.1} MiB |",
+        "| {sent} | {:.1} s | {:.0} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {before_ready} | {} | {} | {} | {cpu_us:.0} | {:.1} MiB |",
         ingest_time.as_secs_f64(),
         store as f64 / 1048576.0,
         rss_ingest as f64 / 1048576.0,
@@ -709,11 +754,11 @@ async fn backlog_mode(events: u64) {
         )),
         drain.map_or("—".into(), |d| format!(
             "{:.0}/s",
-            sent as f64 / d.as_secs_f64()
+            drained / d.as_secs_f64()
         )),
         drain.map_or("—".into(), |d| format!(
             "{:.2}× ({ingest_rate:.0}/s)",
-            sent as f64 / d.as_secs_f64() / ingest_rate
+            drained / d.as_secs_f64() / ingest_rate
         )),
         rss_drain as f64 / 1048576.0,
     );
@@ -723,7 +768,7 @@ async fn backlog_mode(events: u64) {
          into the same target) delivers {floor_rate:.0}/s with {floor_cpu_us:.0} µs CPU each; the drain reaches {}",
         drain.map_or("—".into(), |d| format!(
             "{:.2}× of that",
-            sent as f64 / d.as_secs_f64() / floor_rate
+            drained / d.as_secs_f64() / floor_rate
         )),
     );
 }

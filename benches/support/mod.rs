@@ -209,8 +209,28 @@ impl Drop for RelayChild {
     }
 }
 
+/// Clock ticks per second of `/proc/<pid>/stat`'s times (`getconf CLK_TCK`,
+/// i.e. `sysconf(_SC_CLK_TCK)`; USER_HZ, 100 on x86 Linux but not on every
+/// architecture).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let ticks = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0);
+        ticks.unwrap_or_else(|| {
+            eprintln!("getconf CLK_TCK failed: assuming 100 ticks per second");
+            100.0
+        })
+    })
+}
+
 /// CPU time (user + system) a process has used so far, in seconds, from
-/// `/proc/<pid>/stat` (clock ticks of Linux's fixed USER_HZ, 100 per second).
+/// `/proc/<pid>/stat` (in clock ticks, see [`clock_ticks`]).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
@@ -224,7 +244,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after ")".
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) + ticks(12)) / clock_ticks()
 }
 
 /// What a timed load run saw.
@@ -306,7 +326,7 @@ pub async fn timed_load(
     }
 }
 
-/// The seed's lead with a distinct name, email and phone per `n` (~700 bytes).
+/// The seed's lead with a distinct name, email and phone per `n` (582 bytes).
 pub fn lead_payload(n: u64) -> Bytes {
     let template = include_str!("../../tests/fixtures/visitor_created.json");
     Bytes::from(

@@ -185,7 +185,7 @@ impl Admin {
     }
 
     fn readiness(&self) -> AdminResponse {
-        if self.log.health().is_failing() {
+        if self.log.health().commits_failing() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the log cannot commit to disk; ingest answers 503",

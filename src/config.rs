@@ -496,6 +496,12 @@ impl Config {
                 "expected an environment variable name, got \"\"".to_owned(),
             ));
         }
+        crate::telemetry::check_level(&self.logging.level).map_err(|message| {
+            invalid(
+                "logging.level",
+                format!("{message}, got {:?}", self.logging.level),
+            )
+        })?;
         let mut names = std::collections::HashSet::new();
         for (n, target) in self.targets.iter().enumerate() {
             let key = |field: &str| format!("targets[{n}].{field}");

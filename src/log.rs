@@ -9,6 +9,7 @@
 //! | `m/last_id`                 | highest id ever assigned (u64 BE)       |
 //! | `q` + target + 0 + due + id | a pending delivery ([`DeliveryState`])  |
 //! | `p` + target + 0 + id       | a delivery moved from its first place: enqueued_ms (u64 BE) |
+//! | `a` + target + 0 + enqueued_ms + id | the same delivery, by age (empty) |
 //! | `d` + target + 0 + id       | a dead letter ([`DeadLetter`])          |
 //! | `w` + target + 0            | the target's watermark and event types ([`record::encode_watermark`]) |
 //!
@@ -34,7 +35,12 @@
 //!   every new event here, at its **first place**, due at its receive time,
 //!   with no other key). A moved or replayed delivery also has a `p` entry,
 //!   written before it, so that it can be found by id; one written before
-//!   the watermark, and above it after a crash, counts as settled.
+//!   the watermark, and above it after a crash, counts as settled. And an
+//!   `a` entry, written before the `p` entry and removed after it, orders
+//!   them by the time they have waited since: a replay waits from its
+//!   replay, under an old id, so the first `p` entry is not the oldest. An
+//!   `a` entry without its `p` entry (a crash in between) is skipped, and
+//!   removed by the recount after a crash ([`Log::count_backlogs`]).
 //!
 //! A target first seen gets its watermark at the last id, made durable
 //! before anything is acknowledged for it: it takes no history.
@@ -97,6 +103,10 @@ const META_SAVED_COUNTS: &[u8] = b"m/backlog_counts";
 const ID_CLOCK_MARGIN_MS: u64 = 60_000;
 const QUEUE_PREFIX: u8 = b'q';
 const PENDING_PREFIX: u8 = b'p';
+const AGE_PREFIX: u8 = b'a';
+/// Most `a` entries without a `p` entry (see the module docs) one
+/// [`Log::target_stats`] skips before it gives up on them.
+const AGE_SKIPS_PER_READ: usize = 256;
 const DEAD_PREFIX: u8 = b'd';
 const WATERMARK_PREFIX: u8 = b'w';
 /// How often, at most, a moving watermark is written (a crash makes again
@@ -347,6 +357,14 @@ impl CommitHealth {
         self.failing.load(Ordering::Relaxed)
             || self.checkpoint_failing.load(Ordering::Relaxed)
             || self.busy_for() >= COMMIT_STALL
+    }
+
+    /// Whether ingest cannot get a commit to disk now: the last commit
+    /// failed, or one has run past [`COMMIT_STALL`]. A failed checkpoint
+    /// alone does not count: commits still reach the write-ahead log (and
+    /// are acknowledged) until the relay restarts itself.
+    pub fn commits_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) || self.busy_for() >= COMMIT_STALL
     }
 
     /// How long the commit in progress has been running (zero when idle).
@@ -1240,6 +1258,8 @@ impl Log {
         crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
         self.db
             .remove(queue_key(target, delivery.due_ms, delivery.id))?;
+        self.db
+            .remove(age_key(target, delivery.state.enqueued_ms, delivery.id))?;
         self.tallies.change(target, -1, 0);
         Ok(())
     }
@@ -1252,11 +1272,13 @@ impl Log {
         due_ms: u64,
         state: &DeliveryState,
     ) -> Result<(), LogError> {
-        // The entry leaves its first place, so it gets its `p` entry first
-        // (setting it again when it already has one writes nothing). Then
-        // the new entry, then the old one goes (single-key writes, see
-        // `delivered`): a crash in between leaves two entries, so at worst
-        // one extra attempt, never none.
+        // The entry leaves its first place, so it gets its `a` and `p`
+        // entries first (setting them again when it already has them
+        // writes nothing new). Then the new entry, then the old one goes
+        // (single-key writes, see `delivered`): a crash in between leaves
+        // two entries, so at worst one extra attempt, never none.
+        self.db
+            .insert(age_key(target, state.enqueued_ms, delivery.id), &[])?;
         self.db.insert(
             pending_key(target, delivery.id),
             &state.enqueued_ms.to_be_bytes(),
@@ -1284,6 +1306,7 @@ impl Log {
         if !delivery.fresh {
             batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
             batch.remove(pending_key(target, delivery.id));
+            batch.remove(age_key(target, delivery.state.enqueued_ms, delivery.id));
         }
         batch.insert(dead_key(target, delivery.id), record::encode_dead(dead));
         self.db.apply_batch(batch)?;
@@ -1307,12 +1330,15 @@ impl Log {
             let started = Instant::now();
             let (queued, dead, source) = match saved.as_ref().and_then(|saved| saved.get(target)) {
                 Some(&(queued, dead)) => (queued, dead, "saved at the last clean shutdown"),
-                None => (
-                    self.db.scan_prefix(queue_prefix(target)).count() as i64
-                        + self.fresh_backlog(target, true)?.0 as i64,
-                    self.db.scan_prefix(dead_prefix(target)).count() as i64,
-                    "counted in the log",
-                ),
+                None => {
+                    self.remove_age_leftovers(target)?;
+                    (
+                        self.db.scan_prefix(queue_prefix(target)).count() as i64
+                            + self.fresh_backlog(target, true)?.0 as i64,
+                        self.db.scan_prefix(dead_prefix(target)).count() as i64,
+                        "counted in the log",
+                    )
+                }
             };
             let took_ms = started.elapsed().as_millis() as u64;
             tracing::info!(target = %target, queued, dead, source, took_ms, "backlog");
@@ -1363,10 +1389,15 @@ impl Log {
     /// queued no later than any of them.
     pub fn target_stats(&self, target: &str) -> Result<TargetStats, LogError> {
         let (queued, dead) = self.tallies.get(target);
+        // The first `p` entry is the oldest moved delivery, unless a replay
+        // (which waits from its replay, under an old id) is in front of it:
+        // the `a` entries have them in the order of their wait. Both count
+        // (a log from before `a` entries has only `p` entries).
         let first_moved = match self.db.scan_prefix(pending_prefix(target)).next() {
             Some(item) => decode_u64(&item?.1),
             None => None,
         };
+        let oldest_moved = self.oldest_by_age(target)?;
         let first_queued = match self.db.scan_prefix(queue_prefix(target)).next() {
             Some(item) => {
                 let (key, value) = item?;
@@ -1381,6 +1412,7 @@ impl Log {
         let first_fresh = self.fresh_backlog(target, false)?.1;
         let oldest_enqueued_ms = first_moved
             .into_iter()
+            .chain(oldest_moved)
             .chain(first_queued)
             .chain(first_fresh)
             .min();
@@ -1389,6 +1421,44 @@ impl Log {
             dead,
             oldest_enqueued_ms,
         })
+    }
+
+    /// The enqueue time of `target`'s first `a` entry whose delivery still
+    /// waits (has its `p` entry). One without is skipped, not removed: a
+    /// dispatcher may be between writing the two.
+    fn oldest_by_age(&self, target: &str) -> Result<Option<u64>, LogError> {
+        for item in self
+            .db
+            .scan_prefix(age_prefix(target))
+            .take(AGE_SKIPS_PER_READ)
+        {
+            let (key, _) = item?;
+            let Some((enqueued_ms, id)) = parse_queue_key(&key) else {
+                continue;
+            };
+            if self.db.contains_key(pending_key(target, id))? {
+                return Ok(Some(enqueued_ms));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes `target`'s `a` entries that have no `p` entry: what a crash
+    /// between the two writes left. Only while nothing else writes.
+    fn remove_age_leftovers(&self, target: &str) -> Result<usize, LogError> {
+        let mut removed = 0;
+        for item in self.db.scan_prefix(age_prefix(target)) {
+            let (key, _) = item?;
+            let waits = match parse_queue_key(&key) {
+                Some((_, id)) => self.db.contains_key(pending_key(target, id))?,
+                None => false,
+            };
+            if !waits {
+                self.db.remove(key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Dead letters of `target`, oldest event first.
@@ -1487,7 +1557,14 @@ impl Log {
         let now_ms = unix_micros(SystemTime::now()) / 1000;
         let mut batch = sled::Batch::default();
         let (mut queued, mut revived) = (0i64, 0i64);
+        // An id named twice is queued once: the batch is not applied yet, so
+        // `is_queued` cannot see the first copy, and counting both drifted
+        // the backlog and dead-letter tallies (and, spaced, sent it twice).
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
         for &id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
             if self.is_queued(target, id)? || !self.db.contains_key(id_key(EVENT_PREFIX, id.0))? {
                 continue;
             }
@@ -1498,6 +1575,7 @@ impl Log {
             };
             batch.insert(queue_key(target, due_ms, id), record::encode_state(&state));
             batch.insert(pending_key(target, id), &now_ms.to_be_bytes());
+            batch.insert(age_key(target, now_ms, id), &[]);
             if self.db.contains_key(dead_key(target, id))? {
                 batch.remove(dead_key(target, id));
                 revived += 1;
@@ -1672,8 +1750,13 @@ fn queue_prefix(target: &str) -> Vec<u8> {
 }
 
 fn queue_key(target: &str, due_ms: u64, id: EventId) -> Vec<u8> {
-    let mut key = queue_prefix(target);
-    key.extend_from_slice(&due_ms.to_be_bytes());
+    timed_key(QUEUE_PREFIX, target, due_ms, id)
+}
+
+/// `prefix` + target + 0 + a time in ms + id: a key family in time order.
+fn timed_key(prefix: u8, target: &str, ms: u64, id: EventId) -> Vec<u8> {
+    let mut key = target_prefix(prefix, target);
+    key.extend_from_slice(&ms.to_be_bytes());
     key.extend_from_slice(&id.0.to_be_bytes());
     key
 }
@@ -1690,6 +1773,15 @@ fn target_prefix(prefix: u8, target: &str) -> Vec<u8> {
     key.extend_from_slice(target.as_bytes());
     key.push(0);
     key
+}
+
+fn age_prefix(target: &str) -> Vec<u8> {
+    target_prefix(AGE_PREFIX, target)
+}
+
+/// Laid out as a queue key, so [`parse_queue_key`] reads it.
+fn age_key(target: &str, enqueued_ms: u64, id: EventId) -> Vec<u8> {
+    timed_key(AGE_PREFIX, target, enqueued_ms, id)
 }
 
 fn pending_prefix(target: &str) -> Vec<u8> {
@@ -2734,6 +2826,76 @@ mod tests {
         let (_, writes) = state(&log);
         log.explicit_quiet("crm", 7, Some(writes));
         assert_eq!(state(&log).0, 7);
+    }
+
+    /// The oldest-wait figure reads the `a` entries: a replay (waiting
+    /// since 900, under the old id 100) does not hide a delivery moved
+    /// earlier (waiting since 500, id 2000); an `a` entry a crash left
+    /// without its `p` entry is skipped, and the recount after a crash
+    /// removes it.
+    #[test]
+    fn the_oldest_wait_is_read_by_age_past_replays_and_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+        let subscription = Subscription {
+            target: "crm".into(),
+            events: None,
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        log.adopt_targets(&[subscription]).unwrap();
+        for (id, enqueued_ms) in [(100, 900u64), (2000, 500)] {
+            let id = EventId(id);
+            log.db.insert(age_key("crm", enqueued_ms, id), &[]).unwrap();
+            log.db
+                .insert(pending_key("crm", id), &enqueued_ms.to_be_bytes())
+                .unwrap();
+        }
+        let leftover = age_key("crm", 1, EventId(7));
+        log.db.insert(&leftover, &[]).unwrap();
+        let oldest = |log: &Log| log.target_stats("crm").unwrap().oldest_enqueued_ms;
+        assert_eq!(oldest(&log), Some(500));
+        assert!(log.db.contains_key(&leftover).unwrap(), "only skipped");
+        log.count_backlogs(&["crm".to_owned()]).unwrap();
+        assert!(!log.db.contains_key(&leftover).unwrap());
+        assert!(
+            log.db
+                .contains_key(age_key("crm", 500, EventId(2000)))
+                .unwrap()
+        );
+        assert_eq!(oldest(&log), Some(500));
+        // Settling a delivery, either way, takes its `a` entry too.
+        let moved = |id, enqueued_ms| Delivery {
+            id: EventId(id),
+            due_ms: 0,
+            state: DeliveryState {
+                enqueued_ms,
+                ..Default::default()
+            },
+            fresh: false,
+            body: None,
+        };
+        log.delivered("crm", &moved(2000, 500)).unwrap();
+        assert!(
+            !log.db
+                .contains_key(age_key("crm", 500, EventId(2000)))
+                .unwrap()
+        );
+        let dead = DeadLetter {
+            id: EventId(100),
+            target: "crm".into(),
+            attempts: 1,
+            last_status: 400,
+            first_attempt_ms: 900,
+            last_attempt_ms: 900,
+            reason: "HTTP 400".into(),
+        };
+        log.bury(&moved(100, 900), &dead).unwrap();
+        assert!(
+            !log.db
+                .contains_key(age_key("crm", 900, EventId(100)))
+                .unwrap()
+        );
+        assert_eq!(oldest(&log), None);
     }
 
     /// Pruning decides by the event's receive time; an event record that

@@ -17,6 +17,14 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     2.5, 5.0,
 ];
 
+/// Delivery attempt buckets: the ingest latencies, then on past 5 s to a
+/// minute, since an attempt may take up to its target's timeout (10 s by
+/// default) and a histogram puts anything beyond its last bucket in `+Inf`.
+pub const DELIVERY_BUCKETS: [f64; 20] = [
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 15.0, 30.0, 60.0,
+];
+
 /// Why an ingest request ended the way it did; the `result` label of
 /// `leadflo_relay_ingest_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +145,7 @@ impl Metrics {
         .expect("valid metric");
         let commit_failures = IntCounter::new(
             "leadflo_relay_commit_failures_total",
-            "Group commits that failed; their requests were answered 503.",
+            "Writes to the log that failed: group commits (their requests were answered 503), and checkpoints or write-ahead log rotations (retried; no request refused).",
         )
         .expect("valid metric");
         let fsyncs = IntCounter::new(
@@ -155,7 +163,7 @@ impl Metrics {
                 "leadflo_relay_commit_duration_seconds",
                 "Time to write and fsync one group commit.",
             )
-            .buckets(latency_buckets.clone()),
+            .buckets(latency_buckets),
         )
         .expect("valid metric");
         let commit_batch_size = Histogram::with_opts(
@@ -198,7 +206,7 @@ impl Metrics {
                 "leadflo_relay_delivery_duration_seconds",
                 "Time of one delivery attempt, by target.",
             )
-            .buckets(latency_buckets),
+            .buckets(DELIVERY_BUCKETS.to_vec()),
             &["target"],
         )
         .expect("valid metric");

@@ -10,6 +10,17 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LoggingConfig};
 
+/// Crates held at `info`, whatever the filter says.
+const CAPPED: [&str; 7] = [
+    "sled",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "rustls",
+    "rustls_platform_verifier",
+];
+
 /// Appended to every filter; a crate-specific directive wins over a global one.
 const DEPENDENCY_CAPS: &str = "sled=info,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info,rustls_platform_verifier=info";
 
@@ -19,8 +30,46 @@ pub fn filter(config: &LoggingConfig) -> anyhow::Result<EnvFilter> {
         Ok(value) if !value.is_empty() => ("RUST_LOG", value),
         _ => ("logging.level", config.level.clone()),
     };
-    EnvFilter::try_new(format!("{wanted},{DEPENDENCY_CAPS}"))
+    // A directive for a capped crate or one of its modules
+    // (`sled::tree=trace`) is at least as specific as the cap and would
+    // win over it: such directives are dropped.
+    let kept: Vec<&str> = wanted
+        .split(',')
+        .filter(|directive| {
+            let target = directive.split(['[', '=']).next().unwrap_or("").trim();
+            !CAPPED.iter().any(|capped| {
+                target
+                    .strip_prefix(capped)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+            })
+        })
+        .collect();
+    EnvFilter::try_new(format!("{},{DEPENDENCY_CAPS}", kept.join(",")))
         .map_err(|err| anyhow::anyhow!("{origin} = {wanted:?} is not a valid filter: {err}"))
+}
+
+/// Checks a `logging.level` value: `tracing` filter directives, each a
+/// level (`info`) or `target=level` (or a span filter). A bare word that is
+/// not a level would be read as a module name with every level enabled for
+/// it and none for the relay, so a typo such as `debugg` silenced every log
+/// line; it is refused instead.
+pub fn check_level(level: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected a level (off, error, warn, info, debug, trace) or \
+                            comma-separated target=level directives";
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|err| format!("{EXPECTED}; {directive:?} is not one ({err})"))?;
+        let bare = !directive.contains('=') && !directive.contains('[');
+        if bare
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!("{EXPECTED}; {directive:?} is not a level"));
+        }
+    }
+    Ok(())
 }
 
 /// Installs the global subscriber.

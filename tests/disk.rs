@@ -385,3 +385,36 @@ async fn a_half_written_frame_is_cut_off_before_the_next_commit() {
         "the acknowledged events in the write-ahead log"
     );
 }
+
+/// After a failed checkpoint fsync, commits still reach disk (each one is
+/// appended to the write-ahead log and fdatasynced) and ingest answers 200
+/// until the relay restarts itself. `/readyz` must say the same: it used to
+/// answer 503 "the log cannot commit to disk; ingest answers 503", which
+/// takes the only relay out of a load balancer while it accepts leads.
+#[tokio::test]
+async fn readyz_agrees_with_ingest_after_a_failed_checkpoint() {
+    let work = tempfile::tempdir().unwrap();
+    let (relay, _, _) = start_failing(work.path(), "100ms", "checkpoint.sync:1");
+    let client = client();
+    eventually("a failed checkpoint", Duration::from_secs(10), async || {
+        post(&client, &relay.url(), Some(SECRET), padded_lead(1)).await;
+        relay
+            .stderr_text()
+            .contains("log checkpoint failed")
+            .then_some(())
+    })
+    .await;
+    let (status, json) = post(&client, &relay.url(), Some(SECRET), padded_lead(2)).await;
+    let ready = client
+        .get(format!("http://{}/readyz", relay.admin))
+        .send()
+        .await
+        .unwrap();
+    let ready_status = ready.status().as_u16();
+    let ready_body = ready.text().await.unwrap();
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        ready_status, 200,
+        "ingest answers 200 but /readyz says: {ready_body}"
+    );
+}

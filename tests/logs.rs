@@ -149,3 +149,91 @@ async fn json_logs_are_one_object_per_line_with_state_changes_only() {
         }
     }
 }
+
+/// `logging.level` errors: `check-config` and `serve` both refuse a level
+/// they cannot use, naming the file, the key and the value, and a typo
+/// (`debugg`) does not leave a relay running that prints no log line at all.
+#[test]
+fn a_bad_logging_level_is_refused_naming_file_key_and_value() {
+    use std::process::{Command, Stdio};
+    for level in ["info,leadflo_relay=loud", "debugg"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("relay.toml");
+        std::fs::write(&config, format!("[logging]\nlevel = {level:?}\n")).unwrap();
+        let config = config.to_str().unwrap();
+        let data = dir.path().join("data");
+        for args in [
+            vec!["check-config", "--config", config],
+            vec![
+                "serve",
+                "--config",
+                config,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        ] {
+            let mut child = Command::new(binary())
+                .args(&args)
+                .env("LEADFLO_WEBHOOK_SECRET", SECRET)
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let still_running = child.try_wait().unwrap().is_none();
+            if still_running {
+                child.kill().unwrap();
+            }
+            let output = child.wait_with_output().unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                !still_running && !output.status.success(),
+                "{} accepted logging.level = {level:?} (running: {still_running}):\n{said}",
+                args[0]
+            );
+            assert!(
+                said.contains(config) && said.contains("logging.level") && said.contains(level),
+                "{} does not name file, key and value:\n{said}",
+                args[0]
+            );
+        }
+    }
+}
+
+/// The dependency caps hold against a directive for one of a dependency's
+/// modules too (`sled::tree=trace` is more specific than the cap
+/// `sled=info`, and used to win): sled's trace of a batch prints its values,
+/// such as a dead letter's reason quoting the target's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_directives_do_not_lift_the_dependency_caps() {
+    let lines = full_run("trace,sled::tree=trace,reqwest::connect=trace", &[]).await;
+    for line in &lines {
+        for needle in FORBIDDEN {
+            let bytes = format!("{:?}", needle.as_bytes());
+            let bytes = bytes.trim_start_matches('[').trim_end_matches(']');
+            assert!(
+                !line.contains(needle) && !line.contains(bytes),
+                "log line leaks {needle:?}: {}",
+                &line[..line.len().min(300)]
+            );
+        }
+    }
+    for line in &lines {
+        assert!(
+            !line.contains(" sled::") && !line.contains(" reqwest::"),
+            "a capped dependency logs below info: {line}"
+        );
+    }
+}

@@ -579,3 +579,239 @@ async fn a_real_prometheus_scrapes_and_evaluates_every_expression() {
     sender.abort();
     relay.stop().await;
 }
+
+// ---- review: gauges and buckets under edge paths ----------------------------
+
+async fn admin_post(
+    admin: std::net::SocketAddr,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let response = client()
+        .post(format!("http://{admin}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// A replay naming the same id twice (`--ids 7,7`, or a list pasted twice)
+/// queues one delivery: the backlog and dead-letter gauges must say so.
+#[tokio::test]
+async fn replaying_a_repeated_id_keeps_backlog_and_dead_letter_gauges_exact() {
+    let strict = Receiver::start(|_, _| Reply::status(422).body("bad field")).await;
+    let relay =
+        TestRelay::start_with(|c| c.targets = vec![quick_target("strict", &strict.url())]).await;
+    let admin = relay.admin;
+    let (status, json) = post(
+        &client(),
+        &relay.url(),
+        Some(SECRET),
+        fixture("visitor_created.json"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let id = json["id"].as_str().unwrap().to_owned();
+    eventually("the dead letter", WAIT, async || {
+        (scrape(admin, r#"leadflo_relay_dead_letters{target="strict"}"#).await == 1.0).then_some(())
+    })
+    .await;
+
+    let report = admin_post(
+        admin,
+        "/api/replay",
+        serde_json::json!({ "target": "strict", "ids": [id, id] }),
+    )
+    .await;
+    // The target refuses it again: one more dead letter, the same one.
+    eventually(
+        "the replayed delivery to be dead-lettered again",
+        WAIT,
+        async || {
+            (strict.count() >= 2
+                && scrape(
+                    admin,
+                    r#"leadflo_relay_delivery_attempts_total{outcome="dead",target="strict"}"#,
+                )
+                .await
+                    == 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // The attempt is counted just before its dead letter is written: the
+    // gauges get a deadline to agree with the log.
+    let gauges = async || {
+        (
+            scrape(admin, r#"leadflo_relay_backlog_events{target="strict"}"#).await,
+            scrape(admin, r#"leadflo_relay_dead_letters{target="strict"}"#).await,
+        )
+    };
+    let settled = tokio::time::timeout(WAIT, async {
+        while gauges().await != (0.0, 1.0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "gauges drifted from the log: {:?} (replay report: {report})",
+        gauges().await
+    );
+    assert_eq!(report["enqueued"], 1, "{report}");
+    assert_eq!(relay.log.queued_count("strict"), 0);
+    assert_eq!(relay.log.dead_letters("strict").unwrap().len(), 1);
+    assert_eq!(strict.count(), 2, "one replay, one attempt");
+    relay.stop().await;
+}
+
+/// A target may take up to its timeout (10 s by default) to answer: the
+/// delivery latency histogram must resolve that range, not put everything
+/// past LeadFloAgent's 5 s ingest budget into `+Inf` (where
+/// histogram_quantile reports it as 5 s).
+#[tokio::test]
+async fn delivery_latency_buckets_cover_the_target_timeout() {
+    let slow = Receiver::start(|_, _| Reply::ok().after(Duration::from_secs(6))).await;
+    let relay = TestRelay::start_with(|c| {
+        let target = quick_target("slow", &slow.url());
+        assert_eq!(target.timeout.get(), Duration::from_secs(10), "the default");
+        c.targets = vec![target];
+    })
+    .await;
+    let admin = relay.admin;
+    post(
+        &client(),
+        &relay.url(),
+        Some(SECRET),
+        fixture("visitor_created.json"),
+    )
+    .await;
+    eventually("the slow delivery", WAIT, async || {
+        (scrape(
+            admin,
+            r#"leadflo_relay_delivery_attempts_total{outcome="success",target="slow"}"#,
+        )
+        .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    let text = metrics_text(admin).await;
+    let mut finite: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("leadflo_relay_delivery_duration_seconds_bucket{"))
+        .filter(|l| l.contains(r#"target="slow""#) && !l.contains(r#"le="+Inf""#))
+        .map(|l| {
+            let le = l
+                .split(r#"le=""#)
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let value = l.rsplit(' ').next().unwrap();
+            (le.parse().unwrap(), value.parse().unwrap())
+        })
+        .collect();
+    finite.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    let (largest_le, in_it) = *finite.last().unwrap();
+    assert!(
+        largest_le >= 10.0 && in_it == 1.0,
+        "a 6 s attempt (timeout 10 s) falls past every finite bucket; largest is le={largest_le} \
+         holding {in_it}"
+    );
+    relay.stop().await;
+}
+
+/// `backlog_oldest_age_seconds` (what the "lead waiting more than 15
+/// minutes" alert reads) must not get younger while the oldest waiting
+/// delivery still waits: here a replay of an older event, which the target
+/// also refuses, used to hide a lead that had been waiting longer.
+#[tokio::test]
+async fn a_replay_does_not_hide_the_oldest_waiting_delivery() {
+    let first_key = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = first_key.clone();
+    let crm = Receiver::start(move |n, request| {
+        let key = request.header("idempotency-key").to_owned();
+        if n == 0 {
+            *seen.lock().unwrap() = key;
+            return Reply::ok();
+        }
+        if key == *seen.lock().unwrap() {
+            // The replayed older event: refused, retried soon.
+            Reply::status(500)
+        } else {
+            // The newer lead: refused, come back in a minute.
+            Reply::status(503).header("retry-after", "60")
+        }
+    })
+    .await;
+    let relay = TestRelay::start_with(|c| {
+        let mut target = quick_target("crm", &crm.url());
+        target.retry.max_interval = "120s".parse().unwrap();
+        target.circuit_failures = 1000;
+        c.targets = vec![target];
+    })
+    .await;
+    let admin = relay.admin;
+    let (_, older) = post(
+        &client(),
+        &relay.url(),
+        Some(SECRET),
+        fixture("visitor_created.json"),
+    )
+    .await;
+    eventually("the first delivery", WAIT, async || {
+        (crm.count() == 1).then_some(())
+    })
+    .await;
+    let waiting_since = std::time::Instant::now();
+    post(
+        &client(),
+        &relay.url(),
+        Some(SECRET),
+        fixture("conversation_ended.json"),
+    )
+    .await;
+    eventually("the lead to be refused", WAIT, async || {
+        (crm.count() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        scrape(
+            admin,
+            r#"leadflo_relay_backlog_oldest_age_seconds{target="crm"}"#
+        )
+        .await
+            >= 3.0
+    );
+
+    admin_post(
+        admin,
+        "/api/replay",
+        serde_json::json!({ "target": "crm", "ids": [older["id"]] }),
+    )
+    .await;
+    eventually("the replay to be refused", WAIT, async || {
+        (crm.count() >= 4).then_some(())
+    })
+    .await;
+    let age = scrape(
+        admin,
+        r#"leadflo_relay_backlog_oldest_age_seconds{target="crm"}"#,
+    )
+    .await;
+    let waited = waiting_since.elapsed().as_secs_f64();
+    assert_eq!(
+        scrape(admin, r#"leadflo_relay_backlog_events{target="crm"}"#).await,
+        2.0
+    );
+    assert!(
+        age >= waited - 1.0,
+        "the lead has waited {waited:.1} s but the oldest waiting delivery is {age:.1} s old"
+    );
+    relay.stop().await;
+}

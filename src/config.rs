@@ -597,6 +597,9 @@ impl Config {
     }
 }
 
+/// The smallest `rate_per_second`: one attempt start a day.
+const MIN_RATE_PER_SECOND: f64 = 1.0 / 86_400.0;
+
 /// Checks one target; on error returns the field and what was expected.
 fn validate_target(t: &TargetConfig) -> Result<(), (&'static str, String)> {
     let name_ok = !t.name.is_empty()
@@ -641,10 +644,13 @@ fn validate_target(t: &TargetConfig) -> Result<(), (&'static str, String)> {
         ));
     }
     if let Some(rate) = t.rate_per_second {
-        if !(rate.is_finite() && rate > 0.0) {
+        // The dispatcher spaces starts `1 / rate` apart: a rate so small
+        // that the interval is no `Duration` (or overflows an `Instant`)
+        // would panic it. At least one start a day is allowed.
+        if !(rate.is_finite() && rate >= MIN_RATE_PER_SECOND) {
             return Err((
                 "rate_per_second",
-                format!("expected a number above 0, got {rate}"),
+                format!("expected at least one start a day (0.0000116), got {rate}"),
             ));
         }
     }

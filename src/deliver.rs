@@ -183,43 +183,53 @@ impl Deliverer {
         *request.headers_mut() = headers;
         *request.body_mut() = Some(body.into());
         // reqwest's own timeout covers the body too; this guards the rest.
-        let mut sent = tokio::time::timeout(self.timeout, async {
-            let mut response = self.client.execute(request).await?;
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            let body = if (200..300).contains(&status) || is_retryable_status(status) {
-                String::new()
-            } else {
-                read_prefix(&mut response).await
+        // It bounds getting the answer's head: once the status is in, the
+        // outcome is decided, and a body that is slow to follow (a
+        // rejection's reason, or what is drained) never changes it.
+        let started = std::time::Instant::now();
+        let mut response =
+            match tokio::time::timeout(self.timeout, self.client.execute(request)).await {
+                Err(_) => {
+                    return Outcome::Retry {
+                        failure: Failure::Timeout,
+                        retry_after: None,
+                    };
+                }
+                Ok(Err(err)) => {
+                    return Outcome::Retry {
+                        failure: classify(&err),
+                        retry_after: None,
+                    };
+                }
+                Ok(Ok(response)) => response,
             };
-            Ok::<_, reqwest::Error>((status, retry_after, body, response))
-        })
-        .await;
-        if let Ok(Ok((.., response))) = &mut sent {
-            let wait = DRAIN_WAIT.min(self.timeout);
-            let _ = tokio::time::timeout(wait, drain(response)).await;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let mut reason = Vec::new();
+        let rejected = !(200..300).contains(&status) && !is_retryable_status(status);
+        if rejected {
+            // What arrives of the reason within the attempt's time.
+            let left = self.timeout.saturating_sub(started.elapsed());
+            let _ = tokio::time::timeout(left, read_prefix(&mut response, &mut reason)).await;
         }
-        match sent {
-            Err(_) => Outcome::Retry {
-                failure: Failure::Timeout,
-                retry_after: None,
-            },
-            Ok(Err(err)) => Outcome::Retry {
-                failure: classify(&err),
-                retry_after: None,
-            },
-            Ok(Ok((status, _, _, _))) if (200..300).contains(&status) => {
-                Outcome::Delivered { status }
-            }
-            Ok(Ok((status, retry_after, _, _))) if is_retryable_status(status) => Outcome::Retry {
+        let wait = DRAIN_WAIT.min(self.timeout);
+        let _ = tokio::time::timeout(wait, drain(&mut response)).await;
+        if (200..300).contains(&status) {
+            Outcome::Delivered { status }
+        } else if !rejected {
+            Outcome::Retry {
                 failure: Failure::Status(status),
                 retry_after,
-            },
-            Ok(Ok((status, _, body, _))) => Outcome::Reject { status, body },
+            }
+        } else {
+            Outcome::Reject {
+                status,
+                body: String::from_utf8_lossy(&reason).into_owned(),
+            }
         }
     }
 }
@@ -247,9 +257,9 @@ fn classify(err: &reqwest::Error) -> Failure {
     }
 }
 
-/// The first bytes of a response body, as lossy text, for a dead letter.
-async fn read_prefix(response: &mut reqwest::Response) -> String {
-    let mut kept = Vec::new();
+/// The first bytes of a response body, for a dead letter, into `kept`
+/// (which keeps what arrived if this is cut short).
+async fn read_prefix(response: &mut reqwest::Response, kept: &mut Vec<u8>) {
     while kept.len() < REASON_BODY_BYTES {
         match response.chunk().await {
             Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
@@ -257,7 +267,6 @@ async fn read_prefix(response: &mut reqwest::Response) -> String {
         }
     }
     kept.truncate(REASON_BODY_BYTES);
-    String::from_utf8_lossy(&kept).into_owned()
 }
 
 /// Reads and discards what is left of a response body, up to

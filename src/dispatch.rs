@@ -49,8 +49,10 @@ enum Verdict {
     Healthy,
     /// The target answered, but refused this event (dead-lettered).
     Answered,
-    /// The target failed (connect, timeout, 5xx, 429…).
-    Failing,
+    /// The target failed (connect, timeout, 5xx, 429…), with how long it
+    /// asked the relay to stay away (`Retry-After`, capped at
+    /// `max_interval`), if it did.
+    Failing(Option<Duration>),
     /// The attempt could not be made or recorded; says nothing of the target.
     Unknown,
 }
@@ -263,7 +265,7 @@ fn record_verdict(
                 tracing::info!(target = %target.name, "circuit closed: the target answers again");
             }
         }
-        Verdict::Failing => {
+        Verdict::Failing(retry_after) => {
             circuit.catching_up = false;
             circuit.consecutive_failures = circuit.consecutive_failures.saturating_add(1);
             let beyond = circuit
@@ -272,11 +274,15 @@ fn record_verdict(
             if circuit.consecutive_failures >= target.circuit_failures {
                 // Probe interval: the backoff for the failures beyond the
                 // threshold, capped so a target that comes back after a long
-                // outage is noticed within `probe_max_interval`.
+                // outage is noticed within `probe_max_interval`. A target
+                // that said how long to stay away (`Retry-After`, already
+                // capped at `max_interval`) is not probed before that: the
+                // probe takes a delivery whether or not it is due.
                 let interval = target
                     .policy
                     .ceiling(beyond + 1)
                     .min(target.probe_max_interval);
+                let wait = interval.max(retry_after.unwrap_or_default());
                 if circuit.open_until.is_none() {
                     gauge.set(1);
                     tracing::warn!(
@@ -286,7 +292,10 @@ fn record_verdict(
                         "circuit open: the target keeps failing; probing with one attempt at a time"
                     );
                 }
-                circuit.open_until = Some(Instant::now() + interval);
+                // An attempt from before the opening that ends now does not
+                // bring forward a probe time an earlier answer asked for.
+                let until = Instant::now() + wait;
+                circuit.open_until = Some(circuit.open_until.map_or(until, |old| old.max(until)));
             }
         }
         Verdict::Unknown => {}
@@ -378,7 +387,7 @@ async fn attempt(
             let delay = target
                 .policy
                 .next_delay(number, retry_after, rand::random::<f64>());
-            let due_ms = now_ms() + delay.as_millis() as u64;
+            let due_ms = now_ms().saturating_add(delay.as_millis() as u64);
             let expires_ms = state
                 .enqueued_ms
                 .saturating_add(target.policy.max_age.as_millis() as u64);
@@ -388,11 +397,15 @@ async fn attempt(
                     crate::config::HumanDuration(target.policy.max_age)
                 );
                 metrics.dead.inc();
-                (Verdict::Failing, bury(log, name, &delivery, &state, reason))
+                (
+                    Verdict::Failing(None),
+                    bury(log, name, &delivery, &state, reason),
+                )
             } else {
                 metrics.retry.inc();
+                let asked = retry_after.map(|asked| asked.min(target.policy.max_interval));
                 (
-                    Verdict::Failing,
+                    Verdict::Failing(asked),
                     log.reschedule(name, &delivery, due_ms, &state),
                 )
             }

@@ -837,3 +837,71 @@ async fn an_open_circuit_waits_for_its_probe_without_spinning() {
     );
     relay.kill9();
 }
+
+/// A target that answers 429 with `Retry-After` asks the relay to stay away
+/// for that long. When the 429s open the circuit, the probe must not come
+/// back before the target asked (it used to come after `initial`, taking
+/// the very delivery whose `Retry-After` had not passed, due or not).
+#[tokio::test]
+async fn an_open_circuit_still_honours_retry_after() {
+    let crm = Receiver::start(|_, _| Reply::status(429).header("retry-after", "3")).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url());
+        t.concurrency = 1;
+        t.circuit_failures = 2;
+        t.retry.max_interval = "1m".parse().unwrap();
+        c.targets = vec![t];
+    })
+    .await;
+    for n in 0..2 {
+        send(&relay, visitor(n)).await;
+    }
+    eventually("the circuit to open", WAIT, async || {
+        (scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await == 1.0)
+            .then_some(())
+    })
+    .await;
+    // The probe (the third request) takes the first event again: not
+    // before the 3 s it was asked to wait (it came after `initial`,
+    // 100 ms).
+    wait_for_requests(&crm, 3, "the probe after Retry-After").await;
+    let mut last: HashMap<String, std::time::Instant> = HashMap::new();
+    for request in crm.requests() {
+        let key = request.header("idempotency-key").to_owned();
+        if let Some(before) = last.insert(key.clone(), request.at) {
+            let gap = request.at - before;
+            assert!(
+                gap >= Duration::from_secs(3),
+                "event {key} tried again {gap:?} after a 429 with Retry-After: 3"
+            );
+        }
+    }
+    relay.stop().await;
+}
+
+/// `rate_per_second` is any number above 0 to the config check; a tiny one
+/// (1e-300: an interval of 1e300 s) must be refused there, or work: the
+/// dispatcher's `Duration::from_secs_f64(1 / rate)` panicked instead, and
+/// the target silently got nothing until the next start.
+#[tokio::test]
+async fn a_tiny_rate_limit_is_refused_or_works() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    for rate in ["1e-300", "1e-19"] {
+        let text = format!(
+            "[[targets]]\nname = \"crm\"\nurl = \"{}\"\nrate_per_second = {rate}\n",
+            crm.url()
+        );
+        let parsed = match leadflo_relay::config::Config::parse(&text, "relay.toml") {
+            Err(err) => {
+                assert!(err.to_string().contains("rate_per_second"), "{err}");
+                continue;
+            }
+            Ok(parsed) => parsed,
+        };
+        let relay = TestRelay::start_with(|c| c.targets = parsed.targets).await;
+        send(&relay, visitor(1)).await;
+        // The limiter starts with one start allowed.
+        wait_for_requests(&crm, 1, "the first delivery").await;
+        relay.stop().await;
+    }
+}

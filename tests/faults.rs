@@ -296,3 +296,41 @@ async fn a_2xx_after_the_timeout_is_a_timeout_and_retried() {
     assert_eq!(attempts, ["1", "2"]);
     relay.stop().await;
 }
+
+/// A rejection is decided by its status line: a body that stalls after it
+/// must not turn the 4xx into a timeout (and a retry). Many events, since
+/// the relay's own timeout and reqwest's (the one that ends the body read)
+/// are armed microseconds apart and usually fire in the same millisecond.
+#[tokio::test]
+async fn a_rejection_with_a_stalled_body_is_never_retried() {
+    const EVENTS: usize = 40;
+    let (addr, _) = bad_target(Misbehaviour::HeadersThenStall(422)).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = fault_target("bad", &format!("http://{addr}/hook"), "200ms");
+        t.concurrency = 8;
+        c.targets = vec![t];
+    })
+    .await;
+    for _ in 0..EVENTS {
+        let (status, _) = post(
+            &client(),
+            &relay.url(),
+            Some(SECRET),
+            fixture("visitor_created.json"),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let dead = eventually("dead letters", WAIT, async || {
+        let dead = relay.log.dead_letters("bad").unwrap();
+        (dead.len() == EVENTS).then_some(dead)
+    })
+    .await;
+    let retried: Vec<_> = dead.iter().filter(|d| d.attempts != 1).collect();
+    assert!(
+        retried.is_empty() && relay.metrics.attempts("bad", "retry") == 0,
+        "{} of {EVENTS} 422s counted as timeouts and retried: {retried:?}",
+        retried.len()
+    );
+    relay.stop().await;
+}

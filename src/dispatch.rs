@@ -91,6 +91,11 @@ impl RateLimiter {
             self.next = self.next.max(Instant::now()) + interval;
         }
     }
+
+    /// No start before `until`: the target asked for that (`Retry-After`).
+    fn hold_until(&mut self, until: Instant) {
+        self.next = self.next.max(until);
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -214,6 +219,12 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                     match done {
                         Ok((task, verdict)) => {
                             in_flight.remove(&task);
+                            // A `Retry-After` speaks for the target, not just
+                            // for the delivery it answered: nothing starts
+                            // before it has passed.
+                            if let Verdict::Failing(Some(asked)) = verdict {
+                                limiter.hold_until(Instant::now() + asked);
+                            }
                             record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
                         }
                         Err(err) => {
@@ -393,7 +404,7 @@ async fn attempt(
                 .saturating_add(target.policy.max_age.as_millis() as u64);
             if due_ms > expires_ms {
                 let reason = format!(
-                    "gave up after {number} attempts over the retry window of {}; last: {failure}",
+                    "gave up after {number} attempts: the next would come after the retry window of {} had closed; last: {failure}",
                     crate::config::HumanDuration(target.policy.max_age)
                 );
                 metrics.dead.inc();

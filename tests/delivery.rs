@@ -838,6 +838,43 @@ async fn an_open_circuit_waits_for_its_probe_without_spinning() {
     relay.kill9();
 }
 
+/// A `Retry-After` speaks for the target: after a 429 asking for 2 s, no
+/// attempt starts before they have passed, of the event that got it or of
+/// any other (the next event went out at once). One attempt at a time, so
+/// the second event cannot start before the first one's answer is counted.
+#[tokio::test]
+async fn retry_after_holds_every_delivery_of_the_target() {
+    let crm = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::status(429).header("retry-after", "2")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url());
+        t.concurrency = 1;
+        t.retry.max_interval = "1m".parse().unwrap();
+        c.targets = vec![t];
+    })
+    .await;
+    for n in 0..2 {
+        send(&relay, visitor(n)).await;
+    }
+    wait_for_requests(&crm, 3, "both events delivered").await;
+    let requests = crm.requests();
+    let refused = requests[0].at;
+    for request in &requests[1..] {
+        let gap = request.at - refused;
+        assert!(
+            gap >= Duration::from_secs(2),
+            "an attempt started {gap:?} after a 429 with Retry-After: 2"
+        );
+    }
+    relay.stop().await;
+}
+
 /// A target that answers 429 with `Retry-After` asks the relay to stay away
 /// for that long. When the 429s open the circuit, the probe must not come
 /// back before the target asked (it used to come after `initial`, taking

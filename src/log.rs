@@ -1609,16 +1609,21 @@ impl Log {
     /// Removes dead letters for good. Returns how many were removed.
     pub fn purge_dead_letters(&self, letters: &[(String, EventId)]) -> Result<usize, LogError> {
         let mut batch = sled::Batch::default();
-        let mut removed = 0;
+        let mut removed = Vec::new();
+        // A letter named twice is removed, and counted, once.
+        let letters: std::collections::BTreeSet<_> = letters.iter().collect();
         for (target, id) in letters {
             if self.db.contains_key(dead_key(target, *id))? {
                 batch.remove(dead_key(target, *id));
-                self.tallies.change(target, 0, -1);
-                removed += 1;
+                removed.push(target);
             }
         }
         self.db.apply_batch(batch)?;
-        Ok(removed)
+        // Counted once they are gone: a batch that fails changes nothing.
+        for target in &removed {
+            self.tallies.change(target, 0, -1);
+        }
+        Ok(removed.len())
     }
 
     /// Names of every target that has a waiting delivery or a dead letter
@@ -2896,6 +2901,36 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(oldest(&log), None);
+    }
+
+    /// A dead letter named twice in one purge is removed, and counted, once.
+    #[test]
+    fn purging_a_letter_named_twice_counts_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+        for id in [1, 2] {
+            let dead = DeadLetter {
+                id: EventId(id),
+                target: "crm".into(),
+                attempts: 1,
+                last_status: 400,
+                first_attempt_ms: 5,
+                last_attempt_ms: 5,
+                reason: "HTTP 400".into(),
+            };
+            log.db
+                .insert(dead_key("crm", EventId(id)), record::encode_dead(&dead))
+                .unwrap();
+        }
+        log.count_backlogs(&["crm".to_owned()]).unwrap();
+        assert_eq!(log.tallies.get("crm"), (0, 2));
+        let twice = [
+            ("crm".to_owned(), EventId(1)),
+            ("crm".to_owned(), EventId(1)),
+        ];
+        assert_eq!(log.purge_dead_letters(&twice).unwrap(), 1);
+        assert_eq!(log.tallies.get("crm"), (0, 1));
+        assert_eq!(log.dead_letters("crm").unwrap().len(), 1);
     }
 
     /// Pruning decides by the event's receive time; an event record that

@@ -107,7 +107,9 @@ impl Admin {
             {
                 Ok(s) => {
                     let target = s.target.clone();
-                    let response = blocking(move || ops::retry_dead_letters(&this.log, &s)).await;
+                    let response =
+                        blocking(move || ops::retry_dead_letters(&this.log, &this.targets, &s))
+                            .await;
                     self.wake(target.as_deref());
                     response
                 }

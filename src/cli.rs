@@ -176,9 +176,12 @@ fn open_offline(
             log.load_watermarks()?;
             let mut targets = TargetsView::from_config(config);
             // Targets no longer configured but still holding deliveries.
+            // Their event types are the ones stored with their watermark
+            // (every type when they have none), as the relay knows them.
             for name in log.targets_in_log()? {
                 if !targets.targets.iter().any(|(n, _)| *n == name) {
-                    targets.targets.push((name, None));
+                    let events = log.stored_event_types(&name)?;
+                    targets.targets.push((name, events));
                 }
             }
             log.count_backlogs(&targets.names())?;
@@ -418,7 +421,7 @@ async fn fetch_dead_letters(
 pub async fn dlq_retry(access: &Access, selection: ops::DlqSelection) -> anyhow::Result<()> {
     let report: ops::DlqReport = match connect(access).await? {
         Backend::Online(online) => online.post("/api/dlq/retry", &selection).await?,
-        Backend::Offline { log, .. } => ops::retry_dead_letters(&log, &selection)?,
+        Backend::Offline { log, targets } => ops::retry_dead_letters(&log, &targets, &selection)?,
     };
     if access.json {
         print_json(&report);

@@ -101,6 +101,10 @@ const META_SAVED_COUNTS: &[u8] = b"m/backlog_counts";
 /// How far ids may run ahead of the receive clock (bursts above one event
 /// per microsecond); time-range scans over ids widen by this much.
 const ID_CLOCK_MARGIN_MS: u64 = 60_000;
+/// The most an id ever ran ahead of its event's receive time, in ms, once
+/// that was more than [`ID_CLOCK_MARGIN_MS`]: after the clock was set back
+/// (ids never go back), until it caught up with the last id.
+const META_ID_LEAD: &[u8] = b"m/id_lead_ms";
 const QUEUE_PREFIX: u8 = b'q';
 const PENDING_PREFIX: u8 = b'p';
 const AGE_PREFIX: u8 = b'a';
@@ -553,11 +557,13 @@ impl Log {
         let mut last = self.recover_last_id()?;
         let mut replayed = 0;
         let mut adopted = std::collections::HashMap::new();
+        let mut lead_ms = self.id_lead_ms()?;
         for entry in entries.iter().filter(|e| e.id > durable) {
             let id = entry.id;
             match entry.kind {
                 wal::KIND_EVENT => {
                     let received_at_ms = received_at(&id_key(EVENT_PREFIX, id), &entry.value)?;
+                    lead_ms = lead_ms.max((id / 1000).saturating_sub(received_at_ms));
                     batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
                     let state = new_delivery_state(received_at_ms);
                     for target in &entry.targets {
@@ -584,6 +590,9 @@ impl Log {
             replayed += 1;
         }
         batch.insert(META_LAST_ID, &last.to_be_bytes());
+        if lead_ms > ID_CLOCK_MARGIN_MS {
+            batch.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
+        }
         let io = |source: std::io::Error| LogError::DataFile {
             path: self.dir.clone(),
             source,
@@ -726,6 +735,14 @@ impl Log {
             .expect("fresh lock")
             .get(target)
             .is_some_and(FreshQueue::unsaved)
+    }
+
+    /// The event types stored with `target`'s watermark (`None`: every
+    /// type, or no watermark stored).
+    pub fn stored_event_types(&self, target: &str) -> Result<Option<Vec<String>>, LogError> {
+        Ok(self
+            .stored_watermark(target)?
+            .and_then(|(_, events)| events))
     }
 
     fn stored_watermark(&self, target: &str) -> Result<Option<StoredWatermark>, LogError> {
@@ -940,6 +957,7 @@ impl Log {
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
             last_id: self.recover_last_id()?,
+            id_lead_ms: self.id_lead_ms()?,
             quarantine,
             quarantine_max_events: options.quarantine_max_events.max(1),
             quarantine_max_bytes: options.quarantine_max_bytes,
@@ -970,6 +988,14 @@ impl Log {
     /// See [`META_DURABLE_ID`]; 0 when no checkpoint has set it yet.
     fn durable_through(&self) -> Result<u64, LogError> {
         Ok(match self.db.get(META_DURABLE_ID)? {
+            Some(v) => decode_u64(&v).unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    /// See [`META_ID_LEAD`]; 0 when ids never ran that far ahead.
+    fn id_lead_ms(&self) -> Result<u64, LogError> {
+        Ok(match self.db.get(META_ID_LEAD)? {
             Some(v) => decode_u64(&v).unwrap_or(0),
             None => 0,
         })
@@ -1101,14 +1127,17 @@ impl Log {
                     };
                     let (due_ms, id) =
                         parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
-                    if !query.ignore_due && due_ms > query.now_ms {
+                    let state = record::decode_state(&value).map_err(corrupt)?;
+                    // `ignore_due` overrides backoff times, not a delivery
+                    // never attempted yet that is due later on purpose (a
+                    // replay spaced by `--rate`): it waits for its time.
+                    if due_ms > query.now_ms && (!query.ignore_due || state.attempts == 0) {
                         next_due = Some(due_ms);
                         break;
                     }
                     if (query.skip)(id) {
                         continue;
                     }
-                    let state = record::decode_state(&value).map_err(corrupt)?;
                     due.push(Delivery {
                         id,
                         due_ms,
@@ -1486,9 +1515,10 @@ impl Log {
         to_ms: u64,
     ) -> impl DoubleEndedIterator<Item = Result<StoredEvent, LogError>> + '_ {
         let start = id_key(EVENT_PREFIX, from_ms.saturating_mul(1000));
-        let end_id = to_ms
-            .saturating_add(ID_CLOCK_MARGIN_MS)
-            .saturating_mul(1000);
+        // Ids ran further ahead of the clock once (it was set back): the
+        // scan widens by that much too.
+        let margin = ID_CLOCK_MARGIN_MS.max(self.id_lead_ms().unwrap_or(0).saturating_add(1));
+        let end_id = to_ms.saturating_add(margin).saturating_mul(1000);
         let end = id_key(EVENT_PREFIX, end_id);
         self.db
             .range(start..=end)
@@ -1917,6 +1947,8 @@ struct CommitState {
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     last_id: u64,
+    /// See [`META_ID_LEAD`].
+    id_lead_ms: u64,
     /// Key and size of each quarantined body, oldest first (bounded by the
     /// quarantine limits, so it never grows with traffic).
     quarantine: VecDeque<(sled::IVec, u64)>,
@@ -2076,6 +2108,11 @@ impl CommitState {
                 .max(unix_micros(request.received));
             let id = self.last_id;
             let received_at_ms = unix_micros(request.received) / 1000;
+            let lead_ms = (id / 1000).saturating_sub(received_at_ms);
+            if lead_ms > self.id_lead_ms.max(ID_CLOCK_MARGIN_MS) {
+                self.id_lead_ms = lead_ms;
+                batch.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
+            }
             match &request.entry {
                 Entry::Event { event, body } => {
                     let value = sled::IVec::from(record::encode_event(received_at_ms, event, body));

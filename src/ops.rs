@@ -179,9 +179,19 @@ pub fn replay(
     targets.check(&request.target)?;
     let to_ms = request.to_ms.unwrap_or_else(now_ms);
     let mut candidates = Vec::new();
-    let wanted = |event: &str| request.event.as_deref().is_none_or(|e| e == event);
+    // Only the types the target takes: an event it never subscribed to was
+    // never sent to it, so it is not "sent again".
+    let wanted = |event: &str| {
+        request.event.as_deref().is_none_or(|e| e == event)
+            && targets.subscribes(&request.target, event)
+    };
     if let Some(ids) = &request.ids {
+        // An id named twice is one event: matched, and counted, once.
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
         for &id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
             let event = log.event(id)?.ok_or(OpsError::NoSuchEvent(id))?;
             if wanted(&event.event) && request.in_window(event.received_at_ms, to_ms) {
                 candidates.push(id);
@@ -269,6 +279,9 @@ pub fn list_events(log: &Log, query: &EventsQuery) -> Result<Vec<EventSummary>, 
         query.to_ms.unwrap_or(u64::MAX / 2000),
     );
     let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
     if query.quarantined {
         let all: Vec<_> = log.quarantined().collect::<Result<_, _>>()?;
         for q in all.into_iter().rev() {
@@ -447,11 +460,23 @@ fn check_selection(selection: &DlqSelection) -> Result<(), OpsError> {
 }
 
 /// Queues the selected dead letters again (attempts start afresh).
-pub fn retry_dead_letters(log: &Log, selection: &DlqSelection) -> Result<DlqReport, OpsError> {
+/// Dead letters of a target that is not configured stay where they are:
+/// no dispatcher would ever read them from the queue.
+pub fn retry_dead_letters(
+    log: &Log,
+    targets: &TargetsView,
+    selection: &DlqSelection,
+) -> Result<DlqReport, OpsError> {
     check_selection(selection)?;
+    if let Some(target) = &selection.target {
+        targets.check(target)?;
+    }
     let selected = select_dead(log, selection)?;
     let mut by_target: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
     for dead in &selected {
+        if targets.check(&dead.target).is_err() {
+            continue;
+        }
         by_target
             .entry(dead.target.clone())
             .or_default()

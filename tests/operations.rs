@@ -780,3 +780,355 @@ async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_on
     assert!(scrape(relay.admin, "leadflo_relay_pruned_events_total").await >= 1.0);
     relay.stop().await;
 }
+
+/// A replay sends a target again only what it takes: an event type it does
+/// not subscribe to was never sent to it, and must not be "sent again".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_only_the_event_types_the_target_takes() {
+    let slack = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![target("slack", &slack.url(), Some(&["visitor_created"]))]
+    })
+    .await;
+    let lead_id = send(&relay, fixture("visitor_created.json")).await;
+    let ended_id = send(&relay, fixture("conversation_ended.json")).await;
+    wait_until_delivered(&slack, 1).await;
+    let admin = format!("http://{}", relay.admin);
+    let replay = |extra: &[&str]| {
+        let mut all = args(&[
+            "replay",
+            "--target",
+            "slack",
+            "--from",
+            "1970-01-01T00:00:00Z",
+            "--json",
+        ]);
+        all.extend(args(extra));
+        all
+    };
+    let dry = json(cli(replay(&["--dry-run", "--admin", &admin])).await);
+    assert_eq!(dry["matched"], 1, "dry run: {dry}");
+    let report = json(cli(replay(&["--admin", &admin])).await);
+    assert_eq!(report["matched"], 1, "{report}");
+    eventually("the replay to drain", WAIT, async || {
+        (relay.log.queued_count("slack") == 0 && slack.count() >= 2).then_some(())
+    })
+    .await;
+    let keys: Vec<String> = slack
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key").to_owned())
+        .collect();
+    assert!(
+        !keys.contains(&ended_id.to_string()),
+        "slack takes only visitor_created but was sent conversation_ended {ended_id}: {keys:?}"
+    );
+    assert_eq!(keys, vec![lead_id.to_string(); 2]);
+    relay.stop().await;
+}
+
+/// Offline with only `--data-dir`, the targets come from the log; their
+/// event types are stored there too. Same answers as online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_with_only_the_data_dir_answers_as_online() {
+    let slack = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![target("slack", &slack.url(), Some(&["visitor_created"]))]
+    })
+    .await;
+    send(&relay, fixture("visitor_created.json")).await;
+    let ended = send(&relay, fixture("conversation_ended.json"))
+        .await
+        .to_string();
+    wait_until_delivered(&slack, 1).await;
+    let admin = format!("http://{}", relay.admin);
+    let online = json(
+        cli(args(&[
+            "events", "show", &ended, "--json", "--admin", &admin,
+        ]))
+        .await,
+    );
+    let dir = relay.stop().await;
+    let data = dir.path().to_str().unwrap();
+    let offline = json(
+        cli(args(&[
+            "events",
+            "show",
+            &ended,
+            "--json",
+            "--data-dir",
+            data,
+        ]))
+        .await,
+    );
+    assert_eq!(
+        online["deliveries"]["slack"]["status"], "not_subscribed",
+        "{online}"
+    );
+    assert_eq!(
+        offline["deliveries"], online["deliveries"],
+        "offline (--data-dir) and online disagree"
+    );
+}
+
+/// An id named twice in `--ids` is one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_counts_an_id_named_twice_once() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let id = send(&relay, lead(0)).await;
+    wait_until_delivered(&crm, 1).await;
+    eventually("the delivery to settle", WAIT, async || {
+        (!relay.log.is_queued("crm", id).unwrap()).then_some(())
+    })
+    .await;
+    let admin = format!("http://{}", relay.admin);
+    let ids = format!("{id},{id}");
+    let dry = json(
+        cli(args(&[
+            "replay",
+            "--target",
+            "crm",
+            "--ids",
+            &ids,
+            "--dry-run",
+            "--json",
+            "--admin",
+            &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (dry["matched"].as_u64(), dry["already_queued"].as_u64()),
+        (Some(1), Some(0)),
+        "dry run: {dry}"
+    );
+    let report = json(
+        cli(args(&[
+            "replay", "--target", "crm", "--ids", &ids, "--json", "--admin", &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (
+            report["matched"].as_u64(),
+            report["enqueued"].as_u64(),
+            report["already_queued"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0)),
+        "{report}"
+    );
+    relay.stop().await;
+}
+
+/// `dlq retry` of a target that is not configured (a typo, or a target
+/// removed since) must not move its dead letters into a queue no
+/// dispatcher reads: they would leave `dlq list` and never be delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
+    let crm = Receiver::start(|_, _| Reply::status(400).body("no")).await;
+    let other = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![
+            target("crm", &crm.url(), None),
+            target("other", &other.url(), None),
+        ]
+    })
+    .await;
+    let id = send(&relay, lead(0)).await;
+    eventually("a dead letter", WAIT, async || {
+        (relay.log.dead_letters("crm").unwrap().len() == 1).then_some(())
+    })
+    .await;
+    let dir = relay.stop().await;
+    // crm is removed from the configuration.
+    let relay = TestRelay::start_in(dir, |c| {
+        c.targets = vec![target("other", &other.url(), None)]
+    })
+    .await;
+    let admin = format!("http://{}", relay.admin);
+    let named = cli(args(&[
+        "dlq", "retry", "--target", "crm", "--all", "--admin", &admin,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&named.stderr).into_owned();
+    assert_eq!(named.status.code(), Some(1), "stdout: {}", stdout(&named));
+    assert!(stderr.contains("crm"), "{stderr}");
+    let report = json(
+        cli(args(&[
+            "dlq", "retry", "--all", "--json", "--admin", &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(report["changed"], 0, "{report}");
+    let left: Vec<EventId> = relay
+        .log
+        .dead_letters("crm")
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left, vec![id], "the dead letter left the store");
+    relay.stop().await;
+}
+
+/// `replay --rate N` spaces the replayed deliveries N per second: on a
+/// healthy target, and also after the target came back from an outage
+/// (the circuit closed and the backlog was caught up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_spaces_deliveries_also_after_an_outage() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        let mut t = target("crm", &crm.url(), None);
+        t.circuit_failures = 1;
+        c.targets = vec![t];
+    })
+    .await;
+    let admin = format!("http://{}", relay.admin);
+    let circuit = r#"leadflo_relay_circuit_open{target="crm"}"#;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(send(&relay, lead(n)).await.to_string());
+    }
+    wait_until_delivered(&crm, 4).await;
+    let ids = ids.join(",");
+    let spaced = async |phase: &str| {
+        eventually("an empty queue", WAIT, async || {
+            (relay.log.queued_count("crm") == 0).then_some(())
+        })
+        .await;
+        let before = crm.count();
+        let report = json(
+            cli(args(&[
+                "replay", "--target", "crm", "--ids", &ids, "--rate", "2", "--json", "--admin",
+                &admin,
+            ]))
+            .await,
+        );
+        assert_eq!(report["enqueued"], 4, "{phase}: {report}");
+        wait_until_delivered(&crm, before + 4).await;
+        let times: Vec<_> = crm.requests()[before..].iter().map(|r| r.at).collect();
+        let span = times[3] - times[0];
+        assert!(
+            span >= Duration::from_millis(1400),
+            "{phase}: --rate 2 sent 4 deliveries within {span:?}"
+        );
+    };
+    spaced("healthy target").await;
+
+    // An outage: the circuit opens, then the target answers again.
+    crm.set_behaviour(|_, _| Reply::status(503));
+    send(&relay, lead(9)).await;
+    eventually("the circuit to open", WAIT, async || {
+        (scrape(relay.admin, circuit).await == 1.0).then_some(())
+    })
+    .await;
+    crm.set_behaviour(|_, _| Reply::ok());
+    eventually("the circuit to close", WAIT, async || {
+        (scrape(relay.admin, circuit).await == 0.0).then_some(())
+    })
+    .await;
+    spaced("after the circuit closed").await;
+    relay.stop().await;
+}
+
+/// Ids are microsecond receive times that never go back. After the clock
+/// ran ahead (here ten minutes, then NTP set it right), new events carry
+/// ids above their receive time until the clock catches up with the last
+/// id. A time-range replay or listing must still find them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_ranges_find_events_received_after_the_clock_was_set_back() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let targets = vec![target("crm", &crm.url(), None)];
+    let relay = TestRelay::start_with(|c| c.targets = targets.clone()).await;
+    send(&relay, lead(0)).await;
+    wait_until_delivered(&crm, 1).await;
+    let dir = relay.stop().await;
+    // The highest id as a relay whose clock ran ten minutes ahead left it.
+    let mut tries = 0;
+    let db = loop {
+        match sled::open(dir.path()) {
+            Ok(db) => break db,
+            Err(err) if tries < 100 => {
+                let _ = err;
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("sled does not open: {err}"),
+        }
+    };
+    let ahead_us = (ops::now_ms() + 10 * 60 * 1000) * 1000;
+    db.insert(b"m/last_id", &ahead_us.to_be_bytes()).unwrap();
+    db.flush().unwrap();
+    drop(db);
+    let relay = TestRelay::start_in(dir, |c| c.targets = targets.clone()).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let from = ops::rfc3339(ops::now_ms());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let id = send(&relay, lead(1)).await;
+    wait_until_delivered(&crm, 2).await;
+    let to = ops::rfc3339(ops::now_ms());
+    let admin = format!("http://{}", relay.admin);
+    let listed = json(
+        cli(args(&[
+            "events", "list", "--from", &from, "--to", &to, "--json", "--admin", &admin,
+        ]))
+        .await,
+    );
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == id.to_string()),
+        "event {id} received after --from {from} is not listed: {listed}"
+    );
+    let report = json(
+        cli(args(&[
+            "replay",
+            "--target",
+            "crm",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--dry-run",
+            "--json",
+            "--admin",
+            &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(report["matched"], 1, "{report}");
+    relay.stop().await;
+}
+
+/// `events list --limit N` lists at most N events, also for N = 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_list_limit_is_an_upper_bound() {
+    let relay = TestRelay::start().await;
+    for n in 0..3 {
+        send(&relay, lead(n)).await;
+    }
+    let admin = format!("http://{}", relay.admin);
+    for limit in [0usize, 2] {
+        let listed = json(
+            cli(args(&[
+                "events",
+                "list",
+                "--limit",
+                &limit.to_string(),
+                "--json",
+                "--admin",
+                &admin,
+            ]))
+            .await,
+        );
+        assert_eq!(
+            listed.as_array().unwrap().len(),
+            limit,
+            "--limit {limit}: {listed}"
+        );
+    }
+    relay.stop().await;
+}

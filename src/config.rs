@@ -490,6 +490,12 @@ impl Config {
                 ),
             ));
         }
+        if self.storage.max_bytes == Some(0) {
+            return Err(invalid(
+                "storage.max_bytes",
+                "expected a size in bytes above zero (no key for no cap), got 0".to_owned(),
+            ));
+        }
         if self.auth.secret_env.is_empty() {
             return Err(invalid(
                 "auth.secret_env",
@@ -1044,5 +1050,19 @@ url = "https://hooks.slack.com/services/T000/B000/XXXX"
         );
         config.auth.allow_unauthenticated = true;
         assert!(config.inbound_secret().unwrap().is_none());
+    }
+
+    /// `storage.max_bytes = 0` makes ingest refuse every event (no store is
+    /// smaller than 0 bytes) while `check-config` calls the file valid; like
+    /// `server.max_connections = 0`, it must be refused, naming file and key.
+    #[test]
+    fn a_zero_store_cap_is_refused_with_file_and_key() {
+        let err = Config::parse("[storage]\nmax_bytes = 0\n", "relay.toml")
+            .map(|_| "accepted".to_owned())
+            .unwrap_or_else(|e| e.to_string());
+        assert!(
+            err.contains("relay.toml") && err.contains("storage.max_bytes"),
+            "{err}"
+        );
     }
 }

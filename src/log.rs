@@ -770,6 +770,13 @@ impl Log {
             let event = decode_event_record(&key, &value)?;
             if takes(events.as_deref(), event.event) {
                 let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
+                // Settled after the watermark was written: moved by a
+                // failed attempt (it has its queue entry) or dead-lettered.
+                if self.db.contains_key(pending_key(target, id))?
+                    || self.db.contains_key(dead_key(target, id))?
+                {
+                    continue;
+                }
                 self.db.insert(
                     queue_key(target, event.received_at_ms, id),
                     new_delivery_state(event.received_at_ms),
@@ -3127,5 +3134,70 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         pruner.join().unwrap();
         assert_eq!(lost, 0, "pruning deleted events still owed to a target");
+    }
+
+    /// A target whose event types change (or that is removed) gets queue
+    /// entries for what still waited above its stored watermark. A delivery
+    /// there that was already dead-lettered, or moved by a failed attempt
+    /// (it has its own queue entry), did not wait at its first place: it
+    /// must not be queued (again) there.
+    #[test]
+    fn a_changed_target_does_not_queue_again_what_was_dead_lettered_or_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+        let subscription = |events: Option<Vec<String>>| Subscription {
+            target: "crm".into(),
+            events,
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        log.adopt_targets(&[subscription(None)]).unwrap();
+        // Three new events above the watermark: 1000 still in flight when
+        // the relay stopped, 2000 dead-lettered, 3000 moved to a retry.
+        for id in [1_000u64, 2_000, 3_000] {
+            let event = record::encode_event(id / 1000, "visitor_created", b"{}");
+            log.db.insert(id_key(EVENT_PREFIX, id), event).unwrap();
+        }
+        let dead = DeadLetter {
+            id: EventId(2_000),
+            target: "crm".into(),
+            attempts: 1,
+            last_status: 400,
+            first_attempt_ms: 2,
+            last_attempt_ms: 2,
+            reason: "HTTP 400".into(),
+        };
+        log.db
+            .insert(dead_key("crm", EventId(2_000)), record::encode_dead(&dead))
+            .unwrap();
+        let moved = DeliveryState {
+            attempts: 1,
+            enqueued_ms: 3,
+            ..Default::default()
+        };
+        log.db
+            .insert(age_key("crm", 3, EventId(3_000)), &[])
+            .unwrap();
+        log.db
+            .insert(pending_key("crm", EventId(3_000)), &3u64.to_be_bytes())
+            .unwrap();
+        log.db
+            .insert(
+                queue_key("crm", 60_000, EventId(3_000)),
+                record::encode_state(&moved),
+            )
+            .unwrap();
+        // The next start: the target now takes one event type only.
+        log.adopt_targets(&[subscription(Some(vec!["visitor_created".into()]))])
+            .unwrap();
+        let entries: Vec<EventId> = log
+            .db
+            .scan_prefix(queue_prefix("crm"))
+            .map(|item| parse_queue_key(&item.unwrap().0).unwrap().1)
+            .collect();
+        assert_eq!(
+            entries,
+            [EventId(1_000), EventId(3_000)],
+            "the dead letter was queued again, or the moved delivery twice"
+        );
     }
 }

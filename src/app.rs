@@ -92,11 +92,17 @@ impl Relay {
         log.adopt_targets(&subscriptions)?;
         let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
         log.count_backlogs(&names)?;
-        let disk = Arc::new(DiskGuard::new(
-            options.data_dir.clone(),
-            config.storage.min_free_bytes,
-            config.storage.max_bytes,
-        ));
+        let disk = Arc::new(
+            DiskGuard::new(
+                options.data_dir.clone(),
+                config.storage.min_free_bytes,
+                config.storage.max_bytes,
+            )
+            .with_reusable({
+                let log = log.clone();
+                Box::new(move || log.reusable_bytes())
+            }),
+        );
         disk.sample(&metrics).with_context(|| {
             format!(
                 "cannot read the disk space of {}",

@@ -30,7 +30,13 @@ pub struct Sample {
     pub free_bytes: u64,
     pub total_bytes: u64,
     pub store_bytes: u64,
+    /// Of `store_bytes`, what the store frees for reuse before it grows
+    /// its files again (space pruning released).
+    pub reusable_bytes: u64,
 }
+
+/// Reads how many bytes of the store's files are free for reuse.
+pub type ReusableBytes = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// Space limits and the current verdict.
 pub struct DiskGuard {
@@ -39,6 +45,7 @@ pub struct DiskGuard {
     max_bytes: Option<u64>,
     low: AtomicBool,
     reason: Mutex<Option<String>>,
+    reusable: Option<ReusableBytes>,
 }
 
 impl DiskGuard {
@@ -53,7 +60,16 @@ impl DiskGuard {
             max_bytes,
             low: AtomicBool::new(false),
             reason: Mutex::new(None),
+            reusable: None,
         }
+    }
+
+    /// How to read the store's reusable bytes: `storage.max_bytes` is
+    /// judged against the bytes in use, since the store's files do not
+    /// shrink when pruning frees space in them (the store reuses it).
+    pub fn with_reusable(mut self, reusable: ReusableBytes) -> DiskGuard {
+        self.reusable = Some(reusable);
+        self
     }
 
     /// Why ingest must refuse new events right now, if it must.
@@ -70,6 +86,7 @@ impl DiskGuard {
             free_bytes: fs2::available_space(&self.data_dir)?,
             total_bytes: fs2::total_space(&self.data_dir)?,
             store_bytes: store_size(&self.data_dir)?,
+            reusable_bytes: self.reusable.as_ref().map_or(0, |reusable| reusable()),
         };
         metrics.disk_free_bytes.set(sample.free_bytes as i64);
         metrics.disk_total_bytes.set(sample.total_bytes as i64);
@@ -89,11 +106,11 @@ impl DiskGuard {
                 sample.free_bytes
             ))
         } else {
+            let in_use = sample.store_bytes.saturating_sub(sample.reusable_bytes);
             match self.max_bytes {
-                Some(max) if sample.store_bytes >= max => Some(format!(
-                    "the relay's store is full ({} bytes, storage.max_bytes = {max}); the event \
-                     was not stored",
-                    sample.store_bytes
+                Some(max) if in_use >= max => Some(format!(
+                    "the relay's store is full ({in_use} bytes in use, storage.max_bytes = \
+                     {max}); the event was not stored"
                 )),
                 _ => None,
             }
@@ -183,6 +200,7 @@ mod tests {
             free_bytes: 999,
             total_bytes: 1 << 40,
             store_bytes: 0,
+            reusable_bytes: 0,
         });
         assert!(
             g.refusal()
@@ -193,6 +211,7 @@ mod tests {
             free_bytes: 1000,
             total_bytes: 1 << 40,
             store_bytes: 0,
+            reusable_bytes: 0,
         });
         assert_eq!(g.refusal(), None);
     }
@@ -204,12 +223,22 @@ mod tests {
             free_bytes: 1 << 30,
             total_bytes: 1 << 40,
             store_bytes: 5000,
+            reusable_bytes: 0,
         });
         assert!(g.refusal().unwrap().contains("storage.max_bytes = 5000"));
         g.judge(Sample {
             free_bytes: 1 << 30,
             total_bytes: 1 << 40,
             store_bytes: 4999,
+            reusable_bytes: 0,
+        });
+        assert_eq!(g.refusal(), None);
+        // Files at the cap, but pruning freed space the store reuses.
+        g.judge(Sample {
+            free_bytes: 1 << 30,
+            total_bytes: 1 << 40,
+            store_bytes: 6000,
+            reusable_bytes: 1001,
         });
         assert_eq!(g.refusal(), None);
     }

@@ -1459,6 +1459,12 @@ impl Log {
         })
     }
 
+    /// Bytes of the store's data file that sled has freed (pruning) and
+    /// reuses before it grows the file.
+    pub fn reusable_bytes(&self) -> u64 {
+        self.db.reusable_bytes()
+    }
+
     /// The enqueue time of `target`'s first `a` entry whose delivery still
     /// waits (has its `p` entry). One without is skipped, not removed: a
     /// dispatcher may be between writing the two.

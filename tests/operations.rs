@@ -1132,3 +1132,79 @@ async fn events_list_limit_is_an_upper_bound() {
     }
     relay.stop().await;
 }
+
+/// A store that reached `storage.max_bytes` (a target's outage, a burst)
+/// is pruned once its events are past `storage.retention`; ingest must
+/// take events again then, as it does when free space returns. Pruning
+/// frees space inside sled's file, not the file, and the file's size is
+/// what is compared with `max_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_resumes_once_pruning_has_emptied_a_store_at_max_bytes() {
+    // The store's size with little in it, after a few checkpoints (the
+    // write-ahead log's segment and its spare included).
+    let relay = TestRelay::start().await;
+    // (A checkpoint comes with a commit once its interval has passed.)
+    let checkpoints = async || scrape(relay.admin, "leadflo_relay_checkpoints_total").await;
+    for _ in 0..3 {
+        let before = checkpoints().await;
+        eventually("a checkpoint", WAIT, async || {
+            send(&relay, lead(0)).await;
+            (checkpoints().await > before).then_some(())
+        })
+        .await;
+    }
+    let dir = relay.stop().await;
+    let baseline = leadflo_relay::disk::store_size(dir.path()).unwrap();
+    let max = baseline + (4 << 20);
+
+    // Nothing is pruned yet (7 days): fill the store to max_bytes.
+    let relay = TestRelay::start_in(dir, |c| c.storage.max_bytes = Some(max)).await;
+    let client = client();
+    let body = format!(
+        r#"{{"event":"visitor_created","pad":"{}"}}"#,
+        "x".repeat(1000)
+    );
+    let mut accepted = relay.log.events_between(0, u64::MAX).count();
+    loop {
+        let (status, json) = post(&client, &relay.url(), Some(SECRET), body.clone().into()).await;
+        if status == 503 {
+            assert!(json.to_string().contains("storage.max_bytes"), "{json}");
+            break;
+        }
+        assert_eq!(status, 200, "{json}");
+        accepted += 1;
+        assert!(accepted < 200_000, "the store never reached max_bytes");
+    }
+    let dir = relay.stop().await;
+    let full = leadflo_relay::disk::store_size(dir.path()).unwrap();
+
+    // Every event is past a 1 s retention, and no target waits for any.
+    let relay = TestRelay::start_in(dir, |c| {
+        c.storage.max_bytes = Some(max);
+        c.storage.retention = "1s".parse().unwrap();
+    })
+    .await;
+    eventually("every event to be pruned", WAIT, async || {
+        let pruned = scrape(relay.admin, "leadflo_relay_pruned_events_total").await;
+        (pruned >= accepted as f64).then_some(())
+    })
+    .await;
+    let url = relay.url();
+    let resumed = tokio::time::timeout(WAIT, async {
+        loop {
+            let (status, _) = post(&client, &url, Some(SECRET), lead(0)).await;
+            if status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let now = leadflo_relay::disk::store_size(relay.log.data_dir()).unwrap();
+    assert!(
+        resumed.is_ok(),
+        "ingest still refuses {WAIT:?} after all {accepted} events were pruned: store {now} \
+         bytes (full: {full}, max_bytes {max}, baseline {baseline})"
+    );
+    relay.stop().await;
+}

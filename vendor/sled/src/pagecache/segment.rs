@@ -672,6 +672,11 @@ impl SegmentAccountant {
         Ok(())
     }
 
+    /// Bytes of the segments that are free for reuse (leadflo-relay).
+    pub(crate) fn free_bytes(&self) -> u64 {
+        self.free.len() as u64 * self.config.segment_size as u64
+    }
+
     fn free_segment(&mut self, lid: LogOffset) -> Result<()> {
         debug!("freeing segment {}", lid);
         trace!("free list before free {:?}", self.free);

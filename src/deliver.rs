@@ -210,7 +210,8 @@ impl Deliverer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let mut reason = Vec::new();
-        let rejected = !(200..300).contains(&status) && !is_retryable_status(status);
+        let delivered = (200..300).contains(&status);
+        let rejected = !delivered && !is_retryable_status(status);
         if rejected {
             // What arrives of the reason within the attempt's time.
             let left = self.timeout.saturating_sub(started.elapsed());
@@ -218,7 +219,7 @@ impl Deliverer {
         }
         let wait = DRAIN_WAIT.min(self.timeout);
         let _ = tokio::time::timeout(wait, drain(&mut response)).await;
-        if (200..300).contains(&status) {
+        if delivered {
             Outcome::Delivered { status }
         } else if !rejected {
             Outcome::Retry {

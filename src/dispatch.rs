@@ -276,7 +276,7 @@ fn record_verdict(
                 tracing::info!(target = %target.name, "circuit closed: the target answers again");
             }
         }
-        Verdict::Failing(retry_after) => {
+        Verdict::Failing(_) => {
             circuit.catching_up = false;
             circuit.consecutive_failures = circuit.consecutive_failures.saturating_add(1);
             let beyond = circuit
@@ -285,15 +285,13 @@ fn record_verdict(
             if circuit.consecutive_failures >= target.circuit_failures {
                 // Probe interval: the backoff for the failures beyond the
                 // threshold, capped so a target that comes back after a long
-                // outage is noticed within `probe_max_interval`. A target
-                // that said how long to stay away (`Retry-After`, already
-                // capped at `max_interval`) is not probed before that: the
-                // probe takes a delivery whether or not it is due.
+                // outage is noticed within `probe_max_interval`. (A
+                // `Retry-After` holds the probe too: see the rate limiter's
+                // `hold_until` in `run`.)
                 let interval = target
                     .policy
                     .ceiling(beyond + 1)
                     .min(target.probe_max_interval);
-                let wait = interval.max(retry_after.unwrap_or_default());
                 if circuit.open_until.is_none() {
                     gauge.set(1);
                     tracing::warn!(
@@ -303,10 +301,7 @@ fn record_verdict(
                         "circuit open: the target keeps failing; probing with one attempt at a time"
                     );
                 }
-                // An attempt from before the opening that ends now does not
-                // bring forward a probe time an earlier answer asked for.
-                let until = Instant::now() + wait;
-                circuit.open_until = Some(circuit.open_until.map_or(until, |old| old.max(until)));
+                circuit.open_until = Some(Instant::now() + interval);
             }
         }
         Verdict::Unknown => {}

@@ -1469,32 +1469,40 @@ impl Log {
     /// waits (has its `p` entry). One without is skipped, not removed: a
     /// dispatcher may be between writing the two.
     fn oldest_by_age(&self, target: &str) -> Result<Option<u64>, LogError> {
-        for item in self
-            .db
-            .scan_prefix(age_prefix(target))
-            .take(AGE_SKIPS_PER_READ)
-        {
-            let (key, _) = item?;
-            let Some((enqueued_ms, id)) = parse_queue_key(&key) else {
-                continue;
-            };
-            if self.db.contains_key(pending_key(target, id))? {
+        for entry in self.age_entries(target).take(AGE_SKIPS_PER_READ) {
+            let (_, enqueued_ms, waits) = entry?;
+            if waits {
                 return Ok(Some(enqueued_ms));
             }
         }
         Ok(None)
     }
 
+    /// `target`'s `a` entries in age order: key, enqueue time, and whether
+    /// the delivery still waits (has its `p` entry).
+    fn age_entries<'a>(
+        &'a self,
+        target: &'a str,
+    ) -> impl Iterator<Item = Result<(sled::IVec, u64, bool), LogError>> + 'a {
+        let pending = move |id| self.db.contains_key(pending_key(target, id));
+        self.db.scan_prefix(age_prefix(target)).map(move |item| {
+            let (key, _) = item?;
+            Ok(match parse_queue_key(&key) {
+                Some((enqueued_ms, id)) => {
+                    let waits = pending(id)?;
+                    (key, enqueued_ms, waits)
+                }
+                None => (key, 0, false),
+            })
+        })
+    }
+
     /// Removes `target`'s `a` entries that have no `p` entry: what a crash
     /// between the two writes left. Only while nothing else writes.
     fn remove_age_leftovers(&self, target: &str) -> Result<usize, LogError> {
         let mut removed = 0;
-        for item in self.db.scan_prefix(age_prefix(target)) {
-            let (key, _) = item?;
-            let waits = match parse_queue_key(&key) {
-                Some((_, id)) => self.db.contains_key(pending_key(target, id))?,
-                None => false,
-            };
+        for entry in self.age_entries(target) {
+            let (key, _, waits) = entry?;
             if !waits {
                 self.db.remove(key)?;
                 removed += 1;
@@ -2837,6 +2845,19 @@ pub mod record {
 mod tests {
     use super::*;
 
+    /// A dead letter of `id` for the target "crm": one attempt, HTTP 400.
+    fn dead_letter(id: EventId) -> DeadLetter {
+        DeadLetter {
+            id,
+            target: "crm".into(),
+            attempts: 1,
+            last_status: 400,
+            first_attempt_ms: 1,
+            last_attempt_ms: 1,
+            reason: "HTTP 400".into(),
+        }
+    }
+
     /// A log in `dir` with small caches and `checkpoint_interval`.
     fn small(dir: &Path, checkpoint_interval: Duration) -> LogOptions {
         LogOptions {
@@ -2935,16 +2956,8 @@ mod tests {
                 .contains_key(age_key("crm", 500, EventId(2000)))
                 .unwrap()
         );
-        let dead = DeadLetter {
-            id: EventId(100),
-            target: "crm".into(),
-            attempts: 1,
-            last_status: 400,
-            first_attempt_ms: 900,
-            last_attempt_ms: 900,
-            reason: "HTTP 400".into(),
-        };
-        log.bury(&moved(100, 900), &dead).unwrap();
+        log.bury(&moved(100, 900), &dead_letter(EventId(100)))
+            .unwrap();
         assert!(
             !log.db
                 .contains_key(age_key("crm", 900, EventId(100)))
@@ -2958,18 +2971,9 @@ mod tests {
     fn purging_a_letter_named_twice_counts_it_once() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
-        for id in [1, 2] {
-            let dead = DeadLetter {
-                id: EventId(id),
-                target: "crm".into(),
-                attempts: 1,
-                last_status: 400,
-                first_attempt_ms: 5,
-                last_attempt_ms: 5,
-                reason: "HTTP 400".into(),
-            };
+        for id in [EventId(1), EventId(2)] {
             log.db
-                .insert(dead_key("crm", EventId(id)), record::encode_dead(&dead))
+                .insert(dead_key("crm", id), record::encode_dead(&dead_letter(id)))
                 .unwrap();
         }
         log.count_backlogs(&["crm".to_owned()]).unwrap();
@@ -3080,20 +3084,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
         let ids: Vec<EventId> = (1..=500u64).map(|n| EventId(n * 1_000)).collect();
-        let dead = |id| DeadLetter {
-            id,
-            target: "crm".into(),
-            attempts: 1,
-            last_status: 500,
-            first_attempt_ms: 1,
-            last_attempt_ms: 1,
-            reason: "down".into(),
-        };
         for &id in &ids {
             let event = record::encode_event(id.0 / 1000, "visitor_created", b"{}");
             log.db.insert(id_key(EVENT_PREFIX, id.0), event).unwrap();
             log.db
-                .insert(dead_key("crm", id), record::encode_dead(&dead(id)))
+                .insert(dead_key("crm", id), record::encode_dead(&dead_letter(id)))
                 .unwrap();
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -3134,7 +3129,7 @@ mod tests {
                     fresh: false,
                     body: None,
                 };
-                log.bury(&delivery, &dead(id)).unwrap();
+                log.bury(&delivery, &dead_letter(id)).unwrap();
             }
         }
         stop.store(true, Ordering::Relaxed);
@@ -3163,17 +3158,11 @@ mod tests {
             let event = record::encode_event(id / 1000, "visitor_created", b"{}");
             log.db.insert(id_key(EVENT_PREFIX, id), event).unwrap();
         }
-        let dead = DeadLetter {
-            id: EventId(2_000),
-            target: "crm".into(),
-            attempts: 1,
-            last_status: 400,
-            first_attempt_ms: 2,
-            last_attempt_ms: 2,
-            reason: "HTTP 400".into(),
-        };
         log.db
-            .insert(dead_key("crm", EventId(2_000)), record::encode_dead(&dead))
+            .insert(
+                dead_key("crm", EventId(2_000)),
+                record::encode_dead(&dead_letter(EventId(2_000))),
+            )
             .unwrap();
         let moved = DeliveryState {
             attempts: 1,

@@ -10,7 +10,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LoggingConfig};
 
-/// Crates held at `info`, whatever the filter says.
+/// Crates held at `info`, whatever the filter says: each gets a
+/// `crate=info` directive appended to every filter (a crate-specific
+/// directive wins over a global one).
 const CAPPED: [&str; 7] = [
     "sled",
     "hyper",
@@ -21,9 +23,6 @@ const CAPPED: [&str; 7] = [
     "rustls_platform_verifier",
 ];
 
-/// Appended to every filter; a crate-specific directive wins over a global one.
-const DEPENDENCY_CAPS: &str = "sled=info,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info,rustls_platform_verifier=info";
-
 /// The filter: `RUST_LOG` if set, else `logging.level`, plus the caps.
 pub fn filter(config: &LoggingConfig) -> anyhow::Result<EnvFilter> {
     let (origin, wanted) = match std::env::var("RUST_LOG") {
@@ -33,7 +32,8 @@ pub fn filter(config: &LoggingConfig) -> anyhow::Result<EnvFilter> {
     // A directive for a capped crate or one of its modules
     // (`sled::tree=trace`) is at least as specific as the cap and would
     // win over it: such directives are dropped.
-    let kept: Vec<&str> = wanted
+    let caps = CAPPED.iter().map(|capped| format!("{capped}=info"));
+    let directives: Vec<String> = wanted
         .split(',')
         .filter(|directive| {
             let target = directive.split(['[', '=']).next().unwrap_or("").trim();
@@ -43,8 +43,10 @@ pub fn filter(config: &LoggingConfig) -> anyhow::Result<EnvFilter> {
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
             })
         })
+        .map(str::to_owned)
+        .chain(caps)
         .collect();
-    EnvFilter::try_new(format!("{},{DEPENDENCY_CAPS}", kept.join(",")))
+    EnvFilter::try_new(directives.join(","))
         .map_err(|err| anyhow::anyhow!("{origin} = {wanted:?} is not a valid filter: {err}"))
 }
 

@@ -75,6 +75,26 @@ fn ok(output: Output) -> String {
     stdout(&output)
 }
 
+/// `replay --target crm --from FROM --to TO --dry-run --json`, online.
+async fn dry_run_window(admin: &str, from: &str, to: &str) -> serde_json::Value {
+    json(
+        cli(args(&[
+            "replay",
+            "--target",
+            "crm",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--dry-run",
+            "--json",
+            "--admin",
+            admin,
+        ]))
+        .await,
+    )
+}
+
 fn json(output: Output) -> serde_json::Value {
     let text = ok(output);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("--json printed non-JSON ({e}): {text}"))
@@ -362,22 +382,7 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
     wait_until_delivered(&crm, 13).await;
 
     let admin = format!("http://{}", relay.admin);
-    let dry = json(
-        cli(args(&[
-            "replay",
-            "--target",
-            "crm",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--dry-run",
-            "--json",
-            "--admin",
-            &admin,
-        ]))
-        .await,
-    );
+    let dry = dry_run_window(&admin, &from, &to).await;
     assert_eq!(dry["matched"], 5, "{dry}");
     assert_eq!(
         relay.log.queued_count("crm"),
@@ -1083,22 +1088,7 @@ async fn time_ranges_find_events_received_after_the_clock_was_set_back() {
             .any(|e| e["id"] == id.to_string()),
         "event {id} received after --from {from} is not listed: {listed}"
     );
-    let report = json(
-        cli(args(&[
-            "replay",
-            "--target",
-            "crm",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--dry-run",
-            "--json",
-            "--admin",
-            &admin,
-        ]))
-        .await,
-    );
+    let report = dry_run_window(&admin, &from, &to).await;
     assert_eq!(report["matched"], 1, "{report}");
     relay.stop().await;
 }

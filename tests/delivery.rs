@@ -942,3 +942,76 @@ async fn a_tiny_rate_limit_is_refused_or_works() {
         relay.stop().await;
     }
 }
+
+/// The nice value and name of each thread of process `pid`.
+#[cfg(target_os = "linux")]
+fn threads_nice(pid: u32) -> Vec<(String, i32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the name (which may hold spaces): state is field 3,
+        // nice field 19.
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        let nice = after_name
+            .split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap();
+        threads.push((name.trim().to_owned(), nice));
+    }
+    threads
+}
+
+/// Under CPU contention ingest comes first: the delivery pool's threads run
+/// at a lower priority than the threads that answer the sender (which never
+/// retries), and delivery catches up from the log.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn delivery_threads_yield_the_cpu_to_ingest() {
+    use leadflo_relay::app::{DELIVERY_NICE_INCREMENT, DELIVERY_THREAD_NAME};
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(|_, _| Reply::ok()).await;
+    let target = format!("crm={}", receiver.url());
+    let relay = RelayProcess::start(dir.path(), &["--target", &target]);
+    let pid = relay.child.id();
+    // Make both pools work before looking: an event in, and delivered.
+    let (status, json) = post(&client(), &relay.url(), Some(SECRET), visitor(1)).await;
+    assert_eq!(status, 200, "{json}");
+    eventually("the delivery", WAIT, async || {
+        (receiver.count() == 1).then_some(())
+    })
+    .await;
+
+    let threads = threads_nice(pid);
+    let base = threads
+        .iter()
+        .find(|(name, _)| name == "leadflo-relay")
+        .map(|(_, nice)| *nice)
+        .expect("the main thread");
+    let delivery: Vec<i32> = threads
+        .iter()
+        .filter(|(name, _)| name == DELIVERY_THREAD_NAME)
+        .map(|(_, nice)| *nice)
+        .collect();
+    assert!(delivery.len() >= 2, "delivery threads: {threads:?}");
+    let lowered = (base + DELIVERY_NICE_INCREMENT).min(19);
+    assert!(
+        delivery.iter().all(|nice| *nice == lowered),
+        "every delivery thread at nice {lowered}: {threads:?}"
+    );
+    let others: Vec<&(String, i32)> = threads
+        .iter()
+        .filter(|(name, _)| name != DELIVERY_THREAD_NAME)
+        .collect();
+    assert!(
+        others.iter().all(|(_, nice)| *nice == base),
+        "ingest, commit and apply threads stay at nice {base}: {threads:?}"
+    );
+}

@@ -11,6 +11,7 @@
 //! | `POST /api/replay` | queue events for a target again |
 //! | `GET /api/dlq?target=` | dead letters |
 //! | `POST /api/dlq/retry`, `POST /api/dlq/purge` | act on dead letters |
+//! | `POST /api/targets/forget` | drop what waits for a target no longer configured |
 //!
 //! `/api/*` requires `Authorization: Bearer <token>` whenever an admin token
 //! is configured, which `serve` insists on when the listener is not on
@@ -120,6 +121,15 @@ impl Admin {
                 Ok(s) => blocking(move || ops::purge_dead_letters(&this.log, &s)).await,
                 Err(bad) => bad.response(),
             },
+            (Method::POST, "/api/targets/forget") => {
+                match read_json::<ops::ForgetRequest>(request).await {
+                    Ok(r) => {
+                        blocking(move || ops::forget_target(&this.log, &this.targets, &r.target))
+                            .await
+                    }
+                    Err(bad) => bad.response(),
+                }
+            }
             (Method::GET, p) if p.starts_with("/api/events/") => {
                 self.event(&p["/api/events/".len()..]).await
             }

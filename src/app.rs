@@ -91,7 +91,26 @@ impl Relay {
         let log = Log::open(&options)?;
         log.adopt_targets(&subscriptions)?;
         let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-        log.count_backlogs(&names)?;
+        // A target removed from the configuration keeps what waited for it
+        // (and so its events) until it is configured again or forgotten:
+        // counted too, for `stats`, and said once at each start.
+        let removed: Vec<String> = log
+            .targets_in_log()?
+            .into_iter()
+            .filter(|name| !names.contains(name))
+            .collect();
+        log.count_backlogs(&[names.as_slice(), removed.as_slice()].concat())?;
+        for name in &removed {
+            let stats = log.target_stats(name)?;
+            tracing::warn!(
+                target = %name,
+                waiting = stats.queued,
+                dead_letters = stats.dead,
+                "a target no longer configured still holds deliveries, and their events are not \
+                 pruned: configure it again to deliver them, or drop them with \
+                 `leadflo-relay forget-target <name>`"
+            );
+        }
         let disk = Arc::new(
             DiskGuard::new(
                 options.data_dir.clone(),
@@ -281,7 +300,15 @@ impl Relay {
             self.committer_handle.close().await;
             // Nothing writes to the log any more: the next start can take
             // the backlog counts as they are instead of scanning the queue.
-            if let Err(err) = self.log.save_backlog_counts(&target_names) {
+            let counted = match self.log.targets_in_log() {
+                Ok(in_log) => {
+                    let mut names = target_names.clone();
+                    names.extend(in_log.into_iter().filter(|n| !target_names.contains(n)));
+                    names
+                }
+                Err(_) => target_names.clone(),
+            };
+            if let Err(err) = self.log.save_backlog_counts(&counted) {
                 tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
             }
             anyhow::Ok(())

@@ -1,4 +1,5 @@
-//! The operator commands (`replay`, `events`, `dlq`, `stats`, `send-test`)
+//! The operator commands (`replay`, `events`, `dlq`, `stats`,
+//! `forget-target`, `send-test`)
 //! as run from the command line: each reaches the log either through a
 //! running relay's admin API (online) or by opening the data directory
 //! itself (offline, nothing running), then prints a table or JSON.
@@ -31,6 +32,9 @@ pub enum Backend {
 /// Where the CLI looks, from its flags.
 pub struct Access {
     pub config: Config,
+    /// A configuration file was given (`--config`): offline, a target in
+    /// the log that it does not list counts as removed.
+    pub config_given: bool,
     /// `--data-dir` was given: go offline, do not look for a relay.
     pub data_dir_given: bool,
     /// `--admin URL`: go online only.
@@ -145,18 +149,18 @@ pub async fn connect(access: &Access) -> anyhow::Result<Backend> {
     }
     let data_dir = access.config.storage.data_dir.clone();
     if access.data_dir_given {
-        return open_offline(&access.config, &data_dir, None);
+        return open_offline(access, &data_dir, None);
     }
     let url = configured_admin_url(&access.config);
     let online = Online::new(&url, Duration::from_secs(600))?;
     match online.alive().await {
         Ok(()) => Ok(Backend::Online(online)),
-        Err(err) => open_offline(&access.config, &data_dir, Some((url, err))),
+        Err(err) => open_offline(access, &data_dir, Some((url, err))),
     }
 }
 
 fn open_offline(
-    config: &Config,
+    access: &Access,
     data_dir: &Path,
     unreachable: Option<(String, reqwest::Error)>,
 ) -> anyhow::Result<Backend> {
@@ -170,6 +174,7 @@ fn open_offline(
             data_dir.display()
         );
     }
+    let config = &access.config;
     let options = crate::app::log_options(config);
     match Log::open(&options) {
         Ok(log) => {
@@ -181,6 +186,9 @@ fn open_offline(
             for name in log.targets_in_log()? {
                 if !targets.targets.iter().any(|(n, _)| *n == name) {
                     let events = log.stored_event_types(&name)?;
+                    if access.config_given {
+                        targets.removed.insert(name.clone());
+                    }
                     targets.targets.push((name, events));
                 }
             }
@@ -434,6 +442,22 @@ pub async fn dlq_retry(access: &Access, selection: ops::DlqSelection) -> anyhow:
     Ok(())
 }
 
+/// Asks `question` on the terminal; an answer other than yes is the error
+/// `declined`. Without a terminal (a script) it refuses to `action`
+/// unless the command was given `--yes`, which skips this.
+fn confirm(action: &str, question: &str, declined: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to {action} without confirmation: pass --yes");
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        bail!("{declined}");
+    }
+    Ok(())
+}
+
 pub async fn dlq_purge(
     access: &Access,
     selection: ops::DlqSelection,
@@ -445,17 +469,11 @@ pub async fn dlq_purge(
             .iter()
             .filter(|d| selection.ids.as_ref().is_none_or(|ids| ids.contains(&d.id)))
             .count();
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to purge {count} dead letter(s) without confirmation: pass --yes");
-        }
-        eprint!(
-            "Delete {count} dead letter(s) for good? They cannot be retried afterwards. [y/N] "
-        );
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            bail!("nothing purged");
-        }
+        confirm(
+            &format!("purge {count} dead letter(s)"),
+            &format!("Delete {count} dead letter(s) for good? They cannot be retried afterwards."),
+            "nothing purged",
+        )?;
     }
     let report: ops::DlqReport = match connect(access).await? {
         Backend::Online(online) => online.post("/api/dlq/purge", &selection).await?,
@@ -466,6 +484,37 @@ pub async fn dlq_purge(
         return Ok(());
     }
     println!("{} dead letter(s) purged", report.changed);
+    Ok(())
+}
+
+pub async fn forget_target(access: &Access, target: String, yes: bool) -> anyhow::Result<()> {
+    if !yes {
+        confirm(
+            &format!("forget target {target:?}"),
+            &format!(
+                "Drop every delivery waiting for target {target:?}, and its dead letters, for \
+                 good? Its events can still be replayed to other targets until retention \
+                 prunes them."
+            ),
+            "nothing dropped",
+        )?;
+    }
+    let report: ops::ForgetReport = match connect(access).await? {
+        Backend::Online(online) => {
+            online
+                .post("/api/targets/forget", &ops::ForgetRequest { target })
+                .await?
+        }
+        Backend::Offline { log, targets } => ops::forget_target(&log, &targets, &target)?,
+    };
+    if access.json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!(
+        "target {:?} forgotten: {} waiting deliveries and {} dead letter(s) dropped",
+        report.target, report.waiting, report.dead_letters
+    );
     Ok(())
 }
 
@@ -483,7 +532,11 @@ pub async fn stats(access: &Access) -> anyhow::Result<()> {
         .iter()
         .map(|t| {
             vec![
-                t.name.clone(),
+                if t.configured {
+                    t.name.clone()
+                } else {
+                    format!("{} (not configured)", t.name)
+                },
                 t.backlog.to_string(),
                 t.oldest_age_seconds
                     .map_or("-".into(), |s| format!("{s:.0}s")),
@@ -509,6 +562,13 @@ pub async fn stats(access: &Access) -> anyhow::Result<()> {
     println!("disk free:  {} bytes", report.disk_free_bytes);
     if !report.online {
         println!("(relay not running: circuit state and last success are unknown)");
+    }
+    if let Some(removed) = report.targets.iter().find(|t| !t.configured) {
+        println!(
+            "(a target not configured keeps its events from being pruned: add it back to \
+             deliver them, or drop what waits for it with `leadflo-relay forget-target {}`)",
+            removed.name
+        );
     }
     Ok(())
 }

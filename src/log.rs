@@ -134,6 +134,9 @@ const LOCK_GRACE: Duration = Duration::from_secs(2);
 /// crash, and so the deliveries whose done-marks a `kill -9` loses and that
 /// are then made again: sled's own default (500 ms) resent hundreds per kill.
 const SLED_FLUSH_EVERY_MS: u64 = 10;
+/// Keys [`Log::forget_target`] deletes per sled batch (each batch holds
+/// sled's process-wide write lock while it applies).
+const FORGET_BATCH: usize = 1000;
 /// Group commits that may wait for the apply thread.
 const APPLY_QUEUE_DEPTH: usize = 4096;
 
@@ -1677,6 +1680,45 @@ impl Log {
         Ok(removed.len())
     }
 
+    /// Drops everything the log holds for `target`, a target no dispatcher
+    /// serves (one removed from the configuration): its waiting deliveries
+    /// (queue, moved and age entries, and its watermark with the events
+    /// waiting above it) and its dead letters. Its events stay until
+    /// retention prunes them, which nothing holds back any more. Returns how
+    /// many waiting deliveries and dead letters were dropped. Interrupted,
+    /// it leaves a part of them, which running it again drops.
+    pub fn forget_target(&self, target: &str) -> Result<(u64, u64), LogError> {
+        // Not in the middle of a pruning step or a replay (see `prune_step`).
+        let _step = self.prune_step.lock().expect("prune lock");
+        let (mut waiting, _) = self.fresh_backlog(target, true)?;
+        let mut dead = 0;
+        // Queue entries first: what a dispatcher would read.
+        for prefix in [QUEUE_PREFIX, AGE_PREFIX, PENDING_PREFIX, DEAD_PREFIX] {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            for item in self.db.scan_prefix(target_prefix(prefix, target)) {
+                let (key, _) = item?;
+                batch.remove(key);
+                match prefix {
+                    QUEUE_PREFIX => waiting += 1,
+                    DEAD_PREFIX => dead += 1,
+                    _ => {}
+                }
+                in_batch += 1;
+                if in_batch == FORGET_BATCH {
+                    self.db.apply_batch(std::mem::take(&mut batch))?;
+                    in_batch = 0;
+                }
+            }
+            self.db.apply_batch(batch)?;
+        }
+        self.db.remove(target_prefix(WATERMARK_PREFIX, target))?;
+        self.fresh.lock().expect("fresh lock").remove(target);
+        self.tallies.set(target, 0, 0);
+        tracing::info!(target = %target, waiting, dead_letters = dead, "forgot a target no longer configured");
+        Ok((waiting, dead))
+    }
+
     /// Names of every target that has a waiting delivery or a dead letter
     /// in the log, configured or not (one seek per name, not a scan).
     pub fn targets_in_log(&self) -> Result<std::collections::BTreeSet<String>, LogError> {
@@ -3142,6 +3184,40 @@ mod tests {
     /// there that was already dead-lettered, or moved by a failed attempt
     /// (it has its own queue entry), did not wait at its first place: it
     /// must not be queued (again) there.
+    /// Stores `visitor_created` events with `ids` (each received at its id
+    /// in ms / 1000), then settles two of them at `target` after its
+    /// watermark was written: 2000 dead-lettered, 3000 moved to a retry
+    /// (its age, moved and queue entries).
+    fn store_and_settle_some(log: &Log, target: &str, ids: &[u64]) {
+        for &id in ids {
+            let event = record::encode_event(id / 1000, "visitor_created", b"{}");
+            log.db.insert(id_key(EVENT_PREFIX, id), event).unwrap();
+        }
+        log.db
+            .insert(
+                dead_key(target, EventId(2_000)),
+                record::encode_dead(&dead_letter(EventId(2_000))),
+            )
+            .unwrap();
+        let moved = DeliveryState {
+            attempts: 1,
+            enqueued_ms: 3,
+            ..Default::default()
+        };
+        log.db
+            .insert(age_key(target, 3, EventId(3_000)), &[])
+            .unwrap();
+        log.db
+            .insert(pending_key(target, EventId(3_000)), &3u64.to_be_bytes())
+            .unwrap();
+        log.db
+            .insert(
+                queue_key(target, 60_000, EventId(3_000)),
+                record::encode_state(&moved),
+            )
+            .unwrap();
+    }
+
     #[test]
     fn a_changed_target_does_not_queue_again_what_was_dead_lettered_or_moved() {
         let dir = tempfile::tempdir().unwrap();
@@ -3154,33 +3230,7 @@ mod tests {
         log.adopt_targets(&[subscription(None)]).unwrap();
         // Three new events above the watermark: 1000 still in flight when
         // the relay stopped, 2000 dead-lettered, 3000 moved to a retry.
-        for id in [1_000u64, 2_000, 3_000] {
-            let event = record::encode_event(id / 1000, "visitor_created", b"{}");
-            log.db.insert(id_key(EVENT_PREFIX, id), event).unwrap();
-        }
-        log.db
-            .insert(
-                dead_key("crm", EventId(2_000)),
-                record::encode_dead(&dead_letter(EventId(2_000))),
-            )
-            .unwrap();
-        let moved = DeliveryState {
-            attempts: 1,
-            enqueued_ms: 3,
-            ..Default::default()
-        };
-        log.db
-            .insert(age_key("crm", 3, EventId(3_000)), &[])
-            .unwrap();
-        log.db
-            .insert(pending_key("crm", EventId(3_000)), &3u64.to_be_bytes())
-            .unwrap();
-        log.db
-            .insert(
-                queue_key("crm", 60_000, EventId(3_000)),
-                record::encode_state(&moved),
-            )
-            .unwrap();
+        store_and_settle_some(&log, "crm", &[1_000, 2_000, 3_000]);
         // The next start: the target now takes one event type only.
         log.adopt_targets(&[subscription(Some(vec!["visitor_created".into()]))])
             .unwrap();
@@ -3194,5 +3244,48 @@ mod tests {
             [EventId(1_000), EventId(3_000)],
             "the dead letter was queued again, or the moved delivery twice"
         );
+    }
+
+    #[test]
+    fn forgetting_a_removed_target_drops_what_waits_for_it_and_lets_its_events_be_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+        let subscription = |target: &str, events: Option<Vec<String>>| Subscription {
+            target: target.into(),
+            events,
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        let slack = || subscription("slack", Some(vec!["conversation_ended".into()]));
+        log.adopt_targets(&[subscription("crm", None), slack()])
+            .unwrap();
+        // At crm: 2000 dead-lettered, 3000 moved to a retry, 1000 and 4000
+        // waiting at their first place.
+        store_and_settle_some(&log, "crm", &[1_000, 2_000, 3_000, 4_000]);
+        // The next start: crm is no longer configured.
+        log.adopt_targets(&[slack()]).unwrap();
+        let prune = |log: &Log| {
+            let mut targets: Vec<String> = log.targets_in_log().unwrap().into_iter().collect();
+            targets.push("slack".into());
+            log.prune_before(1_000, None, 100, &targets)
+                .unwrap()
+                .deleted
+        };
+        assert_eq!(prune(&log), 0, "crm's deliveries hold every event");
+
+        assert_eq!(log.forget_target("crm").unwrap(), (3, 1));
+        for prefix in [QUEUE_PREFIX, PENDING_PREFIX, AGE_PREFIX, DEAD_PREFIX] {
+            assert_eq!(
+                log.db.scan_prefix(target_prefix(prefix, "crm")).count(),
+                0,
+                "crm's {} entries",
+                prefix as char
+            );
+        }
+        assert!(!log.targets_in_log().unwrap().contains("crm"));
+        assert!(
+            log.stored_watermark("slack").unwrap().is_some(),
+            "slack untouched"
+        );
+        assert_eq!(prune(&log), 4, "nothing holds the events any more");
     }
 }

@@ -42,6 +42,11 @@ enum Command {
     /// Per-target backlog, oldest waiting delivery, dead letters, circuit
     /// state and last success; store size and disk free.
     Stats(AccessArgs),
+    /// Drop every delivery waiting for a target removed from the
+    /// configuration, and its dead letters: they keep their events from
+    /// being pruned. Refused for a configured target; asks first unless
+    /// --yes.
+    ForgetTarget(ForgetTargetArgs),
     /// Send LeadFloAgent's example payload to the relay, as LeadFloAgent's
     /// "submit a test lead" step would, and report where it went.
     SendTest(SendTestArgs),
@@ -78,6 +83,7 @@ impl AccessArgs {
         }
         Ok(cli::Access {
             config,
+            config_given: self.config.is_some(),
             data_dir_given: self.data_dir.is_some(),
             admin: self.admin.clone(),
             json: self.json,
@@ -208,6 +214,18 @@ enum DlqCommand {
         #[command(flatten)]
         access: AccessArgs,
     },
+}
+
+#[derive(Args)]
+struct ForgetTargetArgs {
+    /// The target's name, as `stats` lists it.
+    #[arg(value_name = "NAME")]
+    target: String,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 #[derive(Args)]
@@ -342,6 +360,9 @@ fn run_operation(command: Command) -> anyhow::Result<()> {
                 access,
             }) => cli::dlq_purge(&access.access()?, select.selection(), yes).await,
             Command::Stats(access) => cli::stats(&access.access()?).await,
+            Command::ForgetTarget(args) => {
+                cli::forget_target(&args.access.access()?, args.target, args.yes).await
+            }
             Command::SendTest(args) => {
                 cli::send_test(&args.access.access()?, &args.event, args.url).await
             }

@@ -34,7 +34,12 @@ pub enum OpsError {
 #[derive(Debug, Clone, Default)]
 pub struct TargetsView {
     /// Configured targets and their event filters (`None`: every event).
+    /// Offline, also the targets found only in the log.
     pub targets: Vec<(String, Option<Vec<String>>)>,
+    /// Of `targets`, those the configuration is known not to list (offline
+    /// with `--config`: found in the log only). Offline without a
+    /// configuration every target in the log counts as configured.
+    pub removed: std::collections::BTreeSet<String>,
 }
 
 impl TargetsView {
@@ -45,7 +50,13 @@ impl TargetsView {
                 .iter()
                 .map(|t| (t.name.clone(), t.events.clone()))
                 .collect(),
+            removed: Default::default(),
         }
+    }
+
+    /// Whether `target` is a configured target (see [`TargetsView::removed`]).
+    pub fn is_configured(&self, target: &str) -> bool {
+        !self.removed.contains(target) && self.targets.iter().any(|(name, _)| name == target)
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -506,15 +517,65 @@ pub fn purge_dead_letters(log: &Log, selection: &DlqSelection) -> Result<DlqRepo
     })
 }
 
+// ---- forgetting a removed target --------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForgetRequest {
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForgetReport {
+    pub target: String,
+    /// Deliveries that were waiting for the target, dropped.
+    pub waiting: u64,
+    /// Its dead letters, dropped.
+    pub dead_letters: u64,
+}
+
+/// Drops what the log holds for a target the configuration no longer
+/// lists: its waiting deliveries and dead letters, which would otherwise
+/// keep their events from ever being pruned. A configured target is
+/// refused: its dispatcher still works on them.
+pub fn forget_target(
+    log: &Log,
+    targets: &TargetsView,
+    target: &str,
+) -> Result<ForgetReport, OpsError> {
+    if targets.is_configured(target) {
+        return Err(OpsError::Invalid(format!(
+            "target {target:?} is configured: remove it from the configuration and restart \
+             the relay first (offline, pass the relay's configuration with --config: without \
+             one, every target in the log counts as configured)"
+        )));
+    }
+    if !log.targets_in_log()?.contains(target) {
+        return Err(OpsError::Invalid(format!(
+            "the log holds no deliveries or dead letters for a target {target:?}"
+        )));
+    }
+    let (waiting, dead_letters) = log.forget_target(target)?;
+    Ok(ForgetReport {
+        target: target.to_owned(),
+        waiting,
+        dead_letters,
+    })
+}
+
 // ---- stats -----------------------------------------------------------------
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TargetReport {
     pub name: String,
+    /// False for a target removed from the configuration that still holds
+    /// waiting deliveries or dead letters (see [`forget_target`]).
+    #[serde(default = "configured_default")]
+    pub configured: bool,
     pub backlog: u64,
     pub oldest_age_seconds: Option<f64>,
     pub dead_letters: u64,
-    /// `open`, `closed`, or `unknown` when the relay is not running.
+    /// `open`, `closed`, or `unknown` when the relay is not running;
+    /// `none` for a target not configured.
     pub circuit: String,
     pub last_success_at: Option<String>,
 }
@@ -534,6 +595,10 @@ pub trait LiveState {
     fn last_success_ms(&self, target: &str) -> Option<u64>;
 }
 
+fn configured_default() -> bool {
+    true
+}
+
 pub fn stats(
     log: &Log,
     targets: &TargetsView,
@@ -541,12 +606,25 @@ pub fn stats(
 ) -> Result<StatsReport, OpsError> {
     let now = now_ms();
     let mut reports = Vec::new();
-    for name in targets.names() {
+    // Online, a target removed from the configuration is not in `targets`,
+    // but what waits for it still holds its events in the log.
+    let mut names = targets.names();
+    for name in log.targets_in_log()? {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    for name in names {
         let stats = log.target_stats(&name)?;
+        let configured = targets.is_configured(&name);
+        // A target not configured has no dispatcher, so no circuit (and
+        // asking the metrics would make a series for it).
+        let live = live.filter(|_| configured);
         let circuit = match live.and_then(|l| l.circuit_open(&name)) {
             Some(true) => "open",
             Some(false) => "closed",
-            None => "unknown",
+            None if configured => "unknown",
+            None => "none",
         };
         reports.push(TargetReport {
             backlog: stats.queued,
@@ -556,6 +634,7 @@ pub fn stats(
             dead_letters: stats.dead,
             circuit: circuit.to_owned(),
             last_success_at: live.and_then(|l| l.last_success_ms(&name)).map(rfc3339),
+            configured,
             name,
         });
     }

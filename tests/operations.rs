@@ -1198,3 +1198,189 @@ async fn ingest_resumes_once_pruning_has_emptied_a_store_at_max_bytes() {
     );
     relay.stop().await;
 }
+
+/// A target removed from the configuration keeps what waited for it, and
+/// so its events, until `forget-target` drops them: `stats` lists it as not
+/// configured, a configured target is refused, and once it is forgotten
+/// retention prunes its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
+    let down = RefusingPort::new();
+    let other = Receiver::start(|_, _| Reply::ok()).await;
+    let crm = || target("crm", &format!("http://{}/hook", down.addr), None);
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![crm(), target("other", &other.url(), None)];
+    })
+    .await;
+    let held = [send(&relay, lead(0)).await, send(&relay, lead(1)).await];
+    wait_until_delivered(&other, 2).await;
+    let dir = relay.stop().await;
+
+    // crm is removed from the configuration; retention is short.
+    let relay = TestRelay::start_in(dir, |c| {
+        c.storage.retention = "1s".parse().unwrap();
+        c.targets = vec![target("other", &other.url(), None)];
+    })
+    .await;
+    let admin = format!("http://{}", relay.admin);
+    let stats = json(cli(args(&["stats", "--json", "--admin", &admin])).await);
+    let listed = |stats: &serde_json::Value, name: &str| {
+        stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+    };
+    let removed = listed(&stats, "crm").expect("crm listed");
+    assert_eq!(removed["configured"], false, "{stats}");
+    assert_eq!(removed["circuit"], "none", "{stats}");
+    let metrics = metrics_text(relay.admin).await;
+    assert!(
+        !metrics.contains(r#"target="crm""#),
+        "a series for the removed target: {metrics}"
+    );
+    assert_eq!(removed["backlog"], 2, "{stats}");
+    assert_eq!(listed(&stats, "other").unwrap()["configured"], true);
+    let text = ok(cli(args(&["stats", "--admin", &admin])).await);
+    assert!(text.contains("crm (not configured)"), "{text}");
+    assert!(text.contains("forget-target crm"), "{text}");
+
+    // An event after the restart goes to `other` only and is pruned; the
+    // pass that prunes it looked at crm's (older) events first and kept them.
+    let after = send(&relay, lead(2)).await;
+    eventually("the later event to be pruned", WAIT, async || {
+        relay.log.event(after).unwrap().is_none().then_some(())
+    })
+    .await;
+    for id in held {
+        assert!(
+            relay.log.event(id).unwrap().is_some(),
+            "{id} pruned while crm waits for it"
+        );
+    }
+
+    let refused = cli(args(&[
+        "forget-target",
+        "other",
+        "--yes",
+        "--admin",
+        &admin,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "stdout: {}",
+        stdout(&refused)
+    );
+    assert!(stderr.contains("is configured"), "{stderr}");
+    let unasked = cli(args(&["forget-target", "crm", "--admin", &admin])).await;
+    let stderr = String::from_utf8_lossy(&unasked.stderr).into_owned();
+    assert_eq!(unasked.status.code(), Some(1));
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert_eq!(
+        listed(
+            &json(cli(args(&["stats", "--json", "--admin", &admin])).await),
+            "crm"
+        )
+        .unwrap()["backlog"],
+        2,
+        "unconfirmed, nothing was dropped"
+    );
+
+    let report = json(
+        cli(args(&[
+            "forget-target",
+            "crm",
+            "--yes",
+            "--json",
+            "--admin",
+            &admin,
+        ]))
+        .await,
+    );
+    assert_eq!(report["waiting"], 2, "{report}");
+    assert_eq!(report["dead_letters"], 0, "{report}");
+    eventually("crm's events to be pruned", WAIT, async || {
+        held.iter()
+            .all(|id| relay.log.event(*id).unwrap().is_none())
+            .then_some(())
+    })
+    .await;
+    let stats = json(cli(args(&["stats", "--json", "--admin", &admin])).await);
+    assert!(listed(&stats, "crm").is_none(), "{stats}");
+    let again = cli(args(&["forget-target", "crm", "--yes", "--admin", &admin])).await;
+    assert_eq!(again.status.code(), Some(1), "nothing left to forget");
+    relay.stop().await;
+}
+
+/// Offline, only a configuration tells a removed target from a configured
+/// one: without `--config` every target in the log counts as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_target_offline_goes_by_the_configuration() {
+    let down = RefusingPort::new();
+    let other = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![
+            target("crm", &format!("http://{}/hook", down.addr), None),
+            target("other", &other.url(), None),
+        ];
+    })
+    .await;
+    send(&relay, lead(0)).await;
+    wait_until_delivered(&other, 1).await;
+    let dir = relay.stop().await;
+    let data = dir.path().to_str().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(
+        work.path(),
+        dir.path(),
+        "127.0.0.1:1",
+        &[target("other", &other.url(), None)],
+    );
+    let config = config.to_str().unwrap();
+
+    let bare = cli(args(&["forget-target", "crm", "--yes", "--data-dir", data])).await;
+    let stderr = String::from_utf8_lossy(&bare.stderr).into_owned();
+    assert_eq!(bare.status.code(), Some(1), "stdout: {}", stdout(&bare));
+    assert!(stderr.contains("--config"), "{stderr}");
+    let configured = cli(args(&[
+        "forget-target",
+        "other",
+        "--yes",
+        "--config",
+        config,
+    ]))
+    .await;
+    assert_eq!(configured.status.code(), Some(1));
+    let unknown = cli(args(&[
+        "forget-target",
+        "nosuch",
+        "--yes",
+        "--config",
+        config,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&unknown.stderr).into_owned();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stderr.contains("no deliveries or dead letters"), "{stderr}");
+
+    let stats = ok(cli(args(&["stats", "--config", config])).await);
+    assert!(stats.contains("crm (not configured)"), "{stats}");
+    let report = json(
+        cli(args(&[
+            "forget-target",
+            "crm",
+            "--yes",
+            "--json",
+            "--config",
+            config,
+        ]))
+        .await,
+    );
+    assert_eq!(report["waiting"], 1, "{report}");
+    let stats = ok(cli(args(&["stats", "--config", config])).await);
+    assert!(!stats.contains("crm"), "{stats}");
+}

@@ -3184,6 +3184,41 @@ mod tests {
     /// there that was already dead-lettered, or moved by a failed attempt
     /// (it has its own queue entry), did not wait at its first place: it
     /// must not be queued (again) there.
+    /// Once everything is deleted, nearly the whole data file counts as
+    /// reusable without any later write: also the segments whose data sled
+    /// rewrote into the segment it is still filling, which it frees only
+    /// once that one is sealed by more writes (which a relay refusing
+    /// ingest at `storage.max_bytes` would never make).
+    #[test]
+    fn deleted_data_counts_as_reusable_without_further_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+        let ids = 1..=30_000u64;
+        for id in ids.clone() {
+            log.db
+                .insert(id_key(EVENT_PREFIX, id), vec![7u8; 600])
+                .unwrap();
+        }
+        log.db.flush().unwrap();
+        for id in ids {
+            log.db.remove(id_key(EVENT_PREFIX, id)).unwrap();
+        }
+        log.db.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let size = log.db.size_on_disk().unwrap();
+            let in_use = size.saturating_sub(log.reusable_bytes());
+            if in_use <= 4 << 20 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{in_use} of {size} bytes still in use with nothing stored"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stores `visitor_created` events with `ids` (each received at its id
     /// in ms / 1000), then settles two of them at `target` after its
     /// watermark was written: 2000 dead-lettered, 3000 moved to a retry

@@ -672,9 +672,22 @@ impl SegmentAccountant {
         Ok(())
     }
 
-    /// Bytes of the segments that are free for reuse (leadflo-relay).
+    /// Bytes of the segments that are free for reuse (leadflo-relay):
+    /// those on the free list, and those whose data has all been replaced
+    /// but whose free is deferred until the segment holding the
+    /// replacements is sealed (`defer_free_lsn`). That happens only when
+    /// later writes fill it, so without the deferred ones a store that
+    /// deleted everything still showed most of its file in use for as long
+    /// as nothing was written.
     pub(crate) fn free_bytes(&self) -> u64 {
-        self.free.len() as u64 * self.config.segment_size as u64
+        let segment_size = self.config.segment_size as u64;
+        let below_tip = self
+            .segments
+            .iter()
+            .enumerate()
+            .filter(|(idx, s)| s.is_free() && (*idx as u64) * segment_size < self.tip)
+            .count() as u64;
+        below_tip * segment_size
     }
 
     fn free_segment(&mut self, lid: LogOffset) -> Result<()> {

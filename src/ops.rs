@@ -63,18 +63,30 @@ impl TargetsView {
         self.targets.iter().map(|(name, _)| name.clone()).collect()
     }
 
+    /// Refuses a target that is not configured: nothing would deliver what
+    /// an operator queues for it.
     fn check(&self, target: &str) -> Result<(), OpsError> {
-        if self.targets.iter().any(|(name, _)| name == target) {
+        if self.is_configured(target) {
             return Ok(());
         }
-        let known = self.names().join(", ");
+        let known: Vec<String> = self
+            .names()
+            .into_iter()
+            .filter(|name| !self.removed.contains(name))
+            .collect();
+        let known = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        };
+        if self.removed.contains(target) {
+            return Err(OpsError::Invalid(format!(
+                "target {target:?} is no longer configured (configured targets: {known}); \
+                 `leadflo-relay forget-target {target}` drops what waits for it"
+            )));
+        }
         Err(OpsError::Invalid(format!(
-            "unknown target {target:?}; configured targets: {}",
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known
-            }
+            "unknown target {target:?}; configured targets: {known}"
         )))
     }
 

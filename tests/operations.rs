@@ -1369,6 +1369,14 @@ async fn forget_target_offline_goes_by_the_configuration() {
 
     let stats = ok(cli(args(&["stats", "--config", config])).await);
     assert!(stats.contains("crm (not configured)"), "{stats}");
+    // As online: nothing is queued for a target no dispatcher serves.
+    let replay = cli(args(&[
+        "replay", "--target", "crm", "--ids", "1", "--config", config,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&replay.stderr).into_owned();
+    assert_eq!(replay.status.code(), Some(1), "stdout: {}", stdout(&replay));
+    assert!(stderr.contains("no longer configured"), "{stderr}");
     let report = json(
         cli(args(&[
             "forget-target",

@@ -46,6 +46,9 @@ pub struct Relay {
     committer: Committer,
     committer_handle: CommitterHandle,
     targets: Vec<Target>,
+    /// Targets the log holds deliveries or dead letters for that the
+    /// configuration no longer lists (found at start).
+    removed_targets: Vec<String>,
     disk: Arc<DiskGuard>,
     metrics: Arc<Metrics>,
 }
@@ -154,6 +157,7 @@ impl Relay {
             committer,
             committer_handle,
             targets,
+            removed_targets: removed,
             disk,
             metrics,
         })
@@ -208,7 +212,10 @@ impl Relay {
             metrics: self.metrics.clone(),
             log: self.log.clone(),
             disk: self.disk.clone(),
-            targets: crate::ops::TargetsView::from_config(&self.config),
+            targets: crate::ops::TargetsView {
+                removed: self.removed_targets.iter().cloned().collect(),
+                ..crate::ops::TargetsView::from_config(&self.config)
+            },
             wakes: self
                 .targets
                 .iter()
@@ -344,26 +351,41 @@ pub const DELIVERY_THREAD_NAME: &str = "leadflo-deliver";
 /// to delivery at once.
 pub const DELIVERY_NICE_INCREMENT: i32 = 5;
 
-/// Lowers the calling thread's CPU priority by [`DELIVERY_NICE_INCREMENT`]
-/// (Linux keeps a nice value per thread). Lowering needs no privilege; a
+/// The nice value of the calling thread (the relay's own, when called from
+/// a thread that did not change it), or `None` where there is none.
+fn own_nice() -> Option<i32> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// Sets the calling thread's nice value to `base` +
+/// [`DELIVERY_NICE_INCREMENT`] (Linux keeps one per thread). Absolute, not
+/// relative: a thread started from a delivery thread (tokio's blocking
+/// pool, for reqwest's name lookups) inherits the lowered value, and a
+/// relative step would lower it twice. Lowering needs no privilege; a
 /// failure is logged once and delivery runs at the usual priority.
-fn yield_cpu_to_ingest() {
+fn yield_cpu_to_ingest(base: i32) {
     #[cfg(target_os = "linux")]
     {
         static WARNED: std::sync::Once = std::sync::Once::new();
-        let tid = rustix::thread::gettid();
-        let lowered = rustix::process::getpriority_process(Some(tid)).and_then(|nice| {
-            rustix::process::setpriority_process(
-                Some(tid),
-                nice.saturating_add(DELIVERY_NICE_INCREMENT).min(19),
-            )
-        });
+        let lowered = rustix::process::setpriority_process(
+            Some(rustix::thread::gettid()),
+            base.saturating_add(DELIVERY_NICE_INCREMENT).min(19),
+        );
         if let Err(err) = lowered {
             WARNED.call_once(|| {
                 tracing::warn!(error = %err, "cannot lower the delivery threads' CPU priority; delivery competes with ingest for the cores");
             });
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = base;
 }
 
 /// The delivery worker pool. Shut down without waiting when dropped (a
@@ -373,10 +395,16 @@ struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
 
 impl DeliveryRuntime {
     fn start() -> anyhow::Result<DeliveryRuntime> {
+        // Read here, on a thread at the relay's own priority.
+        let base = own_nice();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name(DELIVERY_THREAD_NAME)
-            .on_thread_start(yield_cpu_to_ingest)
+            .on_thread_start(move || {
+                if let Some(base) = base {
+                    yield_cpu_to_ingest(base);
+                }
+            })
             .enable_all()
             .build()
             .context("cannot start the delivery worker pool")?;

@@ -1686,14 +1686,15 @@ impl Log {
     /// waiting above it) and its dead letters. Its events stay until
     /// retention prunes them, which nothing holds back any more. Returns how
     /// many waiting deliveries and dead letters were dropped. Interrupted,
-    /// it leaves a part of them, which running it again drops.
+    /// it leaves a part of them, which running it again drops: the queue
+    /// entries, by which [`Log::targets_in_log`] finds the target, go last
+    /// but the watermark (sled recovers a prefix of its writes).
     pub fn forget_target(&self, target: &str) -> Result<(u64, u64), LogError> {
         // Not in the middle of a pruning step or a replay (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
         let (mut waiting, _) = self.fresh_backlog(target, true)?;
         let mut dead = 0;
-        // Queue entries first: what a dispatcher would read.
-        for prefix in [QUEUE_PREFIX, AGE_PREFIX, PENDING_PREFIX, DEAD_PREFIX] {
+        for prefix in [AGE_PREFIX, PENDING_PREFIX, DEAD_PREFIX, QUEUE_PREFIX] {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             for item in self.db.scan_prefix(target_prefix(prefix, target)) {
@@ -1717,6 +1718,15 @@ impl Log {
         self.tallies.set(target, 0, 0);
         tracing::info!(target = %target, waiting, dead_letters = dead, "forgot a target no longer configured");
         Ok((waiting, dead))
+    }
+
+    /// Whether `target` has a stored watermark: it was configured when the
+    /// relay last started (a start removes the watermark of a target it
+    /// does not configure).
+    pub fn has_watermark(&self, target: &str) -> Result<bool, LogError> {
+        Ok(self
+            .db
+            .contains_key(target_prefix(WATERMARK_PREFIX, target))?)
     }
 
     /// Names of every target that has a waiting delivery or a dead letter
@@ -3179,11 +3189,6 @@ mod tests {
         assert_eq!(lost, 0, "pruning deleted events still owed to a target");
     }
 
-    /// A target whose event types change (or that is removed) gets queue
-    /// entries for what still waited above its stored watermark. A delivery
-    /// there that was already dead-lettered, or moved by a failed attempt
-    /// (it has its own queue entry), did not wait at its first place: it
-    /// must not be queued (again) there.
     /// Once everything is deleted, nearly the whole data file counts as
     /// reusable without any later write: also the segments whose data sled
     /// rewrote into the segment it is still filling, which it frees only
@@ -3253,6 +3258,11 @@ mod tests {
             .unwrap();
     }
 
+    /// A target whose event types change (or that is removed) gets queue
+    /// entries for what still waited above its stored watermark. A delivery
+    /// there that was already dead-lettered, or moved by a failed attempt
+    /// (it has its own queue entry), did not wait at its first place: it
+    /// must not be queued (again) there.
     #[test]
     fn a_changed_target_does_not_queue_again_what_was_dead_lettered_or_moved() {
         let dir = tempfile::tempdir().unwrap();

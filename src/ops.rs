@@ -561,6 +561,15 @@ pub fn forget_target(
              one, every target in the log counts as configured)"
         )));
     }
+    // The log's own record of the last start: a configuration file given
+    // offline may be stale, and forgetting a target that the relay still
+    // serves would lose what waits for it.
+    if log.has_watermark(target)? {
+        return Err(OpsError::Invalid(format!(
+            "target {target:?} was configured when the relay last started (it still has a \
+             watermark): start the relay without it first, then forget it"
+        )));
+    }
     if !log.targets_in_log()?.contains(target) {
         return Err(OpsError::Invalid(format!(
             "the log holds no deliveries or dead letters for a target {target:?}"

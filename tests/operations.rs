@@ -1260,6 +1260,21 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
         );
     }
 
+    // Nothing can be queued for it, and the error says why.
+    let replay = cli(args(&[
+        "replay",
+        "--target",
+        "crm",
+        "--ids",
+        &held[0].to_string(),
+        "--admin",
+        &admin,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&replay.stderr).into_owned();
+    assert_eq!(replay.status.code(), Some(1), "stdout: {}", stdout(&replay));
+    assert!(stderr.contains("no longer configured"), "{stderr}");
+
     let refused = cli(args(&[
         "forget-target",
         "other",
@@ -1377,6 +1392,22 @@ async fn forget_target_offline_goes_by_the_configuration() {
     let stderr = String::from_utf8_lossy(&replay.stderr).into_owned();
     assert_eq!(replay.status.code(), Some(1), "stdout: {}", stdout(&replay));
     assert!(stderr.contains("no longer configured"), "{stderr}");
+    // The relay last started with crm configured (a configuration file can
+    // be stale): it must start without it once before crm is forgotten.
+    let last_start = cli(args(&["forget-target", "crm", "--yes", "--config", config])).await;
+    let stderr = String::from_utf8_lossy(&last_start.stderr).into_owned();
+    assert_eq!(
+        last_start.status.code(),
+        Some(1),
+        "stdout: {}",
+        stdout(&last_start)
+    );
+    assert!(stderr.contains("start the relay without it"), "{stderr}");
+    let relay = TestRelay::start_in(dir, |c| {
+        c.targets = vec![target("other", &other.url(), None)];
+    })
+    .await;
+    let dir = relay.stop().await;
     let report = json(
         cli(args(&[
             "forget-target",
@@ -1391,4 +1422,5 @@ async fn forget_target_offline_goes_by_the_configuration() {
     assert_eq!(report["waiting"], 1, "{report}");
     let stats = ok(cli(args(&["stats", "--config", config])).await);
     assert!(!stats.contains("crm"), "{stats}");
+    drop(dir);
 }

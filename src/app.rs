@@ -307,14 +307,8 @@ impl Relay {
             self.committer_handle.close().await;
             // Nothing writes to the log any more: the next start can take
             // the backlog counts as they are instead of scanning the queue.
-            let counted = match self.log.targets_in_log() {
-                Ok(in_log) => {
-                    let mut names = target_names.clone();
-                    names.extend(in_log.into_iter().filter(|n| !target_names.contains(n)));
-                    names
-                }
-                Err(_) => target_names.clone(),
-            };
+            // Removed targets too: the next start counts them as well.
+            let counted = [target_names.as_slice(), self.removed_targets.as_slice()].concat();
             if let Err(err) = self.log.save_backlog_counts(&counted) {
                 tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
             }

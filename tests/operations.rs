@@ -75,6 +75,14 @@ fn ok(output: Output) -> String {
     stdout(&output)
 }
 
+/// Runs the CLI, which must exit 1 with `needle` in its error.
+async fn fails_saying(parts: &[&str], needle: &str) {
+    let output = cli(args(parts)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "stdout: {}", stdout(&output));
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 /// `replay --target crm --from FROM --to TO --dry-run --json`, online.
 async fn dry_run_window(admin: &str, from: &str, to: &str) -> serde_json::Value {
     json(
@@ -1261,40 +1269,15 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     }
 
     // Nothing can be queued for it, and the error says why.
-    let replay = cli(args(&[
-        "replay",
-        "--target",
-        "crm",
-        "--ids",
-        &held[0].to_string(),
-        "--admin",
-        &admin,
-    ]))
-    .await;
-    let stderr = String::from_utf8_lossy(&replay.stderr).into_owned();
-    assert_eq!(replay.status.code(), Some(1), "stdout: {}", stdout(&replay));
-    assert!(stderr.contains("no longer configured"), "{stderr}");
+    let first = held[0].to_string();
+    let replay = [
+        "replay", "--target", "crm", "--ids", &first, "--admin", &admin,
+    ];
+    fails_saying(&replay, "no longer configured").await;
 
-    let refused = cli(args(&[
-        "forget-target",
-        "other",
-        "--yes",
-        "--admin",
-        &admin,
-    ]))
-    .await;
-    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
-    assert_eq!(
-        refused.status.code(),
-        Some(1),
-        "stdout: {}",
-        stdout(&refused)
-    );
-    assert!(stderr.contains("is configured"), "{stderr}");
-    let unasked = cli(args(&["forget-target", "crm", "--admin", &admin])).await;
-    let stderr = String::from_utf8_lossy(&unasked.stderr).into_owned();
-    assert_eq!(unasked.status.code(), Some(1));
-    assert!(stderr.contains("--yes"), "{stderr}");
+    let configured = ["forget-target", "other", "--yes", "--admin", &admin];
+    fails_saying(&configured, "is configured").await;
+    fails_saying(&["forget-target", "crm", "--admin", &admin], "--yes").await;
     assert_eq!(
         listed(
             &json(cli(args(&["stats", "--json", "--admin", &admin])).await),
@@ -1357,10 +1340,11 @@ async fn forget_target_offline_goes_by_the_configuration() {
     );
     let config = config.to_str().unwrap();
 
-    let bare = cli(args(&["forget-target", "crm", "--yes", "--data-dir", data])).await;
-    let stderr = String::from_utf8_lossy(&bare.stderr).into_owned();
-    assert_eq!(bare.status.code(), Some(1), "stdout: {}", stdout(&bare));
-    assert!(stderr.contains("--config"), "{stderr}");
+    fails_saying(
+        &["forget-target", "crm", "--yes", "--data-dir", data],
+        "--config",
+    )
+    .await;
     let configured = cli(args(&[
         "forget-target",
         "other",
@@ -1370,39 +1354,20 @@ async fn forget_target_offline_goes_by_the_configuration() {
     ]))
     .await;
     assert_eq!(configured.status.code(), Some(1));
-    let unknown = cli(args(&[
-        "forget-target",
-        "nosuch",
-        "--yes",
-        "--config",
-        config,
-    ]))
-    .await;
-    let stderr = String::from_utf8_lossy(&unknown.stderr).into_owned();
-    assert_eq!(unknown.status.code(), Some(1));
-    assert!(stderr.contains("no deliveries or dead letters"), "{stderr}");
+    let unknown = ["forget-target", "nosuch", "--yes", "--config", config];
+    fails_saying(&unknown, "no deliveries or dead letters").await;
 
     let stats = ok(cli(args(&["stats", "--config", config])).await);
     assert!(stats.contains("crm (not configured)"), "{stats}");
     // As online: nothing is queued for a target no dispatcher serves.
-    let replay = cli(args(&[
+    let replay = [
         "replay", "--target", "crm", "--ids", "1", "--config", config,
-    ]))
-    .await;
-    let stderr = String::from_utf8_lossy(&replay.stderr).into_owned();
-    assert_eq!(replay.status.code(), Some(1), "stdout: {}", stdout(&replay));
-    assert!(stderr.contains("no longer configured"), "{stderr}");
+    ];
+    fails_saying(&replay, "no longer configured").await;
     // The relay last started with crm configured (a configuration file can
     // be stale): it must start without it once before crm is forgotten.
-    let last_start = cli(args(&["forget-target", "crm", "--yes", "--config", config])).await;
-    let stderr = String::from_utf8_lossy(&last_start.stderr).into_owned();
-    assert_eq!(
-        last_start.status.code(),
-        Some(1),
-        "stdout: {}",
-        stdout(&last_start)
-    );
-    assert!(stderr.contains("start the relay without it"), "{stderr}");
+    let last_start = ["forget-target", "crm", "--yes", "--config", config];
+    fails_saying(&last_start, "start the relay without it").await;
     let relay = TestRelay::start_in(dir, |c| {
         c.targets = vec![target("other", &other.url(), None)];
     })

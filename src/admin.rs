@@ -50,6 +50,10 @@ pub struct Admin {
     pub wakes: HashMap<String, Arc<Notify>>,
     /// When set, `/api/*` requires it as a bearer token.
     pub token: Option<SecretCheck>,
+    /// The node identity in this relay's ids, for `stats`.
+    pub node: crate::node::NodeId,
+    /// Set when a stop began: `/readyz` answers 503 (see [`crate::app::Relay::stop`]).
+    pub draining: crate::app::Draining,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -78,7 +82,12 @@ impl Admin {
         match (method, path.as_str()) {
             (Method::GET, "/api/stats") => {
                 let live = MetricsLive(&self.metrics);
-                reply(ops::stats(&self.log, &self.targets, Some(&live)))
+                reply(ops::stats(
+                    &self.log,
+                    &self.targets,
+                    Some(&live),
+                    Some(self.node),
+                ))
             }
             (Method::GET, "/api/events") => match parse_query::<ops::EventsQuery>(&query) {
                 Ok(q) => blocking(move || ops::list_events(&this.log, &q)).await,
@@ -197,6 +206,12 @@ impl Admin {
     }
 
     fn readiness(&self) -> AdminResponse {
+        if self.draining.is_draining() {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(br#"{"status":"draining"}"#),
+            );
+        }
         if self.log.health().commits_failing() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,

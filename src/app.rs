@@ -21,6 +21,8 @@ use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
 use crate::log::{Committer, CommitterHandle, Log, LogOptions, Subscription};
 use crate::metrics::{IngestResult, Metrics};
+use crate::node::NodeId;
+use crate::systemd::PassedListeners;
 
 /// The secrets a relay runs with, resolved by the caller (never from flags).
 #[derive(Debug, Clone, Default)]
@@ -51,6 +53,38 @@ pub struct Relay {
     removed_targets: Vec<String>,
     disk: Arc<DiskGuard>,
     metrics: Arc<Metrics>,
+    node: NodeId,
+    draining: Draining,
+}
+
+/// Set once a stop has begun: `/readyz` answers 503 while leads are still
+/// taken, for `server.drain_delay`.
+#[derive(Debug, Clone, Default)]
+pub struct Draining(Arc<std::sync::atomic::AtomicBool>);
+
+impl Draining {
+    pub fn start(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A passed socket as it is, or a new one bound to `addr`.
+async fn listen(
+    passed: Option<std::net::TcpListener>,
+    addr: SocketAddr,
+    key: &str,
+) -> anyhow::Result<TcpListener> {
+    match passed {
+        Some(listener) => TcpListener::from_std(listener)
+            .with_context(|| format!("cannot listen on the socket passed for {key}")),
+        None => TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({key})")),
+    }
 }
 
 impl Relay {
@@ -66,6 +100,16 @@ impl Relay {
 
     /// Like [`Relay::build`], with every credential.
     pub async fn build_with(config: Config, credentials: Credentials) -> anyhow::Result<Relay> {
+        Relay::build_from(config, credentials, PassedListeners::default()).await
+    }
+
+    /// Like [`Relay::build_with`], listening on the sockets `passed` holds
+    /// (socket activation) instead of binding them.
+    pub async fn build_from(
+        config: Config,
+        credentials: Credentials,
+        passed: PassedListeners,
+    ) -> anyhow::Result<Relay> {
         let Credentials {
             inbound: secret,
             previous_inbound,
@@ -83,13 +127,11 @@ impl Relay {
             "no inbound secret configured and unauthenticated mode was not asked for"
         );
         let metrics = Arc::new(Metrics::new());
-        let options = log_options(&config);
-        std::fs::create_dir_all(&options.data_dir).with_context(|| {
-            format!(
-                "cannot create the data directory {}",
-                options.data_dir.display()
-            )
-        })?;
+        let data_dir = &config.storage.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        let node = NodeId::load_or_create(config.server.node_id, data_dir)?;
+        let options = log_options(&config, node);
         let (targets, subscriptions) = build_targets(&config, &metrics)?;
         let log = Log::open(&options)?;
         log.adopt_targets(&subscriptions)?;
@@ -133,19 +175,13 @@ impl Relay {
         })?;
         let (committer, committer_handle) =
             log.start_committer(&options, subscriptions, metrics.clone())?;
-        let ingest_listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (server.listen)", config.server.listen)
-            })?;
-        let admin_listener = TcpListener::bind(config.server.admin_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {} (server.admin_listen)",
-                    config.server.admin_listen
-                )
-            })?;
+        let ingest_listener = listen(passed.ingest, config.server.listen, "server.listen").await?;
+        let admin_listener = listen(
+            passed.admin,
+            config.server.admin_listen,
+            "server.admin_listen",
+        )
+        .await?;
         Ok(Relay {
             config,
             secret,
@@ -160,6 +196,8 @@ impl Relay {
             removed_targets: removed,
             disk,
             metrics,
+            node,
+            draining: Draining::default(),
         })
     }
 
@@ -182,6 +220,35 @@ impl Relay {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The switch that starts a drain (see [`Relay::stop`]).
+    pub fn draining(&self) -> Draining {
+        self.draining.clone()
+    }
+
+    /// Stops a relay the way SIGTERM does: `/readyz` answers 503 for
+    /// `drain_delay` while leads are still taken (or until `cut_short`
+    /// completes: a second signal), then `shutdown` is cancelled.
+    pub async fn stop(
+        draining: Draining,
+        drain_delay: Duration,
+        shutdown: CancellationToken,
+        cut_short: impl std::future::Future<Output = ()>,
+    ) {
+        draining.start();
+        crate::systemd::notify_stopping();
+        if !drain_delay.is_zero() {
+            tracing::info!(
+                drain_delay = ?drain_delay,
+                "draining: /readyz answers 503, leads are still taken until the delay is up"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(drain_delay) => {}
+                _ = cut_short => tracing::info!("asked again: stopping without the rest of the drain delay"),
+            }
+        }
+        shutdown.cancel();
     }
 
     /// Serves until `shutdown` is cancelled; then stops accepting, lets open
@@ -222,6 +289,8 @@ impl Relay {
                 .map(|t| (t.name.clone(), t.wake.clone()))
                 .collect(),
             token: self.admin_token.as_ref().map(SecretCheck::new),
+            node: self.node,
+            draining: self.draining.clone(),
         });
         let disk_watch = tokio::spawn(
             self.disk
@@ -292,6 +361,7 @@ impl Relay {
             self.metrics.clone(),
             shutdown.clone(),
         ));
+        crate::systemd::notify_ready();
         shutdown.cancelled().await;
         tracing::info!("shutting down: no new connections; finishing open requests and attempts");
         // The watch returns as soon as shutdown is cancelled.
@@ -506,8 +576,9 @@ fn build_targets(
     Ok((targets, subscriptions))
 }
 
-pub fn log_options(config: &Config) -> LogOptions {
+pub fn log_options(config: &Config, node: NodeId) -> LogOptions {
     LogOptions {
+        node,
         data_dir: config.storage.data_dir.clone(),
         checkpoint_interval: config.storage.checkpoint_interval.get(),
         cache_capacity_bytes: config.storage.cache_capacity_bytes,

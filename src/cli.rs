@@ -175,7 +175,8 @@ fn open_offline(
         );
     }
     let config = &access.config;
-    let options = crate::app::log_options(config);
+    // Offline commands issue no ids: the node identity does not matter.
+    let options = crate::app::log_options(config, crate::node::NodeId(0));
     match Log::open(&options) {
         Ok(log) => {
             log.load_watermarks()?;
@@ -521,7 +522,10 @@ pub async fn forget_target(access: &Access, target: String, yes: bool) -> anyhow
 pub async fn stats(access: &Access) -> anyhow::Result<()> {
     let report: ops::StatsReport = match connect(access).await? {
         Backend::Online(online) => online.get("/api/stats").await?,
-        Backend::Offline { log, targets } => ops::stats(&log, &targets, None)?,
+        Backend::Offline { log, targets } => {
+            let node = crate::node::NodeId::peek(access.config.server.node_id, log.data_dir())?.0;
+            ops::stats(&log, &targets, None, node)?
+        }
     };
     if access.json {
         print_json(&report);
@@ -560,6 +564,10 @@ pub async fn stats(access: &Access) -> anyhow::Result<()> {
     println!();
     println!("store size: {} bytes", report.store_size_bytes);
     println!("disk free:  {} bytes", report.disk_free_bytes);
+    match report.node_id {
+        Some(node) => println!("node id:    {node} (mixed into every event id)"),
+        None => println!("node id:    none yet (the first `serve` makes one)"),
+    }
     if !report.online {
         println!("(relay not running: circuit state and last success are unknown)");
     }

@@ -193,6 +193,14 @@ pub struct ServerConfig {
     pub request_timeout: HumanDuration,
     /// Time in-flight requests get to finish at shutdown.
     pub shutdown_grace: HumanDuration,
+    /// After SIGTERM, how long `/readyz` answers 503 while leads are still
+    /// taken, so that a load balancer moves traffic away before the port
+    /// closes (5s behind one; 0s alone).
+    pub drain_delay: HumanDuration,
+    /// This relay's node identity (0 to 65535), mixed into every event id
+    /// so that no two relays issue the same one. Unset: a random identity
+    /// made with the data directory and kept in it (`node_id`).
+    pub node_id: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -206,6 +214,8 @@ impl Default for ServerConfig {
             header_read_timeout: HumanDuration(Duration::from_secs(5)),
             request_timeout: HumanDuration(Duration::from_secs(10)),
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
+            drain_delay: HumanDuration(Duration::ZERO),
+            node_id: None,
         }
     }
 }

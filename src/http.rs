@@ -132,7 +132,12 @@ pub async fn serve_counting<H, F>(
         let (id, close) = open.register();
         let handler = handler.clone();
         let tracked = open.clone();
+        let started = CancellationToken::new();
+        let first_request = started.clone();
         let service = service_fn(move |request| {
+            if !first_request.is_cancelled() {
+                first_request.cancel();
+            }
             let response = handler(request);
             let guard = tracked.busy(id);
             async move {
@@ -145,18 +150,30 @@ pub async fn serve_counting<H, F>(
         let shutdown = shutdown.clone();
         let open = open.clone();
         let malformed = events.malformed.clone();
+        let first_request_grace = limits.header_read_timeout;
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             // Errors here are clients going away or timing out (an idle
             // keep-alive connection too): not ours to log. A request hyper
             // could not parse is counted.
             let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                _ = close.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
+                ended = connection.as_mut() => Some(ended),
+                _ = close.cancelled() => None,
                 _ = shutdown.cancelled() => {
+                    // hyper closes a connection whose first request it has
+                    // not read yet as idle, unanswered: one accepted just
+                    // before the stop (with its request already sent, from
+                    // the kernel's queue) gets its first request answered.
+                    tokio::select! {
+                        ended = connection.as_mut() => Some(ended),
+                        _ = started.cancelled() => None,
+                        _ = tokio::time::sleep(first_request_grace) => None,
+                    }
+                }
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
                     connection.as_mut().graceful_shutdown();
                     connection.as_mut().await
                 }

@@ -18,6 +18,8 @@
 //! | [`disk`]    | disk space sampling and the free-space floor |
 //! | [`admin`]   | the admin listener: health, readiness, metrics |
 //! | [`metrics`] | the Prometheus registry and metric handles |
+//! | [`node`]    | event ids no two relays share, and the node identity |
+//! | [`systemd`] | listening sockets passed in (socket activation), readiness notifications |
 //! | [`telemetry`] | the relay's own log output (tracing) |
 //! | [`retention`] | background pruning of delivered events past `storage.retention` |
 //! | [`ops`]     | operator actions on the log: replay, events, dead letters, stats |
@@ -36,9 +38,11 @@ pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod metrics;
+pub mod node;
 pub mod ops;
 pub mod retention;
 pub mod retry;
+pub mod systemd;
 pub mod telemetry;
 
 pub use app::Relay;

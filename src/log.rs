@@ -98,8 +98,8 @@ const META_DURABLE_ID: &[u8] = b"m/durable_id";
 /// Per-target backlog counts saved by a clean shutdown (see
 /// [`Log::save_backlog_counts`]); taken, and deleted, by the next open.
 const META_SAVED_COUNTS: &[u8] = b"m/backlog_counts";
-/// How far ids may run ahead of the receive clock (bursts above one event
-/// per microsecond); time-range scans over ids widen by this much.
+/// How far ids may run ahead of the receive clock (bursts above 32 events
+/// per millisecond); time-range scans over ids widen by this much.
 const ID_CLOCK_MARGIN_MS: u64 = 60_000;
 /// The most an id ever ran ahead of its event's receive time, in ms, once
 /// that was more than [`ID_CLOCK_MARGIN_MS`]: after the clock was set back
@@ -140,9 +140,10 @@ const FORGET_BATCH: usize = 1000;
 /// Group commits that may wait for the apply thread.
 const APPLY_QUEUE_DEPTH: usize = 4096;
 
-/// An event's id: unique, increasing, never reused. Ids start from the
-/// current time in microseconds, so even a wiped data directory does not
-/// reuse the ids (and so the downstream idempotency keys) of earlier runs.
+/// An event's id: unique, increasing, never reused, and never issued by
+/// another relay ([`crate::node`]). Ids stand for the receive time, so even
+/// a wiped data directory does not reuse the ids (and so the downstream
+/// idempotency keys) of earlier runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId(pub u64);
 
@@ -182,6 +183,8 @@ pub struct LogOptions {
     pub cache_capacity_bytes: u64,
     pub quarantine_max_events: usize,
     pub quarantine_max_bytes: u64,
+    /// Mixed into every id issued (see [`crate::node`]).
+    pub node: crate::node::NodeId,
 }
 
 /// A target as the committer sees it: which events it gets, and how to wake
@@ -566,7 +569,7 @@ impl Log {
             match entry.kind {
                 wal::KIND_EVENT => {
                     let received_at_ms = received_at(&id_key(EVENT_PREFIX, id), &entry.value)?;
-                    lead_ms = lead_ms.max((id / 1000).saturating_sub(received_at_ms));
+                    lead_ms = lead_ms.max(crate::node::id_ms(id).saturating_sub(received_at_ms));
                     batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
                     let state = new_delivery_state(received_at_ms);
                     for target in &entry.targets {
@@ -967,6 +970,7 @@ impl Log {
             checkpoint_interval: options.checkpoint_interval,
             last_checkpoint: Instant::now(),
             last_id: self.recover_last_id()?,
+            node: options.node,
             id_lead_ms: self.id_lead_ms()?,
             quarantine,
             quarantine_max_events: options.quarantine_max_events.max(1),
@@ -1531,21 +1535,24 @@ impl Log {
     }
 
     /// Stored events received in `[from_ms, to_ms]`, oldest first. Ids
-    /// start at the receive time in microseconds (and run ahead of it only
-    /// under bursts), so the scan covers just that id range plus a margin.
+    /// stand for the receive time (and run ahead of it only under bursts),
+    /// so the scan covers just the ids of that time, in either id layout
+    /// ([`crate::node::id_ranges`]), plus a margin.
     pub fn events_between(
         &self,
         from_ms: u64,
         to_ms: u64,
     ) -> impl DoubleEndedIterator<Item = Result<StoredEvent, LogError>> + '_ {
-        let start = id_key(EVENT_PREFIX, from_ms.saturating_mul(1000));
         // Ids ran further ahead of the clock once (it was set back): the
         // scan widens by that much too.
         let margin = ID_CLOCK_MARGIN_MS.max(self.id_lead_ms().unwrap_or(0).saturating_add(1));
-        let end_id = to_ms.saturating_add(margin).saturating_mul(1000);
-        let end = id_key(EVENT_PREFIX, end_id);
-        self.db
-            .range(start..=end)
+        crate::node::id_ranges(from_ms, to_ms.saturating_add(margin))
+            .into_iter()
+            .filter(|(start, end)| start <= end)
+            .flat_map(|(start, end)| {
+                self.db
+                    .range(id_key(EVENT_PREFIX, start)..=id_key(EVENT_PREFIX, end))
+            })
             .map(|item| {
                 let (key, value) = item?;
                 decode_event(&key, &value)
@@ -1761,9 +1768,11 @@ impl Log {
         limit: usize,
         targets: &[String],
     ) -> Result<PruneStep, LogError> {
-        // Ids are never below their receive time in µs, so every id below
-        // the cutoff's µs was received before the cutoff.
-        let end = id_key(EVENT_PREFIX, cutoff_ms.saturating_mul(1000)).to_vec();
+        // Ids never stand for a time before their receive time, so every id
+        // below the cutoff's first was received before the cutoff; ids of
+        // the earlier layout are all below it, and their record says when
+        // they were received ([`crate::node`]).
+        let end = id_key(EVENT_PREFIX, crate::node::first_id_at(cutoff_ms)).to_vec();
         let start = match after {
             Some(id) => Bound::Excluded(id_key(EVENT_PREFIX, id.0).to_vec()),
             None => Bound::Included(vec![EVENT_PREFIX]),
@@ -1783,6 +1792,9 @@ impl Log {
             // A record that cannot be read is kept (it may still be waited
             // for), and does not stop the pass.
             let received_at_ms = received_at(&key, &value);
+            if received_at_ms.as_ref().is_ok_and(|&ms| ms >= cutoff_ms) {
+                continue;
+            }
             let mut kept = false;
             for target in targets {
                 let waits = match received_at_ms {
@@ -2020,6 +2032,8 @@ struct CommitState {
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     last_id: u64,
+    /// Mixed into every id, so that no other relay issues the same.
+    node: crate::node::NodeId,
     /// See [`META_ID_LEAD`].
     id_lead_ms: u64,
     /// Key and size of each quarantined body, oldest first (bounded by the
@@ -2175,13 +2189,10 @@ impl CommitState {
         let mut ids = Vec::with_capacity(requests.len());
         let mut enqueued = vec![0i64; self.subscriptions.len()];
         for request in requests.iter() {
-            self.last_id = self
-                .last_id
-                .saturating_add(1)
-                .max(unix_micros(request.received));
-            let id = self.last_id;
             let received_at_ms = unix_micros(request.received) / 1000;
-            let lead_ms = (id / 1000).saturating_sub(received_at_ms);
+            self.last_id = crate::node::next_id(self.last_id, received_at_ms, self.node);
+            let id = self.last_id;
+            let lead_ms = crate::node::id_ms(id).saturating_sub(received_at_ms);
             if lead_ms > self.id_lead_ms.max(ID_CLOCK_MARGIN_MS) {
                 self.id_lead_ms = lead_ms;
                 batch.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
@@ -2918,6 +2929,7 @@ mod tests {
             cache_capacity_bytes: 8 << 20,
             quarantine_max_events: 10,
             quarantine_max_bytes: 1 << 20,
+            node: crate::node::NodeId(0),
         }
     }
 

@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use leadflo_relay::app::Credentials;
 use leadflo_relay::config::{Config, LogFormat, Overrides, TargetConfig, parse_target_flag};
 use leadflo_relay::log::EventId;
+use leadflo_relay::node::{NodeId, NodeSource};
+use leadflo_relay::systemd::PassedListeners;
 use leadflo_relay::{Relay, cli, ops};
 use tokio_util::sync::CancellationToken;
 
@@ -387,10 +389,19 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         // Handlers first: a SIGTERM that arrives while the relay starts must
         // still mean a clean shutdown, not the default sudden death.
-        let signals = Signals::install()?;
-        let relay = Relay::build_with(config, credentials).await?;
+        let mut signals = Signals::install()?;
+        let passed = PassedListeners::from_env()?;
+        let drain_delay = config.server.drain_delay.get();
+        let relay = Relay::build_from(config, credentials, passed).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+        let draining = relay.draining();
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                signals.next_stop().await;
+                Relay::stop(draining, drain_delay, shutdown, signals.next_stop()).await;
+            }
+        });
         relay.run_until_stopped(shutdown).await
     });
     // A clean stop leaves nothing running; after a hung log, a blocking
@@ -423,7 +434,8 @@ impl Signals {
         Ok(Signals {})
     }
 
-    async fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+    /// Returns at the next SIGTERM or SIGINT.
+    async fn next_stop(&mut self) {
         #[cfg(unix)]
         tokio::select! {
             _ = self.terminate.recv() => {}
@@ -431,7 +443,6 @@ impl Signals {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-        shutdown.cancel();
     }
 }
 
@@ -458,6 +469,20 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     }
     if admin_token.is_some() {
         println!("# admin API token: set (from environment variable LEADFLO_RELAY_ADMIN_TOKEN)");
+    }
+    match NodeId::peek(config.server.node_id, &config.storage.data_dir)? {
+        (Some(node), NodeSource::Configured) => println!("# node id: {node} (server.node_id)"),
+        (Some(node), NodeSource::DataDir(path)) => {
+            println!("# node id: {node} (from {})", path.display())
+        }
+        _ => println!(
+            "# node id: made at random by the first `serve` and kept in {}",
+            config
+                .storage
+                .data_dir
+                .join(leadflo_relay::node::NODE_ID_FILE)
+                .display()
+        ),
     }
     print!("{}", config.to_toml());
     Ok(())

@@ -608,6 +608,10 @@ pub struct StatsReport {
     pub targets: Vec<TargetReport>,
     pub store_size_bytes: u64,
     pub disk_free_bytes: u64,
+    /// The node identity mixed into the relay's event ids (see
+    /// [`crate::node`]); `None` before the first `serve` made one.
+    #[serde(default)]
+    pub node_id: Option<u16>,
 }
 
 /// Runtime state only a running relay knows, per target.
@@ -624,6 +628,7 @@ pub fn stats(
     log: &Log,
     targets: &TargetsView,
     live: Option<&dyn LiveState>,
+    node: Option<crate::node::NodeId>,
 ) -> Result<StatsReport, OpsError> {
     let now = now_ms();
     let mut reports = Vec::new();
@@ -665,6 +670,7 @@ pub fn stats(
         targets: reports,
         store_size_bytes: crate::disk::store_size(dir).unwrap_or(0),
         disk_free_bytes: fs2::available_space(dir).unwrap_or(0),
+        node_id: node.map(|n| n.0),
     })
 }
 

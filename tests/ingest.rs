@@ -29,6 +29,7 @@ fn small_log(dir: &std::path::Path) -> LogOptions {
         cache_capacity_bytes: 8 << 20,
         quarantine_max_events: 10,
         quarantine_max_bytes: 1 << 20,
+        node: leadflo_relay::node::NodeId(0),
     }
 }
 

@@ -7,9 +7,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
+use common::cli::*;
 use common::receiver::{Receiver, Reply};
 use common::*;
 use leadflo_relay::config::TargetConfig;
@@ -42,39 +43,6 @@ fn write_config(
     path
 }
 
-/// Runs the CLI off the async workers.
-async fn cli(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(binary())
-            .args(&args)
-            .env("LEADFLO_WEBHOOK_SECRET", SECRET)
-            .env_remove("LEADFLO_RELAY_ADMIN_TOKEN")
-            .output()
-            .expect("the binary runs")
-    })
-    .await
-    .unwrap()
-}
-
-fn args(parts: &[&str]) -> Vec<String> {
-    parts.iter().map(|s| s.to_string()).collect()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status.code(),
-        stdout(&output),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(&output)
-}
-
 /// Runs the CLI, which must exit 1 with `needle` in its error.
 async fn fails_saying(parts: &[&str], needle: &str) {
     let output = cli(args(parts)).await;
@@ -101,11 +69,6 @@ async fn dry_run_window(admin: &str, from: &str, to: &str) -> serde_json::Value 
         ]))
         .await,
     )
-}
-
-fn json(output: Output) -> serde_json::Value {
-    let text = ok(output);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("--json printed non-JSON ({e}): {text}"))
 }
 
 async fn send(relay: &TestRelay, body: Vec<u8>) -> EventId {
@@ -1070,8 +1033,8 @@ async fn time_ranges_find_events_received_after_the_clock_was_set_back() {
             Err(err) => panic!("sled does not open: {err}"),
         }
     };
-    let ahead_us = (ops::now_ms() + 10 * 60 * 1000) * 1000;
-    db.insert(b"m/last_id", &ahead_us.to_be_bytes()).unwrap();
+    let ahead = leadflo_relay::node::first_id_at(ops::now_ms() + 10 * 60 * 1000);
+    db.insert(b"m/last_id", &ahead.to_be_bytes()).unwrap();
     db.flush().unwrap();
     drop(db);
     let relay = TestRelay::start_in(dir, |c| c.targets = targets.clone()).await;

@@ -21,6 +21,7 @@ pub fn log_options(dir: &std::path::Path) -> leadflo_relay::log::LogOptions {
         cache_capacity_bytes: 16 << 20,
         quarantine_max_events: 10,
         quarantine_max_bytes: 1 << 20,
+        node: leadflo_relay::node::NodeId(0),
     }
 }
 

@@ -3,6 +3,7 @@
 //! polling with deadlines (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};
@@ -113,6 +114,19 @@ pub async fn post(
     secret: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    try_post(client, url, secret, body)
+        .await
+        .expect("request reaches the relay")
+}
+
+/// [`post`], with a request that got no answer (refused, reset) as an
+/// error instead of a panic.
+pub async fn try_post(
+    client: &reqwest::Client,
+    url: &str,
+    secret: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
     let mut request = client
         .post(url)
         .header("content-type", "application/json")
@@ -120,12 +134,12 @@ pub async fn post(
     if let Some(secret) = secret {
         request = request.header("x-webhook-secret", secret);
     }
-    let response = request.send().await.expect("request reaches the relay");
+    let response = request.send().await?;
     let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
+    let text = response.text().await?;
     let json = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    (status, json)
+    Ok((status, json))
 }
 
 /// Sends raw bytes on a fresh connection and reads until the server closes
@@ -252,6 +266,14 @@ impl RelayProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> RelayProcess {
+        let mut command = RelayProcess::command(data_dir, extra_args);
+        command.envs(env.iter().copied());
+        RelayProcess::spawn(command)
+    }
+
+    /// The `serve` command [`RelayProcess::start`] runs, without the
+    /// inbound secret, for callers that add to it.
+    pub fn command(data_dir: &Path, extra_args: &[&str]) -> Command {
         // Loopback port 0 unless the caller names its own addresses.
         let mut defaults = vec!["serve"];
         for (flag, value) in [
@@ -262,14 +284,21 @@ impl RelayProcess {
                 defaults.extend([flag, value]);
             }
         }
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(defaults)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)
             .env_remove("LEADFLO_WEBHOOK_SECRET")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .env("RUST_LOG", "info");
+        command
+    }
+
+    /// Spawns `command` (a relay's `serve`) and waits until both listeners
+    /// have printed their addresses.
+    pub fn spawn(mut command: Command) -> RelayProcess {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -380,8 +409,11 @@ impl Drop for RelayProcess {
 /// Opens the log of a stopped relay directly, as the offline CLI would.
 pub fn open_log(dir: &Path) -> Log {
     let config = test_config(dir);
-    let log = Log::open(&leadflo_relay::app::log_options(&config))
-        .expect("log opens after the relay stopped");
+    let log = Log::open(&leadflo_relay::app::log_options(
+        &config,
+        leadflo_relay::node::NodeId(0),
+    ))
+    .expect("log opens after the relay stopped");
     log.load_watermarks().expect("watermarks load");
     log
 }

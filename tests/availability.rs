@@ -47,32 +47,40 @@ struct Sender {
 }
 
 impl Sender {
-    fn start(url: String, first: usize, max: usize) -> Sender {
+    /// `parallel` senders, each posting leads one after another.
+    fn start(url: String, first: usize, max: usize, parallel: usize) -> Sender {
         let answers = Arc::new(Mutex::new(Vec::new()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn({
-            let (answers, stop) = (answers.clone(), stop.clone());
-            async move {
-                leadflo_relay::deliver::install_crypto_provider();
-                let client = reqwest::Client::builder()
-                    .pool_max_idle_per_host(0)
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .unwrap();
-                for n in first..first + max {
-                    if stop.is_cancelled() {
-                        break;
+        let tasks: Vec<_> = (0..parallel)
+            .map(|lane| {
+                let (answers, stop, url) = (answers.clone(), stop.clone(), url.clone());
+                tokio::spawn(async move {
+                    leadflo_relay::deliver::install_crypto_provider();
+                    let client = reqwest::Client::builder()
+                        .pool_max_idle_per_host(0)
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                        .unwrap();
+                    for n in (first + lane..first + max).step_by(parallel) {
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        let body = lead(n);
+                        let answer = match post(&client, &url, Some(SECRET), body.clone()).await {
+                            (200, json) => Answer::Accepted {
+                                id: json["id"].as_str().unwrap().parse().unwrap(),
+                                body,
+                            },
+                            (status, json) => Answer::Refused(format!("{status} {json}")),
+                        };
+                        answers.lock().unwrap().push(answer);
                     }
-                    let body = lead(n);
-                    let answer = match post(&client, &url, Some(SECRET), body.clone()).await {
-                        (200, json) => Answer::Accepted {
-                            id: json["id"].as_str().unwrap().parse().unwrap(),
-                            body,
-                        },
-                        (status, json) => Answer::Refused(format!("{status} {json}")),
-                    };
-                    answers.lock().unwrap().push(answer);
-                }
+                })
+            })
+            .collect();
+        let task = tokio::spawn(async move {
+            for task in tasks {
+                task.await.unwrap();
             }
         });
         Sender {
@@ -80,6 +88,11 @@ impl Sender {
             stop,
             task,
         }
+    }
+
+    /// The answers so far.
+    fn answers(&self) -> Vec<Answer> {
+        self.answers.lock().unwrap().clone()
     }
 
     fn sent(&self) -> usize {
@@ -102,16 +115,21 @@ impl Sender {
     }
 }
 
-/// [`try_post`], with a request that got no answer as status 0 and why.
+/// [`try_post`], with a request that got no answer as status 0 and why,
+/// and a body that is not JSON (HAProxy's own pages) as a JSON string.
 async fn post(
     client: &reqwest::Client,
     url: &str,
     secret: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
-    try_post(client, url, secret, body)
-        .await
-        .unwrap_or_else(|err| (0, serde_json::Value::String(format!("{err:?}"))))
+    match try_post(client, url, secret, body).await {
+        Ok((status, text)) => (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        ),
+        Err(err) => (0, serde_json::Value::String(format!("{err:?}"))),
+    }
 }
 
 fn refused(answers: &[Answer]) -> Vec<&String> {
@@ -434,7 +452,7 @@ async fn restarts_on_a_held_socket_answer_every_lead() {
     };
     let mut relay = start();
     let url = relay.url();
-    let sender = Sender::start(url, 0, 20_000);
+    let sender = Sender::start(url, 0, 20_000, 1);
     sender.wait_for(100).await;
     let mut gaps = Vec::new();
     for _ in 0..5 {
@@ -598,4 +616,288 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         output.status.success() && said.trim().is_empty(),
         "systemd-analyze verify:\n{said}"
     );
+}
+
+/// A loopback address with a port that was free a moment ago (HAProxy's
+/// configuration and a restarted relay need fixed ports).
+fn free_addr() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
+}
+
+/// Whether `program` runs here; if not, the test skips, or fails when CI
+/// requires it (`require` names the variable).
+fn installed(program: &str, require: &str) -> bool {
+    if Command::new(program).arg("-v").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os(require).is_none(),
+        "{program} is not installed and {require} is set"
+    );
+    eprintln!("SKIPPED: {program} is not installed");
+    false
+}
+
+/// HAProxy running `packaging/haproxy/haproxy.cfg` as shipped, with its
+/// addresses from the environment; stopped when dropped.
+struct Haproxy {
+    child: std::process::Child,
+    http: String,
+    https: String,
+    stats: String,
+    _dir: tempfile::TempDir,
+    ca: Vec<u8>,
+}
+
+impl Haproxy {
+    fn start(relays: [&RelayProcess; 2]) -> Haproxy {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("leadflo.pem");
+        let ca = make_certificate(dir.path(), &pem);
+        let (http, https, stats) = (free_addr(), free_addr(), free_addr());
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/haproxy/haproxy.cfg");
+        let child = Command::new("haproxy")
+            .args(["-db", "-f", config])
+            .env("LEADFLO_HTTPS_BIND", &https)
+            .env("LEADFLO_TLS_PEM", &pem)
+            .env("LEADFLO_HTTP_BIND", &http)
+            .env("LEADFLO_STATS_BIND", &stats)
+            .env("LEADFLO_RELAY1", relays[0].ingest.to_string())
+            .env("LEADFLO_RELAY2", relays[1].ingest.to_string())
+            .env(
+                "LEADFLO_RELAY1_ADMIN_PORT",
+                relays[0].admin.port().to_string(),
+            )
+            .env(
+                "LEADFLO_RELAY2_ADMIN_PORT",
+                relays[1].admin.port().to_string(),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        Haproxy {
+            child,
+            http,
+            https,
+            stats,
+            _dir: dir,
+            ca,
+        }
+    }
+
+    /// HAProxy's view of `server` (`UP`, `DOWN`, …), from its stats CSV.
+    async fn status(&self, server: &str) -> Option<String> {
+        let url = format!("http://{}/stats;csv", self.stats);
+        let csv = client().get(url).send().await.ok()?.text().await.ok()?;
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+        let column = |name: &str| header.iter().position(|h| *h == name);
+        let (proxy, name, status) = (column("pxname")?, column("svname")?, column("status")?);
+        lines
+            .map(|line| line.split(',').collect::<Vec<_>>())
+            .find(|row| row.get(proxy) == Some(&"relays") && row.get(name) == Some(&server))
+            .and_then(|row| row.get(status).map(|s| (*s).to_owned()))
+    }
+
+    async fn wait_until(&self, server: &str, wanted: &str) {
+        eventually(
+            &format!("HAProxy to see {server} {wanted}"),
+            WAIT,
+            async || (self.status(server).await.as_deref() == Some(wanted)).then_some(()),
+        )
+        .await;
+    }
+}
+
+/// A test CA and a certificate for `localhost` signed by it, written with
+/// its key to `pem` (HAProxy's `crt` form); returns the CA's PEM.
+fn make_certificate(dir: &std::path::Path, pem: &std::path::Path) -> Vec<u8> {
+    let openssl = |args: &[&str]| {
+        let made = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    };
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ]
+        .into_iter()
+        .chain([
+            "-subj",
+            "/CN=leadflo test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ])
+        .collect::<Vec<_>>(),
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ]
+        .into_iter()
+        .chain(["-keyout", "leaf.key", "-out", "leaf.csr"])
+        .collect::<Vec<_>>(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "leaf.pem",
+    ]);
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    std::fs::write(pem, [read("leaf.pem"), read("leaf.key")].concat()).unwrap();
+    read("ca.pem")
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two replicas, each with its own data directory and the same target,
+/// behind HAProxy with the shipped configuration, while four senders post
+/// continuously: a rolling restart (drain, stop, start, ready) refuses no
+/// POST; `kill -9` of one fails only requests in flight at the kill, and
+/// after its restart every acknowledged lead reaches the target; no
+/// idempotency key comes with two bodies. One lead also goes through
+/// HAProxy's TLS termination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_behind_haproxy_survive_rolling_restarts_and_a_kill() {
+    if !installed("haproxy", "LEADFLO_REQUIRE_HAPROXY") {
+        return;
+    }
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("relay.toml");
+    std::fs::write(&config, "[server]\ndrain_delay = \"2s\"\n").unwrap();
+    let target = format!("crm={}", crm.url());
+    let start = |n: usize, ingest: &str, admin: &str| {
+        let data = work.path().join(format!("relay{n}"));
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--target",
+            &target,
+            "--listen",
+            ingest,
+            "--admin-listen",
+            admin,
+        ];
+        tokio::task::block_in_place(|| RelayProcess::start(&data, &args))
+    };
+    let addrs = [(free_addr(), free_addr()), (free_addr(), free_addr())];
+    let mut relays = [
+        start(1, &addrs[0].0, &addrs[0].1),
+        start(2, &addrs[1].0, &addrs[1].1),
+    ];
+    let haproxy = Haproxy::start([&relays[0], &relays[1]]);
+    for server in ["relay1", "relay2"] {
+        haproxy.wait_until(server, "UP").await;
+    }
+    let url = format!("http://{}/leadflo-webhook", haproxy.http);
+    let sender = Sender::start(url, 0, 50_000, 4);
+    sender.wait_for(200).await;
+
+    let mut rolling = Vec::new();
+    for (n, server) in ["relay1", "relay2"].into_iter().enumerate() {
+        let began = Instant::now();
+        relays[n].sigterm();
+        haproxy.wait_until(server, "DOWN").await;
+        assert_eq!(
+            tokio::task::block_in_place(|| relays[n].wait_for_exit(WAIT)).code(),
+            Some(0)
+        );
+        relays[n] = start(n + 1, &addrs[n].0, &addrs[n].1);
+        haproxy.wait_until(server, "UP").await;
+        rolling.push(began.elapsed());
+        sender.wait_for(200).await;
+    }
+    let during_rolling = sender.answers();
+    let failed = refused(&during_rolling);
+    eprintln!(
+        "rolling restart behind HAProxy: {} POSTs, {} failed; each replica SIGTERM to UP again: {rolling:?}",
+        during_rolling.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "POSTs failed during the rolling restart: {failed:?}"
+    );
+
+    relays[0].kill9();
+    let killed = Instant::now();
+    haproxy.wait_until("relay1", "DOWN").await;
+    let detected = killed.elapsed();
+    sender.wait_for(200).await;
+    relays[0] = start(1, &addrs[0].0, &addrs[0].1);
+    haproxy.wait_until("relay1", "UP").await;
+    sender.wait_for(200).await;
+
+    let https = tls_post(&haproxy).await;
+    let answers = sender.finish().await;
+    let at_kill = refused(&answers[during_rolling.len()..]);
+    eprintln!(
+        "kill -9 of one replica behind HAProxy: {} POSTs after it, {} failed (in flight at the kill): {at_kill:?}; HAProxy marked it down after {detected:?}",
+        answers.len() - during_rolling.len(),
+        at_kill.len()
+    );
+    assert!(
+        at_kill.len() <= 4,
+        "more POSTs failed than the four senders had in flight at the kill: {at_kill:?}"
+    );
+    let all: Vec<Answer> = answers.into_iter().chain([https]).collect();
+    assert_every_lead_delivered_once_per_key(&all, &crm).await;
+    for relay in &mut relays {
+        relay.sigterm();
+        tokio::task::block_in_place(|| relay.wait_for_exit(WAIT));
+    }
+}
+
+/// One lead through HAProxy's TLS termination, trusting its test CA.
+async fn tls_post(haproxy: &Haproxy) -> Answer {
+    leadflo_relay::deliver::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&haproxy.ca).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let port = haproxy.https.rsplit(':').next().unwrap();
+    let url = format!("https://localhost:{port}/leadflo-webhook");
+    let body = lead(1_000_000);
+    let (status, answer) = post(&client, &url, Some(SECRET), body.clone()).await;
+    assert_eq!(status, 200, "HTTPS through HAProxy: {answer}");
+    Answer::Accepted {
+        id: answer["id"].as_str().unwrap().parse().unwrap(),
+        body,
+    }
 }

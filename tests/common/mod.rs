@@ -114,19 +114,22 @@ pub async fn post(
     secret: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
-    try_post(client, url, secret, body)
+    let (status, text) = try_post(client, url, secret, body)
         .await
-        .expect("request reaches the relay")
+        .expect("request reaches the relay");
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
+    (status, json)
 }
 
 /// [`post`], with a request that got no answer (refused, reset) as an
-/// error instead of a panic.
+/// error instead of a panic, and the body as text.
 pub async fn try_post(
     client: &reqwest::Client,
     url: &str,
     secret: Option<&str>,
     body: Vec<u8>,
-) -> Result<(u16, serde_json::Value), reqwest::Error> {
+) -> Result<(u16, String), reqwest::Error> {
     let mut request = client
         .post(url)
         .header("content-type", "application/json")
@@ -136,10 +139,7 @@ pub async fn try_post(
     }
     let response = request.send().await?;
     let status = response.status().as_u16();
-    let text = response.text().await?;
-    let json = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    Ok((status, json))
+    Ok((status, response.text().await?))
 }
 
 /// Sends raw bytes on a fresh connection and reads until the server closes

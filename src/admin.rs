@@ -12,12 +12,12 @@
 //! | `GET /api/dlq?target=` | dead letters |
 //! | `POST /api/dlq/retry`, `POST /api/dlq/purge` | act on dead letters |
 //! | `POST /api/targets/forget` | drop what waits for a target no longer configured |
+//! | `POST /api/reload` | read the configuration and secret files again ([`crate::reload`]) |
 //!
 //! `/api/*` requires `Authorization: Bearer <token>` whenever an admin token
 //! is configured, which `serve` insists on when the listener is not on
 //! loopback. The token is compared in constant time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -27,13 +27,13 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
 
 use crate::disk::DiskGuard;
 use crate::ingest::{SecretCheck, json_response};
 use crate::log::{EventId, Log};
 use crate::metrics::Metrics;
-use crate::ops::{self, LiveState, OpsError, TargetsView};
+use crate::ops::{self, LiveState, OpsError};
+use crate::reload::{AdminTargets, Reloader, Swap};
 
 pub use crate::config::ADMIN_TOKEN_ENV;
 
@@ -45,9 +45,10 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub log: Log,
     pub disk: Arc<DiskGuard>,
-    pub targets: TargetsView,
-    /// Wakes a target's dispatcher after a replay or a retry.
-    pub wakes: HashMap<String, Arc<Notify>>,
+    /// The configured targets and their wakes, as the last reload left them.
+    pub targets: Arc<Swap<AdminTargets>>,
+    /// Runs `POST /api/reload`.
+    pub reloader: Arc<Reloader>,
     /// When set, `/api/*` requires it as a bearer token.
     pub token: Option<SecretCheck>,
     /// The node identity in this relay's ids, for `stats`.
@@ -84,7 +85,7 @@ impl Admin {
                 let live = MetricsLive(&self.metrics);
                 reply(ops::stats(
                     &self.log,
-                    &self.targets,
+                    &self.targets.load().view,
                     Some(&live),
                     Some(self.node),
                 ))
@@ -105,9 +106,10 @@ impl Admin {
             (Method::POST, "/api/replay") => match read_json::<ops::ReplayRequest>(request).await {
                 Ok(r) => {
                     let target = r.target.clone();
-                    let response =
-                        blocking(move || ops::replay(&this.log, &this.targets, &r, &mut |_| {}))
-                            .await;
+                    let response = blocking(move || {
+                        ops::replay(&this.log, &this.targets.load().view, &r, &mut |_| {})
+                    })
+                    .await;
                     self.wake(Some(&target));
                     response
                 }
@@ -117,9 +119,10 @@ impl Admin {
             {
                 Ok(s) => {
                     let target = s.target.clone();
-                    let response =
-                        blocking(move || ops::retry_dead_letters(&this.log, &this.targets, &s))
-                            .await;
+                    let response = blocking(move || {
+                        ops::retry_dead_letters(&this.log, &this.targets.load().view, &s)
+                    })
+                    .await;
                     self.wake(target.as_deref());
                     response
                 }
@@ -133,12 +136,24 @@ impl Admin {
             (Method::POST, "/api/targets/forget") => {
                 match read_json::<ops::ForgetRequest>(request).await {
                     Ok(r) => {
-                        blocking(move || ops::forget_target(&this.log, &this.targets, &r.target))
-                            .await
+                        blocking(move || {
+                            ops::forget_target(&this.log, &this.targets.load().view, &r.target)
+                        })
+                        .await
                     }
                     Err(bad) => bad.response(),
                 }
             }
+            (Method::POST, "/api/reload") => match self.reloader.reload().await {
+                Ok(report) => json_response(
+                    StatusCode::OK,
+                    Bytes::from(serde_json::to_vec(&report).expect("a report serializes")),
+                ),
+                // The file or a secret is wrong; the running configuration
+                // is kept. The message names file, key and value, never a
+                // secret.
+                Err(err) => error(StatusCode::UNPROCESSABLE_ENTITY, &format!("{err:#}")),
+            },
             (Method::GET, p) if p.starts_with("/api/events/") => {
                 self.event(&p["/api/events/".len()..]).await
             }
@@ -194,11 +209,11 @@ impl Admin {
                 Err(err) => ops_error(err),
             };
         }
-        reply(ops::show_event(&self.log, &self.targets, id))
+        reply(ops::show_event(&self.log, &self.targets.load().view, id))
     }
 
     fn wake(&self, target: Option<&str>) {
-        for (name, wake) in &self.wakes {
+        for (name, wake) in &self.targets.load().wakes {
             if target.is_none_or(|t| t == name) {
                 wake.notify_one();
             }
@@ -228,7 +243,7 @@ impl Admin {
     /// key read per target for the oldest delivery: no scan per scrape.
     fn refresh_backlog_gauges(&self) {
         let now_ms = ops::now_ms();
-        for target in self.targets.names() {
+        for target in self.targets.load().view.names() {
             let Ok(stats) = self.log.target_stats(&target) else {
                 continue;
             };

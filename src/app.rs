@@ -13,15 +13,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::config::{Config, Secret};
-use crate::deliver::Deliverer;
+use crate::config::{Config, Secret, TargetConfig};
 use crate::disk::DiskGuard;
-use crate::dispatch::{self, Target};
+use crate::dispatch::Target;
 use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
 use crate::log::{Committer, CommitterHandle, Log, LogOptions, Subscription};
 use crate::metrics::{IngestResult, Metrics};
 use crate::node::NodeId;
+use crate::reload::{ConfigSource, Reloadable, Reloader, Swap, Targets};
 use crate::systemd::PassedListeners;
 
 /// The secrets a relay runs with, resolved by the caller (never from flags).
@@ -47,7 +47,12 @@ pub struct Relay {
     log: Log,
     committer: Committer,
     committer_handle: CommitterHandle,
-    targets: Vec<Target>,
+    targets: Vec<(TargetConfig, Target)>,
+    /// Where `reload` reads the configuration again (`serve`'s file and
+    /// flags); `None`: a relay built from a [`Config`] cannot reload.
+    source: Option<ConfigSource>,
+    /// Notified to reload (SIGHUP).
+    reload_requests: Arc<tokio::sync::Notify>,
     /// Targets the log holds deliveries or dead letters for that the
     /// configuration no longer lists (found at start).
     removed_targets: Vec<String>,
@@ -132,10 +137,11 @@ impl Relay {
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         let node = NodeId::load_or_create(config.server.node_id, data_dir)?;
         let options = log_options(&config, node);
-        let (targets, subscriptions) = build_targets(&config, &metrics)?;
+        let targets = build_targets(&config)?;
+        let subscriptions = subscriptions(&targets);
         let log = Log::open(&options)?;
         log.adopt_targets(&subscriptions)?;
-        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        let names: Vec<String> = targets.iter().map(|(c, _)| c.name.clone()).collect();
         // A target removed from the configuration keeps what waited for it
         // (and so its events) until it is configured again or forgotten:
         // counted too, for `stats`, and said once at each start.
@@ -198,6 +204,8 @@ impl Relay {
             metrics,
             node,
             draining: Draining::default(),
+            source: None,
+            reload_requests: Arc::default(),
         })
     }
 
@@ -220,6 +228,19 @@ impl Relay {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// Lets `reload` (SIGHUP, `leadflo-relay reload`) read the
+    /// configuration again from `source`.
+    pub fn reload_from(mut self, source: ConfigSource) -> Relay {
+        self.source = Some(source);
+        self
+    }
+
+    /// Notify it to reload, as SIGHUP does; the outcome is logged and
+    /// counted in `leadflo_relay_config_reloads_total`.
+    pub fn reload_requests(&self) -> Arc<tokio::sync::Notify> {
+        self.reload_requests.clone()
     }
 
     /// The switch that starts a drain (see [`Relay::stop`]).
@@ -260,38 +281,67 @@ impl Relay {
             header_read_timeout: server.header_read_timeout.get(),
             shutdown_grace: server.shutdown_grace.get(),
         };
+        let secret =
+            Arc::new(Swap::new(self.secret.as_ref().map(|s| {
+                SecretCheck::new(s).with_previous(self.previous_secret.as_ref())
+            })));
         let ingest = Arc::new(Ingest::new(
             IngestSettings {
                 path: server.path.clone(),
-                secret: self
-                    .secret
-                    .as_ref()
-                    .map(|s| SecretCheck::new(s).with_previous(self.previous_secret.as_ref())),
+                secret: secret.clone(),
                 max_body_bytes: server.max_body_bytes,
                 request_timeout: server.request_timeout.get(),
                 commit_timeout: self.config.storage.commit_timeout.get(),
             },
-            self.committer,
+            self.committer.clone(),
             self.disk.clone(),
+            self.metrics.clone(),
+        ));
+        // Delivery runs on a worker pool of its own, at a lower CPU
+        // priority, so that the operating system, not the order of tasks in
+        // one queue, shares the cores between a flood of ingest requests
+        // and the dispatchers, and gives ingest the larger share.
+        let delivery = DeliveryRuntime::start()?;
+        let mut targets = Targets::new(
+            self.log.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+            delivery.handle(),
+            dispatcher_grace(&self.config),
+        );
+        let pruned_for: Vec<String> = self.targets.iter().map(|(c, _)| c.name.clone()).collect();
+        for (config, target) in self.targets {
+            targets.start(config, target, std::time::Instant::now());
+        }
+        let admin_targets = Arc::new(Swap::new(
+            targets.admin_view(self.removed_targets.iter().cloned().collect()),
+        ));
+        let reloader = Arc::new(Reloader::new(
+            self.source,
+            Reloadable {
+                config: self.config.clone(),
+                targets,
+                secret,
+                admin: admin_targets.clone(),
+                committer: self.committer,
+            },
             self.metrics.clone(),
         ));
         let admin = Arc::new(Admin {
             metrics: self.metrics.clone(),
             log: self.log.clone(),
             disk: self.disk.clone(),
-            targets: crate::ops::TargetsView {
-                removed: self.removed_targets.iter().cloned().collect(),
-                ..crate::ops::TargetsView::from_config(&self.config)
-            },
-            wakes: self
-                .targets
-                .iter()
-                .map(|t| (t.name.clone(), t.wake.clone()))
-                .collect(),
+            targets: admin_targets.clone(),
+            reloader: reloader.clone(),
             token: self.admin_token.as_ref().map(SecretCheck::new),
             node: self.node,
             draining: self.draining.clone(),
         });
+        let reloads = tokio::spawn(reload_on_request(
+            reloader.clone(),
+            self.reload_requests.clone(),
+            shutdown.clone(),
+        ));
         let disk_watch = tokio::spawn(
             self.disk
                 .clone()
@@ -300,7 +350,7 @@ impl Relay {
         let pruner = tokio::spawn(crate::retention::run(
             self.log.clone(),
             self.config.storage.retention.get(),
-            self.targets.iter().map(|t| t.name.clone()).collect(),
+            pruned_for,
             self.metrics.clone(),
             shutdown.clone(),
         ));
@@ -338,23 +388,6 @@ impl Relay {
             move |request| admin.clone().handle(request),
             shutdown.clone(),
         ));
-        // Delivery runs on a worker pool of its own, at a lower CPU
-        // priority, so that the operating system, not the order of tasks in
-        // one queue, shares the cores between a flood of ingest requests
-        // and the dispatchers, and gives ingest the larger share.
-        let delivery = DeliveryRuntime::start()?;
-        let target_names: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
-        let mut dispatchers = Vec::new();
-        for target in self.targets {
-            tracing::info!(target = %target.name, "delivering");
-            let run = dispatch::run(
-                self.log.clone(),
-                target,
-                self.metrics.clone(),
-                shutdown.clone(),
-            );
-            dispatchers.push(delivery.spawn(run));
-        }
         let stuck_watch = tokio::spawn(watch_for_a_stuck_log(
             self.log.health(),
             self.disk.clone(),
@@ -368,9 +401,8 @@ impl Relay {
         let stuck = stuck_watch.await.context("log watch task")?;
         let drain = async {
             ingest_task.await.context("ingest listener task")?;
-            for dispatcher in dispatchers {
-                dispatcher.await.context("dispatcher task")?;
-            }
+            reloads.await.context("reload task")?;
+            let target_names = reloader.join_targets().await?;
             admin_task.await.context("admin listener task")?;
             disk_watch.await.context("disk watch task")?;
             pruner.await.context("retention task")?;
@@ -378,7 +410,8 @@ impl Relay {
             // Nothing writes to the log any more: the next start can take
             // the backlog counts as they are instead of scanning the queue.
             // Removed targets too: the next start counts them as well.
-            let counted = [target_names.as_slice(), self.removed_targets.as_slice()].concat();
+            let removed = admin_targets.load().view.removed.clone();
+            let counted: Vec<String> = target_names.into_iter().chain(removed).collect();
             if let Err(err) = self.log.save_backlog_counts(&counted) {
                 tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
             }
@@ -475,12 +508,8 @@ impl DeliveryRuntime {
         Ok(DeliveryRuntime(Some(runtime)))
     }
 
-    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.0.as_ref().expect("running").spawn(task)
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("running").handle().clone()
     }
 }
 
@@ -537,43 +566,55 @@ async fn watch_for_a_stuck_log(
     }
 }
 
-/// A dispatcher and a subscription per configured target.
-fn build_targets(
-    config: &Config,
-    metrics: &Metrics,
-) -> anyhow::Result<(Vec<Target>, Vec<Subscription>)> {
-    let mut targets = Vec::new();
-    let mut subscriptions = Vec::new();
-    for target in &config.targets {
-        let secret = target.secret()?;
-        let url = reqwest::Url::parse(&target.url)
-            .with_context(|| format!("target {}: url", target.name))?;
-        let deliverer = Deliverer::new(url, secret.as_ref(), target.timeout.get())
-            .with_context(|| format!("target {}: cannot build its HTTP client", target.name))?;
-        let wake = Arc::new(tokio::sync::Notify::new());
-        metrics.register_target(&target.name);
-        subscriptions.push(Subscription {
-            target: target.name.clone(),
-            events: target.events.clone(),
-            wake: wake.clone(),
-        });
-        targets.push(Target {
-            name: target.name.clone(),
-            deliverer,
-            policy: target.retry_policy(),
-            concurrency: target.concurrency,
-            rate_per_second: target.rate_per_second,
-            circuit_failures: target.circuit_failures,
-            probe_max_interval: target.probe_max_interval.get(),
-            wake,
-            shutdown_grace: config
-                .server
-                .shutdown_grace
-                .get()
-                .min(std::time::Duration::from_secs(5)),
-        });
+/// A dispatcher's settings per configured target.
+fn build_targets(config: &Config) -> anyhow::Result<Vec<(TargetConfig, Target)>> {
+    config
+        .targets
+        .iter()
+        .map(|target| {
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let built = crate::reload::build_target(target, wake, dispatcher_grace(config))?;
+            Ok((target.clone(), built))
+        })
+        .collect()
+}
+
+/// What the committer needs of each target.
+fn subscriptions(targets: &[(TargetConfig, Target)]) -> Vec<Subscription> {
+    targets
+        .iter()
+        .map(|(config, target)| Subscription {
+            target: config.name.clone(),
+            events: config.events.clone(),
+            wake: target.wake.clone(),
+        })
+        .collect()
+}
+
+/// Time a dispatcher's attempts in flight get when it stops.
+fn dispatcher_grace(config: &Config) -> Duration {
+    config
+        .server
+        .shutdown_grace
+        .get()
+        .min(Duration::from_secs(5))
+}
+
+/// Reloads each time `requests` is notified (SIGHUP), until `shutdown`.
+/// The reloader logs and counts each outcome.
+async fn reload_on_request(
+    reloader: Arc<Reloader>,
+    requests: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = requests.notified() => {
+                let _ = reloader.reload().await;
+            }
+        }
     }
-    Ok((targets, subscriptions))
 }
 
 pub fn log_options(config: &Config, node: NodeId) -> LogOptions {

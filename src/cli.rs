@@ -519,6 +519,45 @@ pub async fn forget_target(access: &Access, target: String, yes: bool) -> anyhow
     Ok(())
 }
 
+/// Asks the running relay to reload. There is nothing to reload offline:
+/// a relay that is not running reads its configuration when it starts.
+pub async fn reload(access: &Access) -> anyhow::Result<()> {
+    let report: crate::reload::ReloadReport = match connect(access).await? {
+        Backend::Online(online) => online.post("/api/reload", &serde_json::json!({})).await?,
+        Backend::Offline { .. } => bail!(
+            "no relay is running (its admin API did not answer): a relay reads its configuration \
+             when it starts, so there is nothing to reload"
+        ),
+    };
+    if access.json {
+        print_json(&report);
+        return Ok(());
+    }
+    let list = |names: &[String]| {
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    println!("reloaded");
+    println!("targets added:   {}", list(&report.added));
+    println!("targets removed: {}", list(&report.removed));
+    for (target, keys) in &report.changed {
+        println!("target changed:  {target} ({})", keys.join(", "));
+    }
+    if report.secrets_changed {
+        println!("inbound secrets: changed");
+    }
+    if !report.needs_restart.is_empty() {
+        println!(
+            "needs a restart: {} (changed in the file; the running relay keeps the old values)",
+            report.needs_restart.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub async fn stats(access: &Access) -> anyhow::Result<()> {
     let report: ops::StatsReport = match connect(access).await? {
         Backend::Online(online) => online.get("/api/stats").await?,

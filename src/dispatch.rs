@@ -30,6 +30,8 @@ const WATERMARK_RECHECK: Duration = Duration::from_millis(10);
 pub struct Target {
     pub name: String,
     pub deliverer: Deliverer,
+    /// The secret `deliverer` sends, to tell whether a reload changed it.
+    pub secret: Option<crate::config::Secret>,
     pub policy: RetryPolicy,
     pub concurrency: usize,
     pub rate_per_second: Option<f64>,
@@ -92,6 +94,12 @@ impl RateLimiter {
         }
     }
 
+    /// A reload changed the rate: the next start keeps its time, so the
+    /// change never lets a burst through.
+    fn set_rate(&mut self, rate_per_second: Option<f64>) {
+        self.interval = rate_per_second.map(|rate| Duration::from_secs_f64(1.0 / rate));
+    }
+
     /// No start before `until`: the target asked for that (`Retry-After`).
     fn hold_until(&mut self, until: Instant) {
         self.next = self.next.max(until);
@@ -105,10 +113,25 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Runs `target`'s dispatcher until `shutdown`; then gives in-flight
-/// attempts the grace period and abandons the rest (they stay queued).
-pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let target = Arc::new(target);
+/// Runs a target's dispatcher until `shutdown`; then gives in-flight
+/// attempts the grace period and abandons the rest (they stay queued, and
+/// are read again). `settings` holds the target as configured: a reload
+/// changes it in place, and the next attempts use it while those in
+/// flight finish with what they started with; the circuit, the rate
+/// limiter's next start and the attempts in flight carry over, so the
+/// limits hold across the change.
+///
+/// No attempt starts before `not_before` (when the previous dispatcher of
+/// the same target could have started its next one); returns that time for
+/// this one.
+pub async fn run(
+    log: Log,
+    mut settings: tokio::sync::watch::Receiver<Arc<Target>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    not_before: Instant,
+) -> Instant {
+    let mut target = settings.borrow_and_update().clone();
     // The deliveries being attempted, by the task attempting them (so that
     // even a panicked attempt frees its slot).
     let mut in_flight: HashMap<tokio::task::Id, (EventId, bool)> = HashMap::new();
@@ -119,6 +142,7 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
         catching_up: false,
     };
     let mut limiter = RateLimiter::new(target.rate_per_second);
+    limiter.hold_until(not_before);
     // Where the last scan stopped: the next one resumes there instead of
     // re-reading (and skipping) everything in flight. Reset to the front
     // whenever a scan finds nothing, so late arrivals are never missed.
@@ -128,6 +152,13 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
     let counted = Arc::new(AttemptMetrics::new(&metrics, &target.name));
 
     loop {
+        // Compared by identity, not `has_changed`: the `changed()` arm of
+        // the select below marks a change seen before this reads it.
+        let latest = settings.borrow_and_update().clone();
+        if !Arc::ptr_eq(&latest, &target) {
+            target = latest;
+            limiter.set_rate(target.rate_per_second);
+        }
         let mut wake_at = Instant::now() + MAX_IDLE;
         let capacity = match circuit.open_until {
             // Open: one probe at a time, once its interval has passed.
@@ -141,7 +172,7 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                 }
                 0
             }
-            None => target.concurrency - in_flight.len(),
+            None => target.concurrency.saturating_sub(in_flight.len()),
         };
         if capacity > 0 && Instant::now() >= limiter.ready_at() {
             let probing = circuit.open_until.is_some();
@@ -239,26 +270,35 @@ pub async fn run(log: Log, target: Target, metrics: Arc<Metrics>, shutdown: Canc
                 }
             }
             _ = target.wake.notified() => {}
+            Ok(()) = settings.changed() => {}
             _ = tokio::time::sleep_until(wake_at.into()) => {}
         }
     }
 
     // Shutdown: let attempts in flight finish, within the grace period.
     let drained = tokio::time::timeout(target.shutdown_grace, async {
-        while attempts.join_next().await.is_some() {}
+        while let Some(done) = attempts.join_next_with_id().await {
+            in_flight.remove(&done.map_or_else(|err| err.id(), |(id, _)| id));
+        }
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             target = %target.name,
             abandoned = attempts.len(),
-            "attempts still running after the grace period; they stay queued and are retried after restart"
+            "attempts still running after the grace period; they stay queued and are retried"
         );
         attempts.abort_all();
         // An aborted attempt stops at its next await; wait for that, so that
         // nothing records a delivery once this returns.
         while attempts.join_next().await.is_some() {}
     }
+    // What was abandoned is read again by the next dispatcher of this
+    // target (after a reload changed it, in this same process).
+    for (id, fresh) in in_flight.into_values() {
+        log.release(&target.name, id, fresh);
+    }
+    limiter.ready_at()
 }
 
 fn record_verdict(

@@ -41,7 +41,7 @@ pub const MAX_EVENT_TYPE_LEN: usize = 128;
 /// value takes time in proportion to *its* length, which its sender knows.)
 /// All configured digests are always compared, so timing does not tell
 /// which one matched either.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SecretCheck {
     digests: Vec<[u8; 32]>,
 }
@@ -75,8 +75,9 @@ impl SecretCheck {
 #[derive(Clone)]
 pub struct IngestSettings {
     pub path: String,
-    /// `None` only in explicitly requested unauthenticated mode.
-    pub secret: Option<SecretCheck>,
+    /// `None` only in explicitly requested unauthenticated mode; a reload
+    /// replaces it.
+    pub secret: Arc<crate::reload::Swap<Option<SecretCheck>>>,
     pub max_body_bytes: u64,
     pub request_timeout: Duration,
     pub commit_timeout: Duration,
@@ -221,7 +222,8 @@ impl Ingest {
     }
 
     fn check_secret(&self, headers: &hyper::HeaderMap) -> Result<(), Rejection> {
-        let Some(check) = &self.settings.secret else {
+        let secret = self.settings.secret.load();
+        let Some(check) = secret.as_ref() else {
             return Ok(());
         };
         let provided = headers.get(SECRET_HEADER).ok_or(Rejection::MissingSecret)?;

@@ -21,6 +21,7 @@
 //! | [`node`]    | event ids no two relays share, and the node identity |
 //! | [`systemd`] | listening sockets passed in (socket activation), readiness notifications |
 //! | [`telemetry`] | the relay's own log output (tracing) |
+//! | [`reload`]  | configuration and secret files read again under a running relay |
 //! | [`retention`] | background pruning of delivered events past `storage.retention` |
 //! | [`ops`]     | operator actions on the log: replay, events, dead letters, stats |
 //! | [`cli`]     | the operator commands: online via the admin API or offline, tables or JSON |
@@ -40,6 +41,7 @@ pub mod log;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod reload;
 pub mod retention;
 pub mod retry;
 pub mod systemd;

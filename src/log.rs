@@ -290,6 +290,8 @@ pub enum LogError {
         key: Vec<u8>,
         reason: record::DecodeError,
     },
+    #[error("the log's apply thread did not catch up in time (a slow or failing disk)")]
+    Busy,
 }
 
 /// Why a commit did not happen. Whoever asked must not claim success.
@@ -686,6 +688,59 @@ impl Log {
         Ok(())
     }
 
+    /// A target a reload added (or whose event types it changed, after
+    /// [`Log::retire_target`]): it takes, under `subscription`'s event
+    /// types, every event above `cut` (the last id the committer counted
+    /// for the old targets, [`Committer::resubscribe`]). Its watermark is
+    /// durable when this returns.
+    pub fn add_target(&self, subscription: &Subscription, cut: u64) -> Result<(), LogError> {
+        let target = &subscription.target;
+        let events = subscription.events.clone();
+        self.db.insert(
+            target_prefix(WATERMARK_PREFIX, target),
+            record::encode_watermark(cut, events.as_deref()),
+        )?;
+        self.make_sled_durable()?;
+        let q = self.fresh_queue(target, cut, events)?;
+        self.fresh
+            .lock()
+            .expect("fresh lock")
+            .insert(target.clone(), q);
+        Ok(())
+    }
+
+    /// A target a reload removed (or whose event types it changed), whose
+    /// dispatcher has stopped: what waited for it above its watermark, up
+    /// to `cut`, gets explicit queue entries, as [`Log::adopt_targets`]
+    /// gives them at a start, and its watermark goes. Returns how many.
+    pub fn retire_target(&self, target: &str, cut: u64) -> Result<u64, LogError> {
+        // Pruning must not take an event between leaving the fresh queue
+        // and getting its queue entry (see `prune_step`).
+        let _step = self.prune_step.lock().expect("prune lock");
+        let Some(q) = self.fresh.lock().expect("fresh lock").remove(target) else {
+            return Ok(0);
+        };
+        let queued = self.queue_waiting(target, q.watermark(), cut, |id, event| {
+            q.waits(id) && q.wants(event)
+        })?;
+        self.db.remove(target_prefix(WATERMARK_PREFIX, target))?;
+        self.make_sled_durable()?;
+        Ok(queued)
+    }
+
+    /// Waits (with a deadline) until every group commit through `id` is in
+    /// sled, so that a scan sees each of their events.
+    pub fn wait_applied(&self, id: u64, deadline: Duration) -> Result<(), LogError> {
+        let started = Instant::now();
+        while self.applied.load(Ordering::Acquire) < id {
+            if started.elapsed() >= deadline {
+                return Err(LogError::Busy);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Takes every stored watermark as it is, with the event types stored
     /// with it, changing nothing: for commands run offline, which must see
     /// what waits above the watermarks without acting as the server.
@@ -769,29 +824,45 @@ impl Log {
         watermark: u64,
         events: Option<Vec<String>>,
     ) -> Result<(), LogError> {
-        let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
-        let mut queued = 0u64;
-        for item in self.db.range(start..vec![EVENT_PREFIX + 1]) {
-            let (key, value) = item?;
-            let event = decode_event_record(&key, &value)?;
-            if takes(events.as_deref(), event.event) {
-                let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
-                // Settled after the watermark was written: moved by a
-                // failed attempt (it has its queue entry) or dead-lettered.
-                if self.db.contains_key(pending_key(target, id))?
-                    || self.db.contains_key(dead_key(target, id))?
-                {
-                    continue;
-                }
-                self.db.insert(
-                    queue_key(target, event.received_at_ms, id),
-                    new_delivery_state(event.received_at_ms),
-                )?;
-                queued += 1;
-            }
-        }
+        let queued = self.queue_waiting(target, watermark, u64::MAX, |_, event| {
+            takes(events.as_deref(), event)
+        })?;
         tracing::info!(target = %target, queued, "new events waiting for a target whose settings changed now have queue entries");
         Ok(())
+    }
+
+    /// Gives each event in `(watermark, through]` for which `waits(id,
+    /// event type)` holds an explicit queue entry for `target`, at its
+    /// first place, unless it was settled after the watermark was written
+    /// (moved by a failed attempt, so it has its queue entry, or
+    /// dead-lettered). Returns how many.
+    fn queue_waiting(
+        &self,
+        target: &str,
+        watermark: u64,
+        through: u64,
+        waits: impl Fn(u64, &str) -> bool,
+    ) -> Result<u64, LogError> {
+        let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
+        let end = id_key(EVENT_PREFIX, through).to_vec();
+        let mut queued = 0u64;
+        for item in self.db.range(start..=end) {
+            let (key, value) = item?;
+            let event = decode_event_record(&key, &value)?;
+            let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
+            if !waits(id.0, event.event)
+                || self.db.contains_key(pending_key(target, id))?
+                || self.db.contains_key(dead_key(target, id))?
+            {
+                continue;
+            }
+            self.db.insert(
+                queue_key(target, event.received_at_ms, id),
+                new_delivery_state(event.received_at_ms),
+            )?;
+            queued += 1;
+        }
+        Ok(queued)
     }
 
     /// sled's flush, then an `fdatasync` of its file and its new blobs.
@@ -2000,6 +2071,21 @@ pub struct CommitterHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+impl Committer {
+    /// Makes the committer count and wake for `subscriptions` from its
+    /// next commit on (a reload changed the targets). Returns the last id
+    /// committed before the change: every event above it is for the new
+    /// targets.
+    pub async fn resubscribe(&self, subscriptions: Vec<Subscription>) -> Result<u64, CommitError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Message::Resubscribe(subscriptions, reply))
+            .await
+            .map_err(|_| CommitError::Closed)?;
+        answer.await.map_err(|_| CommitError::Closed)
+    }
+}
+
 impl CommitterHandle {
     /// Commits everything already queued, makes it durable, and stops the
     /// thread. Appends after this fail with [`CommitError::Closed`].
@@ -2013,6 +2099,9 @@ impl CommitterHandle {
 
 enum Message {
     Append(Request),
+    /// From the next commit on, count and wake for these targets (a
+    /// reload); answers the last id committed under the old ones.
+    Resubscribe(Vec<Subscription>, oneshot::Sender<u64>),
     Close,
 }
 
@@ -2061,6 +2150,8 @@ enum ApplyJob {
     /// Make sled durable, then delete the write-ahead log's segments up to
     /// `through_seq`: every batch they hold was sent before this job.
     Checkpoint { through_seq: u64 },
+    /// The batches after this one were counted for these targets.
+    Resubscribe(Vec<Subscription>),
 }
 
 /// The sled writes of a group commit, in order (a `sled::Batch` cannot be
@@ -2150,20 +2241,29 @@ impl CommitState {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut closing = false;
         while !closing {
+            let mut resubscribe = None;
             match rx.blocking_recv() {
                 Some(Message::Append(request)) => batch.push(request),
+                Some(Message::Resubscribe(to, reply)) => resubscribe = Some((to, reply)),
                 Some(Message::Close) | None => closing = true,
             }
-            // Everything that queued up while the last commit ran joins this one.
-            while batch.len() < MAX_BATCH {
+            // Everything that queued up while the last commit ran joins this
+            // one, up to a change of targets: what came before it is
+            // committed for the old ones.
+            while batch.len() < MAX_BATCH && resubscribe.is_none() {
                 match rx.try_recv() {
                     Ok(Message::Append(request)) => batch.push(request),
+                    Ok(Message::Resubscribe(to, reply)) => resubscribe = Some((to, reply)),
                     Ok(Message::Close) => closing = true,
                     Err(_) => break,
                 }
             }
             if !batch.is_empty() {
                 self.commit(&mut batch);
+            }
+            if let Some((subscriptions, reply)) = resubscribe {
+                self.resubscribe(subscriptions);
+                let _ = reply.send(self.last_id);
             }
         }
         // Requests still queued behind Close were sent after shutdown began.
@@ -2293,6 +2393,15 @@ impl CommitState {
         }
     }
 
+    /// Every target a running relay delivers to takes new events from
+    /// above its watermark (see [`Log::add_target`]): none gets queue
+    /// entries from a commit.
+    fn resubscribe(&mut self, subscriptions: Vec<Subscription>) {
+        self.implicit = vec![true; subscriptions.len()];
+        self.subscriptions = subscriptions.clone();
+        let _ = self.apply_tx.send(ApplyJob::Resubscribe(subscriptions));
+    }
+
     /// Starts a new write-ahead log segment and asks the apply thread for a
     /// checkpoint covering the older ones.
     fn request_checkpoint(&mut self) {
@@ -2361,8 +2470,8 @@ impl ApplyState {
                                     *total += n;
                                 }
                             }
-                            checkpoint => {
-                                next = Some(checkpoint);
+                            other => {
+                                next = Some(other);
                                 break;
                             }
                         }
@@ -2370,6 +2479,7 @@ impl ApplyState {
                     self.apply(batch, enqueued, through);
                 }
                 ApplyJob::Checkpoint { through_seq } => self.checkpoint(through_seq),
+                ApplyJob::Resubscribe(subscriptions) => self.subscriptions = subscriptions,
             }
             self.health.end_apply();
         }

@@ -12,6 +12,7 @@ use leadflo_relay::app::Credentials;
 use leadflo_relay::config::{Config, LogFormat, Overrides, TargetConfig, parse_target_flag};
 use leadflo_relay::log::EventId;
 use leadflo_relay::node::{NodeId, NodeSource};
+use leadflo_relay::reload::ConfigSource;
 use leadflo_relay::systemd::PassedListeners;
 use leadflo_relay::{Relay, cli, ops};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +53,11 @@ enum Command {
     /// Send LeadFloAgent's example payload to the relay, as LeadFloAgent's
     /// "submit a test lead" step would, and report where it went.
     SendTest(SendTestArgs),
+    /// Make the running relay read its configuration file and secret files
+    /// again, as SIGHUP does, and report what changed. Exits 1, saying why,
+    /// when the file or a secret is wrong (the relay keeps running as it
+    /// was).
+    Reload(AccessArgs),
 }
 
 /// How an operator command reaches the log: through a running relay's admin
@@ -276,19 +282,22 @@ fn parse_target(value: &str) -> Result<TargetConfig, String> {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
-        let mut config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
-        config.apply(&Overrides {
-            listen: self.listen,
-            admin_listen: self.admin_listen,
-            data_dir: self.data_dir.clone(),
-            allow_unauthenticated: self.allow_unauthenticated,
-            log_format: self.log_format,
-            targets: self.targets.clone(),
-        })?;
-        Ok(config)
+        Ok(self.source().load()?)
+    }
+
+    /// The file and the flags, as a reload applies them again.
+    fn source(&self) -> ConfigSource {
+        ConfigSource {
+            path: self.config.clone(),
+            overrides: Overrides {
+                listen: self.listen,
+                admin_listen: self.admin_listen,
+                data_dir: self.data_dir.clone(),
+                allow_unauthenticated: self.allow_unauthenticated,
+                log_format: self.log_format,
+                targets: self.targets.clone(),
+            },
+        }
     }
 }
 
@@ -368,6 +377,7 @@ fn run_operation(command: Command) -> anyhow::Result<()> {
             Command::SendTest(args) => {
                 cli::send_test(&args.access.access()?, &args.event, args.url).await
             }
+            Command::Reload(access) => cli::reload(&access.access()?).await,
             Command::Serve(_) | Command::CheckConfig(_) => unreachable!("handled in main"),
         }
     })
@@ -390,9 +400,13 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
         // Handlers first: a SIGTERM that arrives while the relay starts must
         // still mean a clean shutdown, not the default sudden death.
         let mut signals = Signals::install()?;
+        let hangups = hangups()?;
         let passed = PassedListeners::from_env()?;
         let drain_delay = config.server.drain_delay.get();
-        let relay = Relay::build_from(config, credentials, passed).await?;
+        let relay = Relay::build_from(config, credentials, passed)
+            .await?
+            .reload_from(args.source());
+        tokio::spawn(reload_on_hangup(hangups, relay.reload_requests()));
         let shutdown = CancellationToken::new();
         let draining = relay.draining();
         tokio::spawn({
@@ -408,6 +422,25 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
     // task may still wait on it, and dropping the runtime would wait forever.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     result
+}
+
+/// SIGHUP, registered now: its default action would end the process.
+#[cfg(unix)]
+fn hangups() -> anyhow::Result<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    signal(SignalKind::hangup()).context("installing a SIGHUP handler")
+}
+
+/// Asks for a reload at each SIGHUP.
+#[cfg(unix)]
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    requests: std::sync::Arc<tokio::sync::Notify>,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        requests.notify_one();
+    }
 }
 
 /// SIGTERM and SIGINT, registered as soon as this is created.

@@ -102,6 +102,7 @@ pub struct Metrics {
     pub store_size_bytes: IntGauge,
     pub disk_free_bytes: IntGauge,
     pub disk_total_bytes: IntGauge,
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -291,13 +292,22 @@ impl Metrics {
             store_size_bytes,
             disk_free_bytes,
             disk_total_bytes,
+            config_reloads: IntCounterVec::new(
+                Opts::new(
+                    "leadflo_relay_config_reloads_total",
+                    "Configuration reloads (SIGHUP, `leadflo-relay reload`), by result: ok, or \
+                     failed (the running configuration was kept).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
         };
         metrics.register_all();
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -322,6 +332,7 @@ impl Metrics {
             Box::new(self.store_size_bytes.clone()),
             Box::new(self.disk_free_bytes.clone()),
             Box::new(self.disk_total_bytes.clone()),
+            Box::new(self.config_reloads.clone()),
         ];
         for collector in collectors {
             self.registry
@@ -343,6 +354,9 @@ impl Metrics {
         }
         for event in ["visitor_created", "conversation_ended", "other"] {
             self.ingest_events.with_label_values(&[event]);
+        }
+        for result in ["ok", "failed"] {
+            self.config_reloads.with_label_values(&[result]);
         }
     }
 

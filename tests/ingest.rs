@@ -512,9 +512,9 @@ fn ingest_with(
     Ingest::new(
         IngestSettings {
             path: "/leadflo-webhook".into(),
-            secret: Some(SecretCheck::new(&leadflo_relay::config::Secret::new(
-                SECRET,
-            ))),
+            secret: std::sync::Arc::new(leadflo_relay::reload::Swap::new(Some(SecretCheck::new(
+                &leadflo_relay::config::Secret::new(SECRET),
+            )))),
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(5),
             commit_timeout,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod load;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,427 @@
+//! Reload under a running relay (the real binary, its configuration file
+//! and secret files rewritten): targets added, removed and changed, secret
+//! rotation, settings that need a restart, and a bad file that changes
+//! nothing, while a sender posts and every POST is answered 200.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::cli::*;
+use common::load::*;
+use common::receiver::{Receiver, Reply};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A relay process with a configuration file the test rewrites.
+struct Reloadable {
+    relay: RelayProcess,
+    config: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+impl Reloadable {
+    fn start(config_text: &str) -> Reloadable {
+        let work = tempfile::tempdir().unwrap();
+        let config = work.path().join("relay.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let relay = RelayProcess::start(
+            &work.path().join("data"),
+            &["--config", config.to_str().unwrap()],
+        );
+        Reloadable {
+            relay,
+            config,
+            _work: work,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.config.parent().unwrap()
+    }
+
+    fn admin(&self) -> String {
+        format!("http://{}", self.relay.admin)
+    }
+
+    /// Rewrites the file and runs `leadflo-relay reload --json`.
+    async fn reload(&self, config_text: &str) -> std::process::Output {
+        std::fs::write(&self.config, config_text).unwrap();
+        cli(args(&["reload", "--json", "--admin", &self.admin()])).await
+    }
+
+    async fn reloads(&self, result: &str) -> f64 {
+        let sample = format!("leadflo_relay_config_reloads_total{{result=\"{result}\"}}");
+        scrape(self.relay.admin, &sample).await
+    }
+
+    async fn stats(&self) -> serde_json::Value {
+        json(cli(args(&["stats", "--json", "--admin", &self.admin()])).await)
+    }
+}
+
+fn target(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[targets]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n\
+         [targets.retry]\ninitial = \"100ms\"\nmax_interval = \"300ms\"\n\n"
+    )
+}
+
+fn conversation(n: usize) -> Vec<u8> {
+    format!(r#"{{"event":"conversation_ended","data":{{"conversationId":"conv_{n}"}}}}"#)
+        .into_bytes()
+}
+
+/// How many of `receiver`'s requests carry `body`.
+fn got(receiver: &Receiver, body: &[u8]) -> usize {
+    receiver
+        .requests()
+        .iter()
+        .filter(|r| r.body == body)
+        .count()
+}
+
+async fn delivered(receiver: &Receiver, body: Vec<u8>, what: &str) {
+    eventually(what, WAIT, async || {
+        (got(receiver, &body) > 0).then_some(())
+    })
+    .await;
+}
+
+async fn send_one(relay: &RelayProcess, body: Vec<u8>) {
+    let (status, answer) = post(&client(), &relay.url(), Some(SECRET), body).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// Targets added, removed, changed in place (url) and given other event
+/// types, by SIGHUP and by `leadflo-relay reload`, while a sender posts:
+/// every POST is answered 200, each target gets what it should from the
+/// next attempts on, and a removed target keeps its backlog as a restart
+/// would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_changes_and_removes_targets_without_refusing_a_lead() {
+    let (crm, crm2, added, chats) = (
+        Receiver::start(|_, _| Reply::ok()).await,
+        Receiver::start(|_, _| Reply::ok()).await,
+        Receiver::start(|_, _| Reply::ok()).await,
+        Receiver::start(|_, _| Reply::ok()).await,
+    );
+    let down = RefusingPort::new();
+    let down_url = format!("http://{}/hook", down.addr);
+    let before = [
+        target("crm", &crm.url(), ""),
+        target("archive", &down_url, ""),
+        target("chats", &chats.url(), "events = [\"conversation_ended\"]"),
+    ]
+    .concat();
+    let relay = Reloadable::start(&before);
+    let sender = Sender::start(relay.relay.url(), 0, 50_000, 2);
+    sender.wait_for(100).await;
+    // The archive target is down: a backlog waits for it.
+    send_one(&relay.relay, lead(1_000_001)).await;
+    delivered(&crm, lead(1_000_001), "the marker lead at crm").await;
+
+    // By SIGHUP: crm moves to a new URL, `added` appears, the archive goes,
+    // and `chats` takes leads instead of conversations.
+    let after = [
+        target("crm", &crm2.url(), ""),
+        target("added", &added.url(), ""),
+        target("chats", &chats.url(), "events = [\"visitor_created\"]"),
+    ]
+    .concat();
+    let before_removal = sender.sent();
+    std::fs::write(&relay.config, &after).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &relay.relay.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    eventually("the SIGHUP reload", WAIT, async || {
+        (relay.reloads("ok").await >= 1.0).then_some(())
+    })
+    .await;
+    sender.wait_for(100).await;
+    send_one(&relay.relay, lead(1_000_002)).await;
+    send_one(&relay.relay, conversation(7)).await;
+    delivered(&crm2, lead(1_000_002), "a lead at crm's new URL").await;
+    delivered(&added, lead(1_000_002), "a lead at the added target").await;
+    delivered(
+        &chats,
+        lead(1_000_002),
+        "a lead at chats, which now takes leads",
+    )
+    .await;
+    delivered(
+        &added,
+        conversation(7),
+        "a conversation at the added target",
+    )
+    .await;
+    assert_eq!(
+        got(&crm, &lead(1_000_002)),
+        0,
+        "crm's old URL still got leads"
+    );
+    assert_eq!(
+        got(&chats, &conversation(7)),
+        0,
+        "chats still got conversations"
+    );
+
+    // The archive keeps what waited for it, as a restart would show.
+    let archive = |stats: &serde_json::Value| {
+        stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "archive")
+            .cloned()
+            .unwrap_or_else(|| panic!("archive not in stats: {stats}"))
+    };
+    let online = archive(&relay.stats().await);
+    assert_eq!(online["configured"], false, "{online}");
+    let waiting = online["backlog"].as_u64().unwrap();
+    assert!(waiting > 100, "the archive's backlog was dropped: {online}");
+
+    // Re-added (its URL now answers), the archive gets what waited for it
+    // before it was removed, and what comes after, not what came between.
+    let between = lead(1_000_003);
+    send_one(&relay.relay, between.clone()).await;
+    let mut down = down;
+    let archive_receiver = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
+    let report = json(
+        relay
+            .reload(&[after.as_str(), &target("archive", &down_url, "")].concat())
+            .await,
+    );
+    assert_eq!(report["added"], serde_json::json!(["archive"]), "{report}");
+    send_one(&relay.relay, lead(1_000_004)).await;
+    let answers = sender.finish().await;
+    let failed = refused(&answers);
+    assert!(
+        failed.is_empty(),
+        "POSTs failed across the reloads: {failed:?}"
+    );
+    eprintln!("reloads under load: {} POSTs, none refused", answers.len());
+    delivered(
+        &archive_receiver,
+        lead(1_000_004),
+        "a lead after the archive came back",
+    )
+    .await;
+    for answer in &answers[..before_removal] {
+        if let Answer::Accepted { body, id } = answer {
+            delivered(
+                &archive_receiver,
+                body.clone(),
+                &format!("event {id}, which waited for the archive"),
+            )
+            .await;
+        }
+    }
+    assert_eq!(
+        got(&archive_receiver, &between),
+        0,
+        "a lead accepted while the archive was removed was delivered to it"
+    );
+
+    let Reloadable {
+        mut relay, _work, ..
+    } = relay;
+    relay.sigterm();
+    assert_eq!(relay.wait_for_exit(WAIT).code(), Some(0));
+}
+
+/// A file that does not load, or a secret file that cannot be read,
+/// changes nothing: `reload` exits 1 saying which file, key and value, the
+/// failure is counted, and the relay goes on with its configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_keeps_the_running_configuration_and_says_why() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let good = target("crm", &crm.url(), "");
+    let relay = Reloadable::start(&good);
+
+    let bad_value = format!("[server]\nrequest_timeout = \"5 sec\"\n\n{good}");
+    let output = relay.reload(&bad_value).await;
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("relay.toml")
+            && said.contains("server.request_timeout")
+            && said.contains("5 sec"),
+        "the error does not name file, key and value: {said}"
+    );
+
+    let missing = relay.dir().join("no-such-secret");
+    let unreadable = format!(
+        "[auth]\nsecret_file = \"{}\"\n\n{}",
+        missing.display(),
+        target("other", &crm.url(), "")
+    );
+    let output = relay.reload(&unreadable).await;
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("no-such-secret"), "{said}");
+
+    assert_eq!(relay.reloads("failed").await, 2.0);
+    assert_eq!(relay.reloads("ok").await, 0.0);
+    // Still the old secret and the old target.
+    send_one(&relay.relay, lead(1)).await;
+    delivered(&crm, lead(1), "a lead at the target kept").await;
+    let names: Vec<String> = relay.stats().await["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["crm"]);
+    assert!(
+        relay.relay.stderr_text().contains("reload failed"),
+        "the failure is not logged"
+    );
+}
+
+/// The README's rotation: new secret in `auth.secret_file`, old one in
+/// `auth.previous_secret_file`, reload; both are accepted; drop the
+/// previous one, reload; only the new one is. No restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotation_takes_two_reloads_and_no_restart() {
+    let work = tempfile::tempdir().unwrap();
+    let (current, previous) = (work.path().join("secret"), work.path().join("previous"));
+    std::fs::write(&current, "old-secret\n").unwrap();
+    let with = |previous: Option<&Path>| {
+        let mut text = format!("[auth]\nsecret_file = \"{}\"\n", current.display());
+        if let Some(path) = previous {
+            text += &format!("previous_secret_file = \"{}\"\n", path.display());
+        }
+        text
+    };
+    let relay = Reloadable::start(&with(None));
+    let pid = relay.relay.child.id();
+    let status = async |secret: &str| {
+        post(&client(), &relay.relay.url(), Some(secret), lead(1))
+            .await
+            .0
+    };
+    assert_eq!(status("old-secret").await, 200);
+
+    std::fs::write(&previous, "old-secret\n").unwrap();
+    std::fs::write(&current, "new-secret\n").unwrap();
+    let report = json(relay.reload(&with(Some(&previous))).await);
+    assert_eq!(report["secrets_changed"], true, "{report}");
+    assert_eq!(status("new-secret").await, 200, "the new secret is refused");
+    assert_eq!(
+        status("old-secret").await,
+        200,
+        "the previous secret is refused mid-rotation"
+    );
+
+    let report = json(relay.reload(&with(None)).await);
+    assert_eq!(report["secrets_changed"], true, "{report}");
+    assert_eq!(status("new-secret").await, 200);
+    assert_eq!(
+        status("old-secret").await,
+        401,
+        "the old secret is still accepted"
+    );
+    assert_eq!(relay.relay.child.id(), pid);
+    let logs = relay.relay.stderr_text();
+    assert!(
+        !logs.contains("old-secret") && !logs.contains("new-secret"),
+        "a secret was logged"
+    );
+}
+
+/// Keys that cannot change in place are reported as needing a restart,
+/// and the running relay keeps their old values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_change_in_place_are_reported() {
+    let relay = Reloadable::start("[server]\nmax_body_bytes = 1048576\n");
+    let report = json(
+        relay
+            .reload("[server]\nmax_body_bytes = 10\n\n[storage]\ncache_capacity_bytes = 16777216\n")
+            .await,
+    );
+    assert_eq!(
+        report["needs_restart"],
+        serde_json::json!(["server.max_body_bytes", "storage.cache_capacity_bytes"]),
+        "{report}"
+    );
+    // Still the old limit: a lead of ~60 bytes is taken.
+    send_one(&relay.relay, lead(1)).await;
+    let text = ok(cli(args(&["reload", "--admin", &relay.admin()])).await);
+    assert!(
+        text.contains("needs a restart: server.max_body_bytes"),
+        "{text}"
+    );
+}
+
+/// The concurrency and rate limits hold across reloads that change
+/// targets in place and give them other event types, with attempts in
+/// flight: `crm` at two attempts at a time (each takes 300 ms), `rated` at
+/// five starts a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_reloads_with_attempts_in_flight() {
+    let slow = Duration::from_millis(300);
+    let crm = Receiver::start(move |_, _| Reply::ok().after(slow)).await;
+    let rated = Receiver::start(|_, _| Reply::ok()).await;
+    let config = |extra: &str| {
+        [
+            target("crm", &crm.url(), &format!("concurrency = 2\n{extra}")),
+            target(
+                "rated",
+                &rated.url(),
+                &format!("rate_per_second = 5.0\n{extra}"),
+            ),
+        ]
+        .concat()
+    };
+    let relay = Reloadable::start(&config(""));
+    for n in 0..30 {
+        send_one(&relay.relay, lead(n)).await;
+    }
+    eventually("attempts in flight", WAIT, async || {
+        (crm.count() >= 2).then_some(())
+    })
+    .await;
+    ok(relay.reload(&config("timeout = \"9s\"")).await);
+    eventually("more attempts", WAIT, async || {
+        (crm.count() >= 8).then_some(())
+    })
+    .await;
+    ok(relay
+        .reload(&config("timeout = \"9s\"\nevents = [\"visitor_created\"]"))
+        .await);
+    for receiver in [&crm, &rated] {
+        eventually("every lead delivered", WAIT, async || {
+            (0..30).all(|n| got(receiver, &lead(n)) > 0).then_some(())
+        })
+        .await;
+    }
+    let most_within = |receiver: &Receiver, window: Duration| {
+        let starts: Vec<_> = receiver.requests().iter().map(|r| r.at).collect();
+        starts
+            .iter()
+            .map(|&at| {
+                starts
+                    .iter()
+                    .filter(|&&o| o >= at && o < at + window)
+                    .count()
+            })
+            .max()
+            .unwrap()
+    };
+    let overlapping = most_within(&crm, slow);
+    assert!(
+        overlapping <= 2,
+        "{overlapping} attempts overlapped at concurrency = 2"
+    );
+    let per_second = most_within(&rated, Duration::from_secs(1));
+    assert!(
+        per_second <= 6,
+        "{per_second} starts within a second at 5 per second"
+    );
+}

@@ -425,3 +425,29 @@ async fn limits_hold_across_reloads_with_attempts_in_flight() {
         "{per_second} starts within a second at 5 per second"
     );
 }
+
+/// A target's secret file is read again: the next delivery carries the new
+/// secret, and the report names the change (never the value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_secret_file_is_read_again() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("crm-secret");
+    std::fs::write(&secret, "first-target-secret\n").unwrap();
+    let config = target("crm", &crm.url(), &format!("secret_file = \"{}\"", secret.display()));
+    let relay = Reloadable::start(&config);
+    send_one(&relay.relay, lead(1)).await;
+    delivered(&crm, lead(1), "the first lead").await;
+    std::fs::write(&secret, "second-target-secret\n").unwrap();
+    let report = json(relay.reload(&config).await);
+    assert_eq!(report["changed"], serde_json::json!({"crm": ["secret"]}), "{report}");
+    assert!(!report.to_string().contains("target-secret"), "the report shows a secret");
+    send_one(&relay.relay, lead(2)).await;
+    delivered(&crm, lead(2), "the second lead").await;
+    let secrets: Vec<String> = crm
+        .requests()
+        .iter()
+        .map(|r| r.header("x-webhook-secret").to_owned())
+        .collect();
+    assert_eq!(secrets, ["first-target-secret", "second-target-secret"]);
+}

@@ -374,6 +374,17 @@ impl Metrics {
     }
 
     /// Pre-creates a target's series so they read 0 before any attempt.
+    /// Drops `target`'s gauges (a reload removed it): they would otherwise
+    /// stay at their last values, as no dispatcher updates them, and a
+    /// restart would not show them either. Its counters stay.
+    pub fn forget_target(&self, target: &str) {
+        let _ = self.circuit_open.remove_label_values(&[target]);
+        let _ = self.backlog_events.remove_label_values(&[target]);
+        let _ = self.last_success.remove_label_values(&[target]);
+        let _ = self.backlog_oldest_age.remove_label_values(&[target]);
+        let _ = self.dead_letters.remove_label_values(&[target]);
+    }
+
     pub fn register_target(&self, target: &str) {
         for outcome in ["success", "retry", "dead"] {
             self.delivery_attempts.with_label_values(&[target, outcome]);

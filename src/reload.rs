@@ -335,6 +335,12 @@ impl Reloader {
             secrets_changed: self.secret.load().as_ref().as_ref() != check.as_ref(),
             ..ReloadReport::default()
         };
+        if check.is_none() && self.secret.load().is_some() {
+            tracing::warn!(
+                "UNAUTHENTICATED MODE from now on: every request is accepted without checking \
+                 x-webhook-secret; anyone who can reach the ingest port can inject events"
+            );
+        }
         self.secret.store(check);
         for (name, target, keys) in plan.in_place {
             let running = state
@@ -416,6 +422,9 @@ impl Reloader {
             .into_iter()
             .filter(|name| !state.targets.running.contains_key(name))
             .collect();
+        for name in &report.removed {
+            self.metrics.forget_target(name);
+        }
         Ok(())
     }
 }

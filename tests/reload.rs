@@ -185,6 +185,11 @@ async fn reload_adds_changes_and_removes_targets_without_refusing_a_lead() {
     assert_eq!(online["configured"], false, "{online}");
     let waiting = online["backlog"].as_u64().unwrap();
     assert!(waiting > 100, "the archive's backlog was dropped: {online}");
+    let metrics = metrics_text(relay.relay.admin).await;
+    assert!(
+        !metrics.contains("leadflo_relay_backlog_events{target=\"archive\"}"),
+        "a removed target's gauges stay, frozen"
+    );
 
     // Re-added (its URL now answers), the archive gets what waited for it
     // before it was removed, and what comes after, not what came between.
@@ -434,14 +439,25 @@ async fn a_target_secret_file_is_read_again() {
     let work = tempfile::tempdir().unwrap();
     let secret = work.path().join("crm-secret");
     std::fs::write(&secret, "first-target-secret\n").unwrap();
-    let config = target("crm", &crm.url(), &format!("secret_file = \"{}\"", secret.display()));
+    let config = target(
+        "crm",
+        &crm.url(),
+        &format!("secret_file = \"{}\"", secret.display()),
+    );
     let relay = Reloadable::start(&config);
     send_one(&relay.relay, lead(1)).await;
     delivered(&crm, lead(1), "the first lead").await;
     std::fs::write(&secret, "second-target-secret\n").unwrap();
     let report = json(relay.reload(&config).await);
-    assert_eq!(report["changed"], serde_json::json!({"crm": ["secret"]}), "{report}");
-    assert!(!report.to_string().contains("target-secret"), "the report shows a secret");
+    assert_eq!(
+        report["changed"],
+        serde_json::json!({"crm": ["secret"]}),
+        "{report}"
+    );
+    assert!(
+        !report.to_string().contains("target-secret"),
+        "the report shows a secret"
+    );
     send_one(&relay.relay, lead(2)).await;
     delivered(&crm, lead(2), "the second lead").await;
     let secrets: Vec<String> = crm

@@ -16,6 +16,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+/// Bytes an unprivileged process can still write on `path`'s filesystem.
+pub fn available_space(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// The size of `path`'s filesystem.
+pub fn total_space(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_blocks.saturating_mul(stat.f_frsize))
+}
+
 /// How often space is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
@@ -83,8 +95,8 @@ impl DiskGuard {
     /// Reads the filesystem and the store, updates the verdict and metrics.
     pub fn sample(&self, metrics: &Metrics) -> std::io::Result<Sample> {
         let sample = Sample {
-            free_bytes: fs2::available_space(&self.data_dir)?,
-            total_bytes: fs2::total_space(&self.data_dir)?,
+            free_bytes: available_space(&self.data_dir)?,
+            total_bytes: total_space(&self.data_dir)?,
             store_bytes: store_size(&self.data_dir)?,
             reusable_bytes: self.reusable.as_ref().map_or(0, |reusable| reusable()),
         };

@@ -669,7 +669,7 @@ pub fn stats(
         online: live.is_some(),
         targets: reports,
         store_size_bytes: crate::disk::store_size(dir).unwrap_or(0),
-        disk_free_bytes: fs2::available_space(dir).unwrap_or(0),
+        disk_free_bytes: crate::disk::available_space(dir).unwrap_or(0),
         node_id: node.map(|n| n.0),
     })
 }

@@ -106,7 +106,7 @@ pub fn prepare_spare(dir: &Path) -> std::io::Result<()> {
     let path = dir.join(SPARE_PREP_NAME);
     // Only with room to spare: the spare is a speed-up, and filling a
     // nearly full disk with zeros would make commits fail meanwhile.
-    if !path.exists() && fs2::available_space(dir)? < 4 * SEGMENT_BYTES {
+    if !path.exists() && crate::disk::available_space(dir)? < 4 * SEGMENT_BYTES {
         return Ok(());
     }
     let mut file = File::options()

@@ -1,13 +1,11 @@
 //! The ingest endpoint over real HTTP: every status with its JSON body and
 //! metric, byte-exact storage, group commit under concurrency, slow clients.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{Ingest, IngestSettings, SecretCheck};
 use leadflo_relay::log::{EventId, Log, LogOptions};

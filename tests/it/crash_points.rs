@@ -8,16 +8,14 @@
 //! A few rounds per point in `cargo test`; `.ci/run` sets
 //! `LEADFLO_CRASH_ROUNDS=100`.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 use leadflo_relay::crashpoint;
 use leadflo_relay::log::EventId;
 

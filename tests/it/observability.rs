@@ -3,16 +3,14 @@
 //! evaluates every expression; logs are JSON on request and never carry
 //! secrets or personal data.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -2,15 +2,13 @@
 //! idempotency key, Retry-After, dead letters, concurrency and rate limits,
 //! isolation between targets, and the target's own secret.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 use leadflo_relay::log::EventId;
 
@@ -331,7 +329,7 @@ async fn a_hanging_target_does_not_slow_a_healthy_one() {
 async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
     const CRM_SECRET: &str = "crm-side-secret";
     // The handler from LeadFloAgent's docs: 401 unless the secret matches.
-    let express_like = |_: usize, r: &common::receiver::Received| {
+    let express_like = |_: usize, r: &crate::common::receiver::Received| {
         if r.header("x-webhook-secret") == CRM_SECRET {
             Reply::ok()
         } else {
@@ -368,7 +366,7 @@ async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
 async fn credentials_in_a_target_url_are_sent_as_basic_auth() {
     // "zap@user" : "p:ss w", percent-encoded in the URL.
     const EXPECTED: &str = "Basic emFwQHVzZXI6cDpzcyB3";
-    let guarded = |_: usize, r: &common::receiver::Received| {
+    let guarded = |_: usize, r: &crate::common::receiver::Received| {
         if r.header("authorization") == EXPECTED {
             Reply::ok()
         } else {

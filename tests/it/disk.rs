@@ -2,14 +2,12 @@
 //! (root only; elsewhere the suite says it is skipped, and the `max_bytes`
 //! path is covered in tests/observability.rs). `.ci/run` runs as root.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use leadflo_relay::log::EventId;
 
 /// A tmpfs of `size` mounted for the test's lifetime.
@@ -133,7 +131,7 @@ async fn below_the_floor_ingest_refuses_and_resumes_when_space_returns() {
 
     // Something else fills the filesystem to below the 4 MiB floor.
     let filler = fs.path.join("filler");
-    let free = fs2::available_space(&fs.path).unwrap();
+    let free = leadflo_relay::disk::available_space(&fs.path).unwrap();
     std::fs::write(&filler, vec![0u8; (free - (1 << 20)) as usize]).unwrap();
     let admin = relay.admin;
     eventually("/readyz to fail", Duration::from_secs(10), async || {

@@ -2,11 +2,9 @@
 //! malformed headers, `Expect: 100-continue` with an oversized body, and
 //! many slow or idle connections, while an honest sender keeps posting.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use leadflo_relay::metrics::IngestResult;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

@@ -3,14 +3,12 @@
 //! bytes, and ids after a restart must be above every id before it. Also
 //! the graceful path: SIGTERM lets an in-flight request finish, exits 0.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use leadflo_relay::log::EventId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -215,7 +213,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_event() {
-    use common::receiver::{Receiver, Reply};
+    use crate::common::receiver::{Receiver, Reply};
     // Slow answers keep attempts in flight when the kill lands.
     let crm = Receiver::start(|_, _| Reply::ok().after(Duration::from_millis(5))).await;
     let target = format!("crm={}", crm.url());
@@ -409,7 +407,7 @@ async fn ingest_some(url: &str, count: usize) -> HashMap<EventId, Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_replay_keeps_the_log_whole_and_delivers_everything() {
-    use common::receiver::{Receiver, Reply};
+    use crate::common::receiver::{Receiver, Reply};
     let crm = Receiver::start(|_, _| Reply::ok()).await;
     let target = format!("crm={}", crm.url());
     let dir = tempfile::tempdir().unwrap();
@@ -477,7 +475,7 @@ async fn kill_9_during_a_replay_keeps_the_log_whole_and_delivers_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_pruning_never_loses_an_undelivered_event() {
-    use common::receiver::{Receiver, Reply};
+    use crate::common::receiver::{Receiver, Reply};
     let crm = Receiver::start(|_, _| Reply::ok()).await;
     // Conversations also go to a target that is down: those must survive
     // every pruning pass, killed or not.

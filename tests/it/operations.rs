@@ -3,16 +3,14 @@
 //! is stopped (offline): replay, events, dead letters, stats, send-test,
 //! the admin token, and retention.
 
-mod common;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::cli::*;
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::cli::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 use leadflo_relay::log::EventId;
 use leadflo_relay::ops;

@@ -3,8 +3,6 @@
 //! restarts under load that refuse no lead. Restart tests run the real
 //! binary; every wait has a deadline, and load is bounded in count and time.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
@@ -12,10 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
-use common::cli::*;
-use common::load::*;
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::cli::*;
+use crate::common::load::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 use leadflo_relay::log::{EventId, record};
 use leadflo_relay::node;
 

@@ -2,9 +2,7 @@
 //! encoded, decoders never panic on any bytes, and the ingest endpoint
 //! answers any body with 200 or a 4xx, never a panic or a 5xx.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use leadflo_relay::ingest::event_type;
 use leadflo_relay::log::record;
 use leadflo_relay::log::{DeadLetter, DeliveryState, EventId};

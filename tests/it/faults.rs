@@ -2,13 +2,11 @@
 //! must be classified right (retry or dead letter), never hold an attempt
 //! past the target's timeout, and never slow another target.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -3,16 +3,14 @@
 //! rotation, settings that need a restart, and a bad file that changes
 //! nothing, while a sender posts and every POST is answered 200.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::cli::*;
-use common::load::*;
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::cli::*;
+use crate::common::load::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 

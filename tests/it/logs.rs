@@ -2,12 +2,10 @@
 //! line per state change at info, and never a secret or personal data, even
 //! with every crate logging at trace level.
 
-mod common;
-
 use std::time::Duration;
 
-use common::receiver::{Receiver, Reply};
-use common::*;
+use crate::common::receiver::{Receiver, Reply};
+use crate::common::*;
 
 const TARGET_SECRET: &str = "target-secret-value-42";
 

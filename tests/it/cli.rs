@@ -1,11 +1,9 @@
 //! The command line as a user meets it: help, bad flags, config errors that
 //! name file and key, the missing-secret refusal, and redaction.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(binary());

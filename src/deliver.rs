@@ -22,7 +22,7 @@ pub const REASON_BODY_BYTES: usize = 256;
 
 pub const USER_AGENT_VALUE: &str = concat!("leadflo-relay/", env!("CARGO_PKG_VERSION"));
 
-/// The event's id, the same on every attempt (see the README).
+/// The event's id, the same on every attempt (see docs/delivery.md).
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// Which attempt this is, from 1.
 const RELAY_ATTEMPT: HeaderName = HeaderName::from_static("x-relay-attempt");

@@ -9,11 +9,11 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use command_fds::{CommandFdExt, FdMapping};
 use crate::common::cli::*;
 use crate::common::load::*;
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
+use command_fds::{CommandFdExt, FdMapping};
 use leadflo_relay::log::{EventId, record};
 use leadflo_relay::node;
 

@@ -227,7 +227,7 @@ impl Matrix {
     }
 
     /// Restart unarmed; the CRM must get every acknowledged event. Prints
-    /// the figures for the README's guarantee section.
+    /// the figures for docs/guarantees.md.
     async fn finish(self, rounds: usize) {
         let _relay = self.start(None);
         eventually(

@@ -15,6 +15,7 @@
 //! | [`observability`], [`logs`] | metrics, dashboard, alert rules, log lines without personal data |
 //! | [`availability`], [`reload`] | ids across replicas, drain, socket activation, HAProxy, reload |
 //! | [`properties`] | property tests of the codecs and validation |
+//! | [`docs`] | links and test names in the docs resolve |
 
 mod common;
 
@@ -25,6 +26,7 @@ mod crash;
 mod crash_points;
 mod delivery;
 mod disk;
+mod docs;
 mod faults;
 mod ingest;
 mod logs;

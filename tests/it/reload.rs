@@ -287,7 +287,7 @@ async fn a_bad_reload_keeps_the_running_configuration_and_says_why() {
     );
 }
 
-/// The README's rotation: new secret in `auth.secret_file`, old one in
+/// The documented rotation (docs/operations.md): new secret in `auth.secret_file`, old one in
 /// `auth.previous_secret_file`, reload; both are accepted; drop the
 /// previous one, reload; only the new one is. No restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

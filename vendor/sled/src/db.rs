@@ -421,14 +421,14 @@ impl Db {
         Ok(hasher.finalize())
     }
 
-    /// Returns the on-disk size of the storage files
-    /// for this database.
     /// Bytes of the data file that sled will reuse before it grows the
     /// file: whole segments freed by deletes (leadflo-relay).
     pub fn reusable_bytes(&self) -> u64 {
         self.context.pagecache.reusable_bytes()
     }
 
+    /// Returns the on-disk size of the storage files
+    /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {
         self.context.pagecache.size_on_disk()
     }

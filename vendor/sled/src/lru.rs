@@ -20,8 +20,7 @@ const MAX_QUEUE_ITEMS: usize = 4;
 // cache only once this many accesses have queued up in it; with 256 shards
 // and 64 accesses each, a sequential scan of a large tree kept about 40 MiB
 // of pages resident beyond `cache_capacity` before any shard evicted
-// (measured in leadflo-relay's BENCHMARKS.md, "The page cache's accounting
-// lag"). See PATCHED.md.
+// (measured by leadflo-relay's backlog bench). See PATCHED.md.
 #[cfg(not(any(test, feature = "lock_free_delays")))]
 const MAX_QUEUE_ITEMS: usize = 4;
 

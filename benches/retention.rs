@@ -69,7 +69,7 @@ fn main() {
     let written_in = started.elapsed();
 
     let started = Instant::now();
-    let cutoff = leadflo_relay::ops::now_ms() + 1000;
+    let cutoff = leadflo_relay::clock::now_ms() + 1000;
     let mut after = None;
     let mut pruned = 0;
     loop {

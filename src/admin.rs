@@ -242,7 +242,7 @@ impl Admin {
     /// Backlog gauges from the counts the log keeps as it changes, and one
     /// key read per target for the oldest delivery: no scan per scrape.
     fn refresh_backlog_gauges(&self) {
-        let now_ms = ops::now_ms();
+        let now_ms = crate::clock::now_ms();
         for target in self.targets.load().view.names() {
             let Ok(stats) = self.log.target_stats(&target) else {
                 continue;

@@ -10,12 +10,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::deliver::{Deliverer, Outcome};
 use crate::log::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log};
 use crate::metrics::Metrics;
@@ -104,13 +105,6 @@ impl RateLimiter {
     fn hold_until(&mut self, until: Instant) {
         self.next = self.next.max(until);
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 /// Runs a target's dispatcher until `shutdown`; then gives in-flight

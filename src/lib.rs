@@ -24,17 +24,21 @@
 //! | [`reload`]  | configuration and secret files read again under a running relay |
 //! | [`retention`] | background pruning of delivered events past `storage.retention` |
 //! | [`ops`]     | operator actions on the log: replay, events, dead letters, stats |
+//! | [`clock`]   | the wall clock in ms since the epoch |
+//! | [`duration`] | durations as written in the configuration (`10s`) |
 //! | [`cli`]     | the operator commands: online via the admin API or offline, tables or JSON |
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crashpoint;
 pub mod deliver;
 pub mod disk;
 pub mod dispatch;
+pub mod duration;
 pub mod http;
 pub mod ingest;
 pub mod log;

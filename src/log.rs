@@ -1686,7 +1686,7 @@ impl Log {
     ) -> Result<usize, LogError> {
         // Not in the middle of a pruning step (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
-        let now_ms = unix_micros(SystemTime::now()) / 1000;
+        let now_ms = crate::clock::now_ms();
         let mut batch = sled::Batch::default();
         let (mut queued, mut revived) = (0i64, 0i64);
         // An id named twice is queued once: the batch is not applied yet, so
@@ -2010,12 +2010,6 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-fn unix_micros(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
-}
-
 /// Sends entries to the committer and waits for them to be durable.
 #[derive(Clone)]
 pub struct Committer {
@@ -2289,7 +2283,7 @@ impl CommitState {
         let mut ids = Vec::with_capacity(requests.len());
         let mut enqueued = vec![0i64; self.subscriptions.len()];
         for request in requests.iter() {
-            let received_at_ms = unix_micros(request.received) / 1000;
+            let received_at_ms = crate::clock::ms_since_epoch(request.received);
             self.last_id = crate::node::next_id(self.last_id, received_at_ms, self.node);
             let id = self.last_id;
             let lead_ms = crate::node::id_ms(id).saturating_sub(received_at_ms);

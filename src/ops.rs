@@ -10,10 +10,11 @@
 //! (`events show`).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::log::{DeadLetter, EventId, Log, LogError};
 
 /// Events re-queued per log batch.
@@ -96,13 +97,6 @@ impl TargetsView {
             .find(|(name, _)| name == target)
             .is_some_and(|(_, events)| events.as_ref().is_none_or(|e| e.iter().any(|x| x == event)))
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 /// Milliseconds since the epoch as RFC 3339 (UTC).

@@ -37,7 +37,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let cutoff_ms = crate::ops::now_ms().saturating_sub(retention.as_millis() as u64);
+        let cutoff_ms = crate::clock::now_ms().saturating_sub(retention.as_millis() as u64);
         match prune_pass(&log, cutoff_ms, &targets, &metrics, &shutdown).await {
             Ok(0) => {}
             Ok(deleted) => tracing::debug!(deleted, "pruned delivered events past retention"),

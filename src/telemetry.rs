@@ -50,30 +50,6 @@ pub fn filter(config: &LoggingConfig) -> anyhow::Result<EnvFilter> {
         .map_err(|err| anyhow::anyhow!("{origin} = {wanted:?} is not a valid filter: {err}"))
 }
 
-/// Checks a `logging.level` value: `tracing` filter directives, each a
-/// level (`info`) or `target=level` (or a span filter). A bare word that is
-/// not a level would be read as a module name with every level enabled for
-/// it and none for the relay, so a typo such as `debugg` silenced every log
-/// line; it is refused instead.
-pub fn check_level(level: &str) -> Result<(), String> {
-    const EXPECTED: &str = "expected a level (off, error, warn, info, debug, trace) or \
-                            comma-separated target=level directives";
-    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        directive
-            .parse::<tracing_subscriber::filter::Directive>()
-            .map_err(|err| format!("{EXPECTED}; {directive:?} is not one ({err})"))?;
-        let bare = !directive.contains('=') && !directive.contains('[');
-        if bare
-            && directive
-                .parse::<tracing_subscriber::filter::LevelFilter>()
-                .is_err()
-        {
-            return Err(format!("{EXPECTED}; {directive:?} is not a level"));
-        }
-    }
-    Ok(())
-}
-
 /// Installs the global subscriber.
 pub fn init(config: &LoggingConfig) -> anyhow::Result<()> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -104,7 +104,7 @@ async fn open_sled(dir: &std::path::Path) -> sled::Db {
 async fn ids_after_an_upgrade_stay_above_the_old_ones_and_windows_find_both() {
     let relay = TestRelay::start().await;
     let dir = relay.stop().await;
-    let now = leadflo_relay::ops::now_ms();
+    let now = leadflo_relay::clock::now_ms();
     // An old event received a second ago, and the old layout's last id a
     // minute ahead of the clock (a burst ran it ahead).
     let old_id = (now - 1_000) * 1_000 + 7;
@@ -130,7 +130,7 @@ async fn ids_after_an_upgrade_stay_above_the_old_ones_and_windows_find_both() {
     let admin = format!("http://{}", relay.admin);
     let (from, to) = (
         leadflo_relay::ops::rfc3339(now - 5_000),
-        leadflo_relay::ops::rfc3339(leadflo_relay::ops::now_ms() + 1_000),
+        leadflo_relay::ops::rfc3339(leadflo_relay::clock::now_ms() + 1_000),
     );
     let listed = json(
         cli(args(&[

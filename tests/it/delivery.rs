@@ -526,7 +526,7 @@ async fn a_restart_keeps_the_retry_schedule() {
     let relay = TestRelay::start_with(with_target).await;
     let first = send(&relay, visitor(1)).await;
     wait_for_requests(&crm, 1, "the first attempt").await;
-    let first_attempt_ms = leadflo_relay::dispatch::now_ms();
+    let first_attempt_ms = leadflo_relay::clock::now_ms();
     eventually("the retry to be scheduled", WAIT, async || {
         (relay.metrics.attempts("crm", "retry") == 1).then_some(())
     })

@@ -1135,7 +1135,7 @@ async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Log
 #[tokio::test]
 async fn a_released_retry_behind_the_cursor_is_taken_again() {
     let dir = tempfile::tempdir().unwrap();
-    let now = leadflo_relay::dispatch::now_ms();
+    let now = leadflo_relay::clock::now_ms();
     let (log, ids) = two_retries(dir.path(), |_| now - 1_000).await;
     let (a, b) = (ids[0], ids[1]);
     assert_eq!(explicit_read(&log, now, 2, false, None, &|_| false), [a, b]);
@@ -1159,7 +1159,7 @@ async fn a_released_retry_behind_the_cursor_is_taken_again() {
 #[tokio::test]
 async fn a_retry_rescheduled_behind_a_catching_up_cursor_is_taken_when_due() {
     let dir = tempfile::tempdir().unwrap();
-    let now = leadflo_relay::dispatch::now_ms();
+    let now = leadflo_relay::clock::now_ms();
     let hour = 3_600_000;
     let (log, ids) = two_retries(dir.path(), |n| now + hour * (n + 1)).await;
     let (a, b) = (ids[0], ids[1]);

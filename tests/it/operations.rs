@@ -335,14 +335,14 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
     }
     wait_until_delivered(&crm, 5).await;
     // The clock moves between the batches (ids are microsecond times).
-    let from = ops::rfc3339(ops::now_ms() + 5);
+    let from = ops::rfc3339(leadflo_relay::clock::now_ms() + 5);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let mut second = Vec::new();
     for n in 5..10 {
         second.push(send(&relay, lead(n)).await);
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let to = ops::rfc3339(ops::now_ms());
+    let to = ops::rfc3339(leadflo_relay::clock::now_ms());
     // Later events must fall in a later millisecond than `to`.
     tokio::time::sleep(Duration::from_millis(5)).await;
     for n in 10..13 {
@@ -1031,17 +1031,17 @@ async fn time_ranges_find_events_received_after_the_clock_was_set_back() {
             Err(err) => panic!("sled does not open: {err}"),
         }
     };
-    let ahead = leadflo_relay::node::first_id_at(ops::now_ms() + 10 * 60 * 1000);
+    let ahead = leadflo_relay::node::first_id_at(leadflo_relay::clock::now_ms() + 10 * 60 * 1000);
     db.insert(b"m/last_id", &ahead.to_be_bytes()).unwrap();
     db.flush().unwrap();
     drop(db);
     let relay = TestRelay::start_in(dir, |c| c.targets = targets.clone()).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let from = ops::rfc3339(ops::now_ms());
+    let from = ops::rfc3339(leadflo_relay::clock::now_ms());
     tokio::time::sleep(Duration::from_millis(5)).await;
     let id = send(&relay, lead(1)).await;
     wait_until_delivered(&crm, 2).await;
-    let to = ops::rfc3339(ops::now_ms());
+    let to = ops::rfc3339(leadflo_relay::clock::now_ms());
     let admin = format!("http://{}", relay.admin);
     let listed = json(
         cli(args(&[

@@ -1,0 +1,132 @@
+//! Secrets: read from a file or an environment variable when the settings
+//! are resolved (and again at each reload), never from flags, never shown.
+
+use std::fmt;
+use std::path::Path;
+
+use super::{ADMIN_TOKEN_ENV, Config, ConfigError, TargetConfig};
+
+impl TargetConfig {
+    /// The secret sent to this target, from `secret_file` or `secret_env`.
+    pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.secret_file {
+            return read_secret_file(path).map(Some);
+        }
+        let Some(env) = &self.secret_env else {
+            return Ok(None);
+        };
+        match std::env::var_os(env) {
+            Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+            _ => Err(ConfigError::TargetSecret {
+                target: self.name.clone(),
+                env: env.clone(),
+            }),
+        }
+    }
+}
+
+impl Config {
+    /// Finds the inbound secret: `auth.secret_file`, else `auth.secret_env`.
+    /// `Ok(None)` only when unauthenticated mode was asked for.
+    pub fn inbound_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        let from_source = self.read_secret()?;
+        match from_source {
+            Some(secret) => Ok(Some(secret)),
+            None if self.auth.allow_unauthenticated => Ok(None),
+            None => Err(ConfigError::NoSecret {
+                env: self.auth.secret_env.clone(),
+            }),
+        }
+    }
+
+    fn read_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.auth.secret_file {
+            return read_secret_file(path).map(Some);
+        }
+        match std::env::var_os(&self.auth.secret_env) {
+            Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The previous inbound secret, accepted during a rotation; an error if
+    /// it is configured but cannot be read (a rotation that silently
+    /// rejected the old secret would drop events).
+    pub fn previous_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.auth.previous_secret_file {
+            return read_secret_file(path).map(Some);
+        }
+        let Some(env) = &self.auth.previous_secret_env else {
+            return Ok(None);
+        };
+        match std::env::var_os(env) {
+            Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+            _ => Err(ConfigError::PreviousSecret { env: env.clone() }),
+        }
+    }
+
+    /// The admin API token from `LEADFLO_RELAY_ADMIN_TOKEN`; required when
+    /// `server.admin_listen` is not a loopback address.
+    pub fn admin_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let token = std::env::var_os(ADMIN_TOKEN_ENV)
+            .filter(|value| !value.is_empty())
+            .map(|value| Secret::new(value.into_encoded_bytes()));
+        if token.is_none() && !self.server.admin_listen.ip().is_loopback() {
+            return Err(ConfigError::NoAdminToken {
+                addr: self.server.admin_listen,
+            });
+        }
+        Ok(token)
+    }
+
+    /// Where the inbound secret comes from, for humans (never the value).
+    pub fn secret_source(&self) -> String {
+        match &self.auth.secret_file {
+            Some(path) => format!("file {}", path.display()),
+            None => format!("environment variable {}", self.auth.secret_env),
+        }
+    }
+}
+
+/// A secret kept in a file; one trailing newline (or CRLF) is not part of it.
+fn read_secret_file(path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let trimmed = trim_line_end(&text);
+    if trimmed.is_empty() {
+        return Err(ConfigError::EmptySecretFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Secret::new(trimmed.to_vec()))
+}
+
+fn trim_line_end(bytes: &[u8]) -> &[u8] {
+    let mut end = bytes.len();
+    while end > 0 && matches!(bytes[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    &bytes[..end]
+}
+
+/// A secret value. `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}

@@ -1,0 +1,242 @@
+//! The checks each value must pass; every error names the key and what
+//! was expected (the caller adds the file).
+
+use std::time::Duration;
+
+use super::{Config, ConfigError, TargetConfig};
+
+impl Config {
+    pub(super) fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let server = &self.server;
+        if !server.path.starts_with('/') || server.path.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "server.path",
+                format!(
+                    "expected an absolute URL path such as \"/leadflo-webhook\", got {:?}",
+                    server.path
+                ),
+            ));
+        }
+        if server.max_body_bytes == 0 || server.max_body_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!(
+                    "expected 1 to 67108864 bytes, got {}",
+                    server.max_body_bytes
+                ),
+            ));
+        }
+        if server.max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "expected at least 1, got 0".to_owned(),
+            ));
+        }
+        for (key, value) in [
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.request_timeout", server.request_timeout),
+            ("storage.commit_timeout", self.storage.commit_timeout),
+            (
+                "storage.checkpoint_interval",
+                self.storage.checkpoint_interval,
+            ),
+            ("storage.retention", self.storage.retention),
+        ] {
+            if value.0.is_zero() {
+                return Err(invalid(
+                    key,
+                    "expected a duration above zero, got 0".to_owned(),
+                ));
+            }
+        }
+        if self.storage.commit_timeout.0 >= Duration::from_secs(5) {
+            return Err(invalid(
+                "storage.commit_timeout",
+                format!(
+                    "expected less than 5s (LeadFloAgent gives up after 5 s), got {}",
+                    self.storage.commit_timeout
+                ),
+            ));
+        }
+        if self.storage.cache_capacity_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "storage.cache_capacity_bytes",
+                format!(
+                    "expected at least 1048576 (1 MiB), got {}",
+                    self.storage.cache_capacity_bytes
+                ),
+            ));
+        }
+        if self.storage.max_bytes == Some(0) {
+            return Err(invalid(
+                "storage.max_bytes",
+                "expected a size in bytes above zero (no key for no cap), got 0".to_owned(),
+            ));
+        }
+        if self.auth.secret_env.is_empty() {
+            return Err(invalid(
+                "auth.secret_env",
+                "expected an environment variable name, got \"\"".to_owned(),
+            ));
+        }
+        check_level(&self.logging.level).map_err(|message| {
+            invalid(
+                "logging.level",
+                format!("{message}, got {:?}", self.logging.level),
+            )
+        })?;
+        let mut names = std::collections::HashSet::new();
+        for (n, target) in self.targets.iter().enumerate() {
+            let key = |field: &str| format!("targets[{n}].{field}");
+            validate_target(target).map_err(|(field, message)| invalid(&key(field), message))?;
+            if !names.insert(target.name.as_str()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!(
+                        "expected a unique name, but {:?} is used twice",
+                        target.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The smallest `rate_per_second`: one attempt start a day.
+const MIN_RATE_PER_SECOND: f64 = 1.0 / 86_400.0;
+
+/// Checks one target; on error returns the field and what was expected.
+fn validate_target(t: &TargetConfig) -> Result<(), (&'static str, String)> {
+    let name_ok = !t.name.is_empty()
+        && t.name.len() <= 64
+        && t.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !name_ok {
+        return Err((
+            "name",
+            format!("expected 1-64 characters of [a-z0-9_-], got {:?}", t.name),
+        ));
+    }
+    match reqwest::Url::parse(&t.url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
+        // The value may hold credentials: say what is wrong, not what it is.
+        _ => {
+            return Err((
+                "url",
+                "expected an absolute http:// or https:// URL".to_owned(),
+            ));
+        }
+    }
+    if let Some(events) = &t.events {
+        if events.is_empty() || events.iter().any(String::is_empty) {
+            return Err(("events", "expected a list of event types such as [\"visitor_created\"], or no key for every event".to_owned()));
+        }
+    }
+    if t.secret_env.as_deref() == Some("") {
+        return Err((
+            "secret_env",
+            "expected an environment variable name, got \"\"".to_owned(),
+        ));
+    }
+    if t.timeout.0.is_zero() {
+        return Err(("timeout", "expected a duration above zero".to_owned()));
+    }
+    if !(1..=1024).contains(&t.concurrency) {
+        return Err((
+            "concurrency",
+            format!("expected 1 to 1024, got {}", t.concurrency),
+        ));
+    }
+    if let Some(rate) = t.rate_per_second {
+        // The dispatcher spaces starts `1 / rate` apart: a rate so small
+        // that the interval is no `Duration` (or overflows an `Instant`)
+        // would panic it. At least one start a day is allowed.
+        if !(rate.is_finite() && rate >= MIN_RATE_PER_SECOND) {
+            return Err((
+                "rate_per_second",
+                format!("expected at least one start a day (0.0000116), got {rate}"),
+            ));
+        }
+    }
+    if t.circuit_failures == 0 {
+        return Err(("circuit_failures", "expected at least 1, got 0".to_owned()));
+    }
+    if t.probe_max_interval.0.is_zero() {
+        return Err((
+            "probe_max_interval",
+            "expected a duration above zero".to_owned(),
+        ));
+    }
+    let retry = &t.retry;
+    if retry.initial.0.is_zero() {
+        return Err(("retry.initial", "expected a duration above zero".to_owned()));
+    }
+    if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+        return Err((
+            "retry.multiplier",
+            format!(
+                "expected a number of at least 1.0, got {}",
+                retry.multiplier
+            ),
+        ));
+    }
+    if retry.max_interval < retry.initial {
+        return Err((
+            "retry.max_interval",
+            format!(
+                "expected at least retry.initial ({}), got {}",
+                retry.initial, retry.max_interval
+            ),
+        ));
+    }
+    if retry.max_age.0.is_zero() {
+        return Err(("retry.max_age", "expected a duration above zero".to_owned()));
+    }
+    Ok(())
+}
+
+/// Parses `--target NAME=URL`.
+pub fn parse_target_flag(value: &str) -> Result<TargetConfig, ConfigError> {
+    let flag_error = |message: &str| ConfigError::TargetFlag {
+        value: value.to_owned(),
+        message: message.to_owned(),
+    };
+    let (name, url) = value
+        .split_once('=')
+        .ok_or_else(|| flag_error("expected NAME=URL"))?;
+    let target = TargetConfig::new(name, url);
+    validate_target(&target)
+        .map_err(|(field, message)| flag_error(&format!("{field}: {message}")))?;
+    Ok(target)
+}
+
+/// Checks a `logging.level` value: `tracing` filter directives, each a
+/// level (`info`) or `target=level` (or a span filter). A bare word that is
+/// not a level would be read as a module name with every level enabled for
+/// it and none for the relay, so a typo such as `debugg` silenced every log
+/// line; it is refused instead.
+pub fn check_level(level: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected a level (off, error, warn, info, debug, trace) or \
+                            comma-separated target=level directives";
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|err| format!("{EXPECTED}; {directive:?} is not one ({err})"))?;
+        let bare = !directive.contains('=') && !directive.contains('[');
+        if bare
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!("{EXPECTED}; {directive:?} is not a level"));
+        }
+    }
+    Ok(())
+}

@@ -108,7 +108,7 @@ fn run_ceiling() {
             tx
         });
         let inline_log = dir.filter(|_| inline).map(|dir| {
-            use leadflo_relay::log::wal;
+            use leadflo_relay::store::wal;
             wal::prepare_spare(&dir).unwrap();
             Arc::new(std::sync::Mutex::new(wal::Wal::open(&dir).unwrap().0))
         });
@@ -125,7 +125,7 @@ fn run_ceiling() {
                     return json_response(StatusCode::BAD_REQUEST, Bytes::new());
                 };
                 if let Some(log) = &inline_log {
-                    use leadflo_relay::log::wal;
+                    use leadflo_relay::store::wal;
                     tokio::task::block_in_place(|| {
                         let mut frame = wal::Frame::new();
                         frame.push(wal::KIND_EVENT, 1, &body, std::iter::empty::<&str>());
@@ -169,7 +169,7 @@ type Durable = (Bytes, tokio::sync::oneshot::Sender<()>);
 /// the relay's write-ahead log, appended and `fdatasync`ed before any of it
 /// is answered; segments rotate over a preallocated spare as in the relay.
 fn group_commit(dir: std::path::PathBuf, mut rx: tokio::sync::mpsc::Receiver<Durable>) {
-    use leadflo_relay::log::wal;
+    use leadflo_relay::store::wal;
     wal::prepare_spare(&dir).unwrap();
     let (mut log, _, _) = wal::Wal::open(&dir).unwrap();
     let mut id = 0u64;
@@ -845,7 +845,7 @@ fn run_delivery_floor() {
                         break;
                     }
                     let body = bodies[(n % 1024) as usize].clone();
-                    let id = leadflo_relay::log::EventId(n);
+                    let id = leadflo_relay::store::EventId(n);
                     let outcome = deliverer.attempt(id, 1, body).await;
                     assert!(
                         matches!(outcome, leadflo_relay::deliver::Outcome::Delivered { .. }),

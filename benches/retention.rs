@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use leadflo_relay::log::{Entry, Log};
 use leadflo_relay::metrics::Metrics;
+use leadflo_relay::store::{Entry, Log};
 
 #[path = "support/mod.rs"]
 mod support;

@@ -30,10 +30,10 @@ use serde::de::DeserializeOwned;
 
 use crate::disk::DiskGuard;
 use crate::ingest::{SecretCheck, json_response};
-use crate::log::{EventId, Log};
 use crate::metrics::Metrics;
 use crate::ops::{self, LiveState, OpsError};
 use crate::reload::{AdminTargets, Reloader, Swap};
+use crate::store::{EventId, Log};
 
 pub use crate::config::ADMIN_TOKEN_ENV;
 

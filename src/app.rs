@@ -18,10 +18,10 @@ use crate::disk::DiskGuard;
 use crate::dispatch::Target;
 use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
-use crate::log::{Committer, CommitterHandle, Log, LogOptions, Subscription};
 use crate::metrics::{IngestResult, Metrics};
 use crate::node::NodeId;
 use crate::reload::{ConfigSource, Reloadable, Reloader, Swap, Targets};
+use crate::store::{Committer, CommitterHandle, Log, LogOptions, Subscription};
 use crate::systemd::PassedListeners;
 
 /// The secrets a relay runs with, resolved by the caller (never from flags).
@@ -532,7 +532,7 @@ pub const STUCK_LOG_GRACE: Duration = Duration::from_secs(10);
 /// this cancels `shutdown` and returns `true`: the relay exits non-zero and
 /// its supervisor starts it again, which recovers.
 async fn watch_for_a_stuck_log(
-    health: Arc<crate::log::CommitHealth>,
+    health: Arc<crate::store::CommitHealth>,
     disk: Arc<DiskGuard>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,

@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::ADMIN_TOKEN_ENV;
 use crate::config::Config;
-use crate::log::{EventId, Log, LogError};
 use crate::ops::{self, TargetsView};
+use crate::store::{EventId, Log, LogError};
 
 /// How a command reaches the log.
 pub enum Backend {

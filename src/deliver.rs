@@ -14,8 +14,8 @@ use reqwest::header::{
 };
 
 use crate::config::Secret;
-use crate::log::EventId;
 use crate::retry::parse_retry_after;
+use crate::store::EventId;
 
 /// How many bytes of a rejecting response are kept as the reason.
 pub const REASON_BODY_BYTES: usize = 256;

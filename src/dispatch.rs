@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::deliver::{Deliverer, Outcome};
-use crate::log::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log};
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
+use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log};
 
 /// The longest the dispatcher sleeps without looking at its queue again.
 const MAX_IDLE: Duration = Duration::from_secs(1);
@@ -478,7 +478,7 @@ fn bury(
     delivery: &Delivery,
     state: &DeliveryState,
     reason: String,
-) -> Result<(), crate::log::LogError> {
+) -> Result<(), crate::store::LogError> {
     // One line per state change; the reason may quote the target's answer,
     // so it is stored, not logged.
     tracing::warn!(target = %target, id = %delivery.id, attempts = state.attempts, status = state.last_status, "delivery dead-lettered");

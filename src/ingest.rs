@@ -23,8 +23,8 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
 use crate::disk::DiskGuard;
-use crate::log::{CommitError, Committer, Entry, EventId};
 use crate::metrics::{IngestResult, Metrics, event_class};
+use crate::store::{CommitError, Committer, Entry, EventId};
 
 /// The header LeadFloAgent sends its shared secret in.
 pub const SECRET_HEADER: &str = "x-webhook-secret";

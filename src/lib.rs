@@ -11,7 +11,7 @@
 //! | [`app`]     | building the relay from settings, running it, shutting it down |
 //! | [`http`]    | the accept loop: connection cap, timeouts, graceful shutdown |
 //! | [`ingest`]  | the webhook endpoint: limits, secret check, validation, append |
-//! | [`log`]     | the sled log: records, group commit, quarantine (the only sled user) |
+//! | [`store`]   | the durable log: records, group commit, queues, quarantine (the only sled user) |
 //! | [`dispatch`] | per-target scheduling: due deliveries, concurrency, rate, circuit breaker |
 //! | [`deliver`] | one HTTP attempt with reqwest, turned into an outcome |
 //! | [`retry`]   | pure backoff and Retry-After math |
@@ -41,13 +41,13 @@ pub mod dispatch;
 pub mod duration;
 pub mod http;
 pub mod ingest;
-pub mod log;
 pub mod metrics;
 pub mod node;
 pub mod ops;
 pub mod reload;
 pub mod retention;
 pub mod retry;
+pub mod store;
 pub mod systemd;
 pub mod telemetry;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
-use crate::log::{DeadLetter, EventId, Log, LogError};
+use crate::store::{DeadLetter, EventId, Log, LogError};
 
 /// Events re-queued per log batch.
 const REPLAY_CHUNK: usize = 1000;

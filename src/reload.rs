@@ -26,9 +26,9 @@ use crate::config::{Config, ConfigError, Overrides, Secret, TargetConfig};
 use crate::deliver::Deliverer;
 use crate::dispatch::{self, Target};
 use crate::ingest::SecretCheck;
-use crate::log::{Committer, Log, Subscription};
 use crate::metrics::Metrics;
 use crate::ops::TargetsView;
+use crate::store::{Committer, Log, Subscription};
 
 /// A value a reload replaces while readers keep using what they loaded.
 #[derive(Debug, Default)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::log::Log;
 use crate::metrics::Metrics;
+use crate::store::Log;
 
 /// Events looked at per batch.
 const BATCH: usize = 256;

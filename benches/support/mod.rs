@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub const SECRET: &str = "bench-secret";
 
 /// Log settings for a bench's own data directory.
-pub fn log_options(dir: &std::path::Path) -> leadflo_relay::log::LogOptions {
-    leadflo_relay::log::LogOptions {
+pub fn log_options(dir: &std::path::Path) -> leadflo_relay::store::LogOptions {
+    leadflo_relay::store::LogOptions {
         data_dir: dir.to_owned(),
         checkpoint_interval: std::time::Duration::from_secs(1),
         cache_capacity_bytes: 16 << 20,

@@ -2,7 +2,7 @@
 //! panic; and whatever decodes as an event re-encodes to the same bytes.
 #![no_main]
 
-use leadflo_relay::log::{EventId, record};
+use leadflo_relay::store::{EventId, record};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {

@@ -14,8 +14,8 @@ use crate::common::load::*;
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
 use command_fds::{CommandFdExt, FdMapping};
-use leadflo_relay::log::{EventId, record};
 use leadflo_relay::node;
+use leadflo_relay::store::{EventId, record};
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::common::*;
-use leadflo_relay::log::EventId;
+use leadflo_relay::store::EventId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
 use leadflo_relay::crashpoint;
-use leadflo_relay::log::EventId;
+use leadflo_relay::store::EventId;
 
 fn rounds() -> usize {
     std::env::var("LEADFLO_CRASH_ROUNDS")

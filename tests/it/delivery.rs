@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
 use leadflo_relay::config::TargetConfig;
-use leadflo_relay::log::EventId;
+use leadflo_relay::store::EventId;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -539,7 +539,7 @@ async fn a_restart_keeps_the_retry_schedule() {
         .log
         .due_deliveries(
             "crm",
-            &leadflo_relay::log::DueQuery {
+            &leadflo_relay::store::DueQuery {
                 now_ms: 0,
                 limit: 10,
                 ignore_due: true,

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use leadflo_relay::log::EventId;
+use leadflo_relay::store::EventId;
 
 /// A tmpfs of `size` mounted for the test's lifetime.
 struct SmallFs {
@@ -360,7 +360,7 @@ async fn a_failed_fsync_keeps_the_write_ahead_log_until_a_restart_replays_it() {
 /// would be read back by nobody. It used to be appended there all the same.
 #[tokio::test]
 async fn a_half_written_frame_is_cut_off_before_the_next_commit() {
-    use leadflo_relay::log::wal;
+    use leadflo_relay::store::wal;
     let work = tempfile::tempdir().unwrap();
     let (mut relay, data, _) = start_failing(work.path(), "1h", "commit.write:2");
     let client = client();

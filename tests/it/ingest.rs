@@ -8,8 +8,8 @@ use std::time::Duration;
 use crate::common::*;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{Ingest, IngestSettings, SecretCheck};
-use leadflo_relay::log::{EventId, Log, LogOptions};
 use leadflo_relay::metrics::{IngestResult, Metrics};
+use leadflo_relay::store::{EventId, Log, LogOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -458,7 +458,7 @@ async fn an_event_answered_503_for_a_slow_disk_that_lands_later_is_counted() {
         .start_committer(&options, Vec::new(), metrics.clone())
         .unwrap();
     // The slow disk: 32 MiB taken for writing just before the request.
-    let big = leadflo_relay::log::Entry::Event {
+    let big = leadflo_relay::store::Entry::Event {
         event: "bulk".into(),
         body: bytes::Bytes::from(vec![b' '; 32 << 20]),
     };
@@ -503,7 +503,7 @@ async fn an_event_answered_503_for_a_slow_disk_that_lands_later_is_counted() {
 
 fn ingest_with(
     dir: &std::path::Path,
-    committer: leadflo_relay::log::Committer,
+    committer: leadflo_relay::store::Committer,
     metrics: &Arc<Metrics>,
     commit_timeout: Duration,
 ) -> Ingest {
@@ -601,7 +601,7 @@ async fn ids_keep_increasing_across_a_restart() {
 /// the targets they were queued for, and ignore the torn frame.
 #[tokio::test]
 async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
-    use leadflo_relay::log::{record, wal};
+    use leadflo_relay::store::{record, wal};
     let relay = TestRelay::start().await;
     let (status, json) = post(&client(), &relay.url(), Some(SECRET), VISITOR.into()).await;
     assert_eq!(status, 200, "{json}");
@@ -694,7 +694,7 @@ async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
 /// once delivered, none of that.
 #[tokio::test]
 async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
-    use leadflo_relay::log::{DeliveryState, DueQuery, Entry, Subscription};
+    use leadflo_relay::store::{DeliveryState, DueQuery, Entry, Subscription};
     let dir = tempfile::tempdir().unwrap();
     let options = small_log(dir.path());
     let log = Log::open(&options).unwrap();
@@ -801,7 +801,7 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
 /// takes everything waiting.
 mod fresh {
     use super::*;
-    use leadflo_relay::log::{Delivery, DueQuery, Entry, Subscription};
+    use leadflo_relay::store::{Delivery, DueQuery, Entry, Subscription};
 
     pub fn subscription(target: &str, events: Option<&[&str]>) -> Subscription {
         Subscription {
@@ -870,7 +870,7 @@ mod fresh {
 async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let options = small_log(dir.path());
-    let events = leadflo_relay::log::FRESH_WINDOW as u64 + 1_000;
+    let events = leadflo_relay::store::FRESH_WINDOW as u64 + 1_000;
     {
         let log = Log::open(&options).unwrap();
         let subscriptions = vec![fresh::subscription("crm", None)];
@@ -883,7 +883,7 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
             let committer = committer.clone();
             appends.spawn(async move {
                 let body = format!(r#"{{"event":"visitor_created","n":{n}}}"#);
-                let entry = leadflo_relay::log::Entry::Event {
+                let entry = leadflo_relay::store::Entry::Event {
                     event: "visitor_created".into(),
                     body: body.into(),
                 };
@@ -971,7 +971,7 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
     );
 
     // The first fails and moves a day ahead; the rest are delivered.
-    let moved = leadflo_relay::log::DeliveryState {
+    let moved = leadflo_relay::store::DeliveryState {
         attempts: 1,
         ..crm[0].state.clone()
     };
@@ -1097,7 +1097,7 @@ fn explicit_read(
     after: Option<(u64, EventId)>,
     skip: &dyn Fn(EventId) -> bool,
 ) -> Vec<EventId> {
-    let query = leadflo_relay::log::DueQuery {
+    let query = leadflo_relay::store::DueQuery {
         now_ms,
         limit,
         ignore_due,
@@ -1118,7 +1118,7 @@ async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Log
     )
     .await;
     for (n, delivery) in fresh::due(&log, "crm").into_iter().enumerate() {
-        let state = leadflo_relay::log::DeliveryState {
+        let state = leadflo_relay::store::DeliveryState {
             attempts: 1,
             ..delivery.state.clone()
         };
@@ -1173,7 +1173,7 @@ async fn a_retry_rescheduled_behind_a_catching_up_cursor_is_taken_when_due() {
         [b]
     );
     // B fails: catching up ends, B is due again in 50 ms.
-    let state = leadflo_relay::log::DeliveryState {
+    let state = leadflo_relay::store::DeliveryState {
         attempts: 2,
         ..queue[1].state.clone()
     };

@@ -12,8 +12,8 @@ use crate::common::cli::*;
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
 use leadflo_relay::config::TargetConfig;
-use leadflo_relay::log::EventId;
 use leadflo_relay::ops;
+use leadflo_relay::store::EventId;
 
 const WAIT: Duration = Duration::from_secs(30);
 

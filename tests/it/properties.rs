@@ -4,8 +4,8 @@
 
 use crate::common::*;
 use leadflo_relay::ingest::event_type;
-use leadflo_relay::log::record;
-use leadflo_relay::log::{DeadLetter, DeliveryState, EventId};
+use leadflo_relay::store::record;
+use leadflo_relay::store::{DeadLetter, DeliveryState, EventId};
 use proptest::prelude::*;
 
 proptest! {

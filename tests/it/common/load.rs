@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use leadflo_relay::log::EventId;
+use leadflo_relay::store::EventId;
 
 use super::receiver::Receiver;
 use super::{SECRET, eventually, try_post};

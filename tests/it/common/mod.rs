@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use leadflo_relay::Relay;
 use leadflo_relay::config::{Config, Secret};
-use leadflo_relay::log::Log;
 use leadflo_relay::metrics::Metrics;
+use leadflo_relay::store::Log;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -452,8 +452,8 @@ impl RefusingPort {
 /// it from the apply thread a moment later.
 pub async fn stored_event(
     log: &Log,
-    id: leadflo_relay::log::EventId,
-) -> leadflo_relay::log::StoredEvent {
+    id: leadflo_relay::store::EventId,
+) -> leadflo_relay::store::StoredEvent {
     eventually(
         "the acknowledged event in sled",
         Duration::from_secs(10),

@@ -1,0 +1,221 @@
+//! Reading a target's queue: the due deliveries, from the explicit entries
+//! and from above the watermark, and whether one waits.
+
+use super::*;
+
+impl Log {
+    /// Up to `limit` deliveries of `target` in queue order that are due at
+    /// `query.now_ms` (all of them, due or not, with `ignore_due`), starting
+    /// after `query.after` (from the front when `None`) and skipping those
+    /// `skip` names. Also returns the due time of the first entry left out
+    /// for not being due yet, so the caller knows when to look again.
+    pub fn due_deliveries(
+        &self,
+        target: &str,
+        query: &DueQuery<'_>,
+    ) -> Result<(Vec<Delivery>, Option<u64>), LogError> {
+        let mut due = Vec::new();
+        if query.limit == 0 {
+            return Ok((due, None));
+        }
+        let prefix = queue_prefix(target);
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends in a separator") = 1;
+        // Nothing explicit due before `quiet_until`: the explicit queue is
+        // not read again until then (see `FreshQueue::explicit_quiet_until`).
+        // `writes` tells whether an entry was written or released while
+        // this read ran, which a "quiet" it concludes must not hide.
+        let (quiet_until, writes) = self
+            .fresh
+            .lock()
+            .expect("fresh lock")
+            .get(target)
+            .map(|q| (q.explicit_quiet_until, q.explicit_writes))
+            .unzip();
+        let mut next_due;
+        if query.ignore_due || quiet_until.is_none_or(|until| query.now_ms >= until) {
+            let mut after = query.after;
+            loop {
+                let start = match after {
+                    Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
+                    None => Bound::Included(prefix.clone()),
+                };
+                next_due = None;
+                for item in self
+                    .db
+                    .range::<Vec<u8>, _>((start, Bound::Excluded(end.clone())))
+                {
+                    let (key, value) = item?;
+                    let corrupt = |reason| LogError::Corrupt {
+                        key: key.to_vec(),
+                        reason,
+                    };
+                    let (due_ms, id) =
+                        parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
+                    let state = record::decode_state(&value).map_err(corrupt)?;
+                    // `ignore_due` overrides backoff times, not a delivery
+                    // never attempted yet that is due later on purpose (a
+                    // replay spaced by `--rate`): it waits for its time.
+                    if due_ms > query.now_ms && (!query.ignore_due || state.attempts == 0) {
+                        next_due = Some(due_ms);
+                        break;
+                    }
+                    if (query.skip)(id) {
+                        continue;
+                    }
+                    due.push(Delivery {
+                        id,
+                        due_ms,
+                        state,
+                        fresh: false,
+                        body: None,
+                    });
+                    if due.len() >= query.limit {
+                        return Ok((due, None));
+                    }
+                }
+                if !due.is_empty() {
+                    break;
+                }
+                // Nothing after the cursor: entries written (rescheduled,
+                // released) before it since are found from the front, at
+                // once rather than at the next pass.
+                if after.take().is_some() {
+                    continue;
+                }
+                // Read from the front and found nothing due: quiet until the
+                // first entry that is not due yet.
+                if !query.ignore_due {
+                    self.explicit_quiet(target, next_due.unwrap_or(u64::MAX), writes);
+                }
+                break;
+            }
+        } else {
+            next_due = quiet_until.filter(|&until| until < u64::MAX);
+        }
+        self.take_fresh(target, query.limit, &mut due)?;
+        Ok((due, next_due))
+    }
+
+    /// No explicit entry of `target` is due before `until` (a read from
+    /// the front found none, or the next one due then), unless an entry was
+    /// written or released since the read began (`writes` was read then).
+    pub(super) fn explicit_quiet(&self, target: &str, until: u64, writes: Option<u64>) {
+        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+            if Some(q.explicit_writes) == writes {
+                q.explicit_quiet_until = until;
+            }
+        }
+    }
+
+    /// An explicit entry of `target` was written (or released) due at
+    /// `due_ms`: the explicit queue is read again from then.
+    pub(super) fn explicit_added(&self, target: &str, due_ms: u64) {
+        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+            q.explicit_quiet_until = q.explicit_quiet_until.min(due_ms);
+            q.explicit_writes += 1;
+        }
+    }
+
+    /// Takes up to `limit` (counting those in `due`) fresh deliveries of
+    /// `target`, in id order, from where reading stopped (see [`fresh`]).
+    pub(super) fn take_fresh(
+        &self,
+        target: &str,
+        limit: usize,
+        due: &mut Vec<Delivery>,
+    ) -> Result<(), LogError> {
+        let mut fresh = self.fresh.lock().expect("fresh lock");
+        let Some(q) = fresh.get_mut(target) else {
+            return Ok(());
+        };
+        let delivery = |(id, received_at_ms, body): fresh::ReadAhead| Delivery {
+            id: EventId(id),
+            due_ms: received_at_ms,
+            state: DeliveryState {
+                enqueued_ms: received_at_ms,
+                ..Default::default()
+            },
+            fresh: true,
+            body: Some(body),
+        };
+        while due.len() < limit
+            && let Some(ahead) = q.ahead.pop_front()
+        {
+            due.push(delivery(ahead));
+        }
+        let applied = self.applied.load(Ordering::Acquire);
+        if due.len() >= limit || q.is_full() || q.read_to() >= applied {
+            return Ok(());
+        }
+        let start = id_key(EVENT_PREFIX, q.read_to() + 1).to_vec();
+        let end = id_key(EVENT_PREFIX, applied).to_vec();
+        for item in self.db.range(start..=end) {
+            let (key, value) = item?;
+            let id = decode_u64(&key[1..]).unwrap_or(0);
+            if q.is_busy(id) {
+                continue;
+            }
+            let event = decode_event_record(&key, &value)?;
+            if !q.wants(event.event) {
+                q.pass(id);
+                continue;
+            }
+            q.take(id);
+            // The body without a copy: it stays in sled's buffer for the
+            // value (one per value, not the node's).
+            let offset = event.body.as_ptr() as usize - value.as_ptr() as usize;
+            let range = offset..offset + event.body.len();
+            let read = (
+                id,
+                event.received_at_ms,
+                Bytes::from_owner(value).slice(range),
+            );
+            if due.len() < limit {
+                due.push(delivery(read));
+            } else {
+                q.ahead.push_back(read);
+            }
+            if q.ahead.len() >= fresh::READ_AHEAD || q.is_full() {
+                return Ok(());
+            }
+        }
+        // Everything up to the applied id has been read.
+        q.pass(applied);
+        Ok(())
+    }
+
+    /// How many deliveries `target` has queued (a full scan: for tests and
+    /// tools, not for hot paths).
+    pub fn queued_count(&self, target: &str) -> usize {
+        let fresh = self.fresh_backlog(target, true).map_or(0, |(n, _)| n);
+        self.db.scan_prefix(queue_prefix(target)).count() + fresh as usize
+    }
+
+    /// Whether `target` has a delivery of `id` waiting: moved (a `p`
+    /// entry) or at its first place (see the module docs).
+    pub fn is_queued(&self, target: &str, id: EventId) -> Result<bool, LogError> {
+        if self.db.contains_key(pending_key(target, id))? {
+            return Ok(true);
+        }
+        let key = id_key(EVENT_PREFIX, id.0);
+        match self.db.get(key)? {
+            Some(value) => Ok(self.waits_fresh(target, id, &key, &value)?
+                || self.waits_at_first_place(target, received_at(&key, &value)?, id)?),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether the delivery to `target` of event `id`, received at
+    /// `received_at_ms`, is still at its first place in the queue.
+    pub(super) fn waits_at_first_place(
+        &self,
+        target: &str,
+        received_at_ms: u64,
+        id: EventId,
+    ) -> Result<bool, LogError> {
+        Ok(self
+            .db
+            .contains_key(queue_key(target, received_at_ms, id))?)
+    }
+}

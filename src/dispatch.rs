@@ -17,9 +17,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::deliver::{Deliverer, Outcome};
+use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
-use crate::retry::RetryPolicy;
+use crate::retry::{Decision, RetryPolicy, decide};
 use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log};
 
 /// The longest the dispatcher sleeps without looking at its queue again.
@@ -120,179 +120,264 @@ impl RateLimiter {
 /// this one.
 pub async fn run(
     log: Log,
-    mut settings: tokio::sync::watch::Receiver<Arc<Target>>,
+    settings: tokio::sync::watch::Receiver<Arc<Target>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     not_before: Instant,
 ) -> Instant {
-    let mut target = settings.borrow_and_update().clone();
-    // The deliveries being attempted, by the task attempting them (so that
-    // even a panicked attempt frees its slot).
-    let mut in_flight: HashMap<tokio::task::Id, (EventId, bool)> = HashMap::new();
-    let mut attempts: JoinSet<Verdict> = JoinSet::new();
-    let mut circuit = Circuit {
-        consecutive_failures: 0,
-        open_until: None,
-        catching_up: false,
-    };
-    let mut limiter = RateLimiter::new(target.rate_per_second);
-    limiter.hold_until(not_before);
-    // Where the last scan stopped: the next one resumes there instead of
-    // re-reading (and skipping) everything in flight. Reset to the front
-    // whenever a scan finds nothing, so late arrivals are never missed.
-    let mut cursor: Option<(u64, EventId)> = None;
-    let circuit_gauge = metrics.circuit_open.with_label_values(&[&target.name]);
-    circuit_gauge.set(0);
-    let counted = Arc::new(AttemptMetrics::new(&metrics, &target.name));
-
+    let mut dispatcher = Dispatcher::new(log, settings, &metrics, not_before);
     loop {
-        // Compared by identity, not `has_changed`: the `changed()` arm of
-        // the select below marks a change seen before this reads it.
-        let latest = settings.borrow_and_update().clone();
-        if !Arc::ptr_eq(&latest, &target) {
-            target = latest;
-            limiter.set_rate(target.rate_per_second);
-        }
-        let mut wake_at = Instant::now() + MAX_IDLE;
-        let capacity = match circuit.open_until {
-            // Open: one probe at a time, once its interval has passed.
-            Some(until) if in_flight.is_empty() && Instant::now() >= until => 1,
-            Some(until) => {
-                // With an attempt in flight (the probe, or those from before
-                // the circuit opened), its end wakes the loop; a probe time
-                // already passed would wake it at once, again and again.
-                if in_flight.is_empty() {
-                    wake_at = wake_at.min(until);
-                }
-                0
+        dispatcher.follow_settings();
+        let wake_at = dispatcher.fill().min(dispatcher.flush_watermark());
+        let wake = dispatcher.target.wake.clone();
+        let woken = tokio::select! {
+            _ = shutdown.cancelled() => Woken::Stop,
+            Some(joined) = dispatcher.attempts.join_next_with_id(), if !dispatcher.attempts.is_empty() => {
+                Woken::Finished(joined)
             }
-            None => target.concurrency.saturating_sub(in_flight.len()),
+            _ = wake.notified() => Woken::Look,
+            Ok(()) = dispatcher.settings.changed() => Woken::Look,
+            _ = tokio::time::sleep_until(wake_at.into()) => Woken::Look,
         };
-        if capacity > 0 && Instant::now() >= limiter.ready_at() {
-            let probing = circuit.open_until.is_some();
-            // A rate limit admits one start at a time.
-            let limit = if target.rate_per_second.is_some() {
-                1
-            } else {
-                capacity
-            };
-            let ignore_due = probing || circuit.catching_up;
-            let query = DueQuery {
-                now_ms: now_ms(),
-                limit,
-                ignore_due,
-                after: cursor,
-                skip: &|id| {
-                    in_flight
-                        .values()
-                        .any(|&(busy, fresh)| !fresh && busy == id)
-                },
-            };
-            match log.due_deliveries(&target.name, &query) {
-                Ok((due, next_due_ms)) => {
-                    // Only explicit queue entries move the cursor; fresh
-                    // deliveries keep their own place in the log.
-                    cursor = due
-                        .iter()
-                        .rev()
-                        .find(|d| !d.fresh)
-                        .map(|d| (d.due_ms, d.id));
-                    for delivery in due {
-                        limiter.take();
-                        let id = (delivery.id, delivery.fresh);
-                        let (log, target, counted) = (log.clone(), target.clone(), counted.clone());
-                        let task = attempts
-                            .spawn(async move { attempt(&log, &target, &counted, delivery).await });
-                        in_flight.insert(task.id(), id);
-                    }
-                    if let Some(due_ms) = next_due_ms {
-                        let wait = Duration::from_millis(due_ms.saturating_sub(now_ms()));
-                        wake_at = wake_at.min(Instant::now() + wait);
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(target = %target.name, error = %err, "cannot read the delivery queue");
-                }
-            }
+        match woken {
+            Woken::Stop => break,
+            Woken::Finished(joined) => dispatcher.on_finished(joined),
+            Woken::Look => {}
+        }
+    }
+    dispatcher.drain().await
+}
+
+/// Why the dispatcher's loop woke up.
+enum Woken {
+    Stop,
+    Finished(Result<(tokio::task::Id, Verdict), tokio::task::JoinError>),
+    Look,
+}
+
+/// One target's dispatcher: its loop's state between two wake-ups.
+struct Dispatcher {
+    log: Log,
+    settings: tokio::sync::watch::Receiver<Arc<Target>>,
+    target: Arc<Target>,
+    /// The deliveries being attempted, by the task attempting them (so that
+    /// even a panicked attempt frees its slot), and whether each is fresh.
+    in_flight: HashMap<tokio::task::Id, (EventId, bool)>,
+    attempts: JoinSet<Verdict>,
+    circuit: Circuit,
+    limiter: RateLimiter,
+    /// Where the last scan stopped: the next one resumes there instead of
+    /// re-reading (and skipping) everything in flight. Reset to the front
+    /// whenever a scan finds nothing, so late arrivals are never missed.
+    cursor: Option<(u64, EventId)>,
+    circuit_gauge: prometheus::IntGauge,
+    counted: Arc<AttemptMetrics>,
+}
+
+impl Dispatcher {
+    fn new(
+        log: Log,
+        mut settings: tokio::sync::watch::Receiver<Arc<Target>>,
+        metrics: &Metrics,
+        not_before: Instant,
+    ) -> Dispatcher {
+        let target = settings.borrow_and_update().clone();
+        let mut limiter = RateLimiter::new(target.rate_per_second);
+        limiter.hold_until(not_before);
+        let circuit_gauge = metrics.circuit_open.with_label_values(&[&target.name]);
+        circuit_gauge.set(0);
+        Dispatcher {
+            counted: Arc::new(AttemptMetrics::new(metrics, &target.name)),
+            log,
+            settings,
+            target,
+            in_flight: HashMap::new(),
+            attempts: JoinSet::new(),
+            circuit: Circuit {
+                consecutive_failures: 0,
+                open_until: None,
+                catching_up: false,
+            },
+            limiter,
+            cursor: None,
+            circuit_gauge,
+        }
+    }
+
+    /// Takes a reload's settings for the next attempts. Compared by
+    /// identity, not `has_changed`: the loop's `changed()` arm marks a
+    /// change seen before this reads it.
+    fn follow_settings(&mut self) {
+        let latest = self.settings.borrow_and_update().clone();
+        if !Arc::ptr_eq(&latest, &self.target) {
+            self.target = latest;
+            self.limiter.set_rate(self.target.rate_per_second);
+        }
+    }
+
+    /// How many attempts may start now, and when to look again if none.
+    fn capacity(&self) -> (usize, Instant) {
+        let idle = Instant::now() + MAX_IDLE;
+        match self.circuit.open_until {
+            // Open: one probe at a time, once its interval has passed.
+            Some(until) if self.in_flight.is_empty() && Instant::now() >= until => (1, idle),
+            // With an attempt in flight (the probe, or those from before
+            // the circuit opened), its end wakes the loop; a probe time
+            // already passed would wake it at once, again and again.
+            Some(until) if self.in_flight.is_empty() => (0, idle.min(until)),
+            Some(_) => (0, idle),
+            None => (
+                self.target.concurrency.saturating_sub(self.in_flight.len()),
+                idle,
+            ),
+        }
+    }
+
+    /// Starts as many due attempts as the circuit, the concurrency and the
+    /// rate allow; returns when the loop should look again.
+    fn fill(&mut self) -> Instant {
+        let (capacity, mut wake_at) = self.capacity();
+        if capacity > 0 && Instant::now() >= self.limiter.ready_at() {
+            wake_at = wake_at.min(self.start_due(capacity));
         } else if capacity > 0 {
-            wake_at = wake_at.min(limiter.ready_at());
+            wake_at = wake_at.min(self.limiter.ready_at());
         }
         // Recompute: starting attempts may have used the capacity up.
-        let may_start = circuit.open_until.is_none() && in_flight.len() < target.concurrency;
-        if may_start && limiter.ready_at() > Instant::now() {
-            wake_at = wake_at.min(limiter.ready_at());
+        let may_start =
+            self.circuit.open_until.is_none() && self.in_flight.len() < self.target.concurrency;
+        if may_start && self.limiter.ready_at() > Instant::now() {
+            wake_at = wake_at.min(self.limiter.ready_at());
         }
+        wake_at
+    }
 
-        // A watermark that moved is written within a few tens of ms, also
-        // when no further delivery settles.
-        if log.watermark_unsaved(&target.name) {
-            if let Err(err) = log.save_watermarks(false) {
-                tracing::warn!(target = %target.name, error = %err, "cannot write a delivery watermark; will try again");
+    /// Reads up to `capacity` due deliveries and starts an attempt for
+    /// each; returns when the next one falls due.
+    fn start_due(&mut self, capacity: usize) -> Instant {
+        let probing = self.circuit.open_until.is_some();
+        // A rate limit admits one start at a time.
+        let limit = if self.target.rate_per_second.is_some() {
+            1
+        } else {
+            capacity
+        };
+        let in_flight = &self.in_flight;
+        let query = DueQuery {
+            now_ms: now_ms(),
+            limit,
+            ignore_due: probing || self.circuit.catching_up,
+            after: self.cursor,
+            skip: &|id| {
+                in_flight
+                    .values()
+                    .any(|&(busy, fresh)| !fresh && busy == id)
+            },
+        };
+        let (due, next_due_ms) = match self.log.due_deliveries(&self.target.name, &query) {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::error!(target = %self.target.name, error = %err, "cannot read the delivery queue");
+                return Instant::now() + MAX_IDLE;
             }
-            if log.watermark_unsaved(&target.name) {
-                wake_at = wake_at.min(Instant::now() + WATERMARK_RECHECK);
+        };
+        // Only explicit queue entries move the cursor; fresh deliveries
+        // keep their own place in the log.
+        self.cursor = due
+            .iter()
+            .rev()
+            .find(|d| !d.fresh)
+            .map(|d| (d.due_ms, d.id));
+        for delivery in due {
+            self.limiter.take();
+            let id = (delivery.id, delivery.fresh);
+            let (log, target, counted) =
+                (self.log.clone(), self.target.clone(), self.counted.clone());
+            let task = self
+                .attempts
+                .spawn(async move { attempt(&log, &target, &counted, delivery).await });
+            self.in_flight.insert(task.id(), id);
+        }
+        match next_due_ms {
+            Some(due_ms) => Instant::now() + Duration::from_millis(due_ms.saturating_sub(now_ms())),
+            None => Instant::now() + MAX_IDLE,
+        }
+    }
+
+    /// Writes a watermark that moved within a few tens of ms, also when no
+    /// further delivery settles; returns when to look again.
+    fn flush_watermark(&self) -> Instant {
+        let name = &self.target.name;
+        if self.log.watermark_unsaved(name) {
+            if let Err(err) = self.log.save_watermarks(false) {
+                tracing::warn!(target = %name, error = %err, "cannot write a delivery watermark; will try again");
+            }
+            if self.log.watermark_unsaved(name) {
+                return Instant::now() + WATERMARK_RECHECK;
             }
         }
+        Instant::now() + MAX_IDLE
+    }
 
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(joined) = attempts.join_next_with_id(), if !attempts.is_empty() => {
-                let mut joined = Some(joined);
-                // Those that finished meanwhile too: one pass of the loop
-                // then starts as many.
-                while let Some(done) = joined {
-                    match done {
-                        Ok((task, verdict)) => {
-                            in_flight.remove(&task);
-                            // A `Retry-After` speaks for the target, not just
-                            // for the delivery it answered: nothing starts
-                            // before it has passed.
-                            if let Verdict::Failing(Some(asked)) = verdict {
-                                limiter.hold_until(Instant::now() + asked);
-                            }
-                            record_verdict(&target, &mut circuit, verdict, &circuit_gauge);
-                        }
-                        Err(err) => {
-                            // The delivery stays queued; it is tried again later.
-                            if let Some((id, fresh)) = in_flight.remove(&err.id()) {
-                                log.release(&target.name, id, fresh);
-                            }
-                            tracing::error!(target = %target.name, "a delivery attempt panicked");
-                        }
+    /// An attempt ended (and those that ended meanwhile: one pass of the
+    /// loop then starts as many).
+    fn on_finished(&mut self, joined: Result<(tokio::task::Id, Verdict), tokio::task::JoinError>) {
+        let mut joined = Some(joined);
+        while let Some(done) = joined {
+            match done {
+                Ok((task, verdict)) => {
+                    self.in_flight.remove(&task);
+                    // A `Retry-After` speaks for the target, not just for
+                    // the delivery it answered: nothing starts before it
+                    // has passed.
+                    if let Verdict::Failing(Some(asked)) = verdict {
+                        self.limiter.hold_until(Instant::now() + asked);
                     }
-                    joined = attempts.try_join_next_with_id();
+                    record_verdict(
+                        &self.target,
+                        &mut self.circuit,
+                        verdict,
+                        &self.circuit_gauge,
+                    );
+                }
+                Err(err) => {
+                    // The delivery stays queued; it is tried again later.
+                    if let Some((id, fresh)) = self.in_flight.remove(&err.id()) {
+                        self.log.release(&self.target.name, id, fresh);
+                    }
+                    tracing::error!(target = %self.target.name, "a delivery attempt panicked");
                 }
             }
-            _ = target.wake.notified() => {}
-            Ok(()) = settings.changed() => {}
-            _ = tokio::time::sleep_until(wake_at.into()) => {}
+            joined = self.attempts.try_join_next_with_id();
         }
     }
 
-    // Shutdown: let attempts in flight finish, within the grace period.
-    let drained = tokio::time::timeout(target.shutdown_grace, async {
-        while let Some(done) = attempts.join_next_with_id().await {
-            in_flight.remove(&done.map_or_else(|err| err.id(), |(id, _)| id));
+    /// Shutdown: lets attempts in flight finish within the grace period,
+    /// abandons the rest (read again by the next dispatcher of this target),
+    /// and returns when the next attempt could have started.
+    async fn drain(mut self) -> Instant {
+        let (attempts, in_flight) = (&mut self.attempts, &mut self.in_flight);
+        let drained = tokio::time::timeout(self.target.shutdown_grace, async {
+            while let Some(done) = attempts.join_next_with_id().await {
+                in_flight.remove(&done.map_or_else(|err| err.id(), |(id, _)| id));
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                target = %self.target.name,
+                abandoned = self.attempts.len(),
+                "attempts still running after the grace period; they stay queued and are retried"
+            );
+            self.attempts.abort_all();
+            // An aborted attempt stops at its next await; wait for that, so
+            // that nothing records a delivery once this returns.
+            while self.attempts.join_next().await.is_some() {}
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            target = %target.name,
-            abandoned = attempts.len(),
-            "attempts still running after the grace period; they stay queued and are retried"
-        );
-        attempts.abort_all();
-        // An aborted attempt stops at its next await; wait for that, so that
-        // nothing records a delivery once this returns.
-        while attempts.join_next().await.is_some() {}
+        for (id, fresh) in self.in_flight.into_values() {
+            self.log.release(&self.target.name, id, fresh);
+        }
+        self.limiter.ready_at()
     }
-    // What was abandoned is read again by the next dispatcher of this
-    // target (after a reload changed it, in this same process).
-    for (id, fresh) in in_flight.into_values() {
-        log.release(&target.name, id, fresh);
-    }
-    limiter.ready_at()
 }
 
 fn record_verdict(
@@ -400,68 +485,45 @@ async fn attempt(
     let started_ms = now_ms();
     let outcome = target.deliverer.attempt(delivery.id, number, body).await;
     metrics.duration.observe(started.elapsed().as_secs_f64());
-
-    let mut state = DeliveryState {
-        attempts: number,
-        first_attempt_ms: if delivery.state.first_attempt_ms == 0 {
-            started_ms
-        } else {
-            delivery.state.first_attempt_ms
-        },
-        last_attempt_ms: started_ms,
-        ..delivery.state.clone()
-    };
-    let (verdict, recorded) = match outcome {
-        Outcome::Delivered { .. } => {
+    let jitter = rand::random::<f64>();
+    let decision = decide(
+        &target.policy,
+        &delivery.state,
+        &outcome,
+        started_ms,
+        now_ms(),
+        jitter,
+    );
+    let (verdict, recorded) = match decision {
+        Decision::Delivered => {
             metrics.success.inc();
             metrics.last_success.set(now_ms() as f64 / 1000.0);
             crate::crashpoint::reached(crate::crashpoint::DELIVERY_ANSWERED);
             (Verdict::Healthy, log.delivered(name, &delivery))
         }
-        Outcome::Retry {
-            failure,
-            retry_after,
+        Decision::Retry {
+            due_ms,
+            state,
+            hold,
         } => {
-            state.last_status = failure.status().unwrap_or(0);
-            state.last_error = failure.to_string();
-            let delay = target
-                .policy
-                .next_delay(number, retry_after, rand::random::<f64>());
-            let due_ms = now_ms().saturating_add(delay.as_millis() as u64);
-            let expires_ms = state
-                .enqueued_ms
-                .saturating_add(target.policy.max_age.as_millis() as u64);
-            if due_ms > expires_ms {
-                let reason = format!(
-                    "gave up after {number} attempts: the next would come after the retry window of {} had closed; last: {failure}",
-                    crate::config::HumanDuration(target.policy.max_age)
-                );
-                metrics.dead.inc();
-                (
-                    Verdict::Failing(None),
-                    bury(log, name, &delivery, &state, reason),
-                )
-            } else {
-                metrics.retry.inc();
-                let asked = retry_after.map(|asked| asked.min(target.policy.max_interval));
-                (
-                    Verdict::Failing(asked),
-                    log.reschedule(name, &delivery, due_ms, &state),
-                )
-            }
-        }
-        Outcome::Reject { status, body } => {
-            state.last_status = status;
-            let reason = if body.is_empty() {
-                format!("HTTP {status} (not retryable)")
-            } else {
-                format!("HTTP {status} (not retryable): {body}")
-            };
-            metrics.dead.inc();
+            metrics.retry.inc();
             (
-                Verdict::Answered,
-                bury(log, name, &delivery, &state, reason),
+                Verdict::Failing(hold),
+                log.reschedule(name, &delivery, due_ms, &state),
             )
+        }
+        Decision::Dead {
+            reason,
+            state,
+            failing,
+        } => {
+            metrics.dead.inc();
+            let verdict = if failing {
+                Verdict::Failing(None)
+            } else {
+                Verdict::Answered
+            };
+            (verdict, bury(log, name, &delivery, &state, reason))
         }
     };
     if let Err(err) = recorded {

@@ -275,24 +275,12 @@ impl Relay {
     /// Serves until `shutdown` is cancelled; then stops accepting, lets open
     /// requests finish, makes the log durable one last time, and returns.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let server = &self.config.server;
-        let limits = ConnectionLimits {
-            max_connections: server.max_connections,
-            header_read_timeout: server.header_read_timeout.get(),
-            shutdown_grace: server.shutdown_grace.get(),
-        };
         let secret =
             Arc::new(Swap::new(self.secret.as_ref().map(|s| {
                 SecretCheck::new(s).with_previous(self.previous_secret.as_ref())
             })));
         let ingest = Arc::new(Ingest::new(
-            IngestSettings {
-                path: server.path.clone(),
-                secret: secret.clone(),
-                max_body_bytes: server.max_body_bytes,
-                request_timeout: server.request_timeout.get(),
-                commit_timeout: self.config.storage.commit_timeout.get(),
-            },
+            ingest_settings(&self.config, secret.clone()),
             self.committer.clone(),
             self.disk.clone(),
             self.metrics.clone(),
@@ -302,17 +290,17 @@ impl Relay {
         // one queue, shares the cores between a flood of ingest requests
         // and the dispatchers, and gives ingest the larger share.
         let delivery = DeliveryRuntime::start()?;
-        let mut targets = Targets::new(
-            self.log.clone(),
-            self.metrics.clone(),
-            shutdown.clone(),
-            delivery.handle(),
-            dispatcher_grace(&self.config),
-        );
         let pruned_for: Vec<String> = self.targets.iter().map(|(c, _)| c.name.clone()).collect();
-        for (config, target) in self.targets {
-            targets.start(config, target, std::time::Instant::now());
-        }
+        let targets = start_dispatchers(
+            Targets::new(
+                self.log.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+                delivery.handle(),
+                dispatcher_grace(&self.config),
+            ),
+            self.targets,
+        );
         let admin_targets = Arc::new(Swap::new(
             targets.admin_view(self.removed_targets.iter().cloned().collect()),
         ));
@@ -337,57 +325,51 @@ impl Relay {
             node: self.node,
             draining: self.draining.clone(),
         });
-        let reloads = tokio::spawn(reload_on_request(
-            reloader.clone(),
-            self.reload_requests.clone(),
-            shutdown.clone(),
-        ));
-        let disk_watch = tokio::spawn(
-            self.disk
-                .clone()
-                .run(self.metrics.clone(), shutdown.clone()),
-        );
-        let pruner = tokio::spawn(crate::retention::run(
-            self.log.clone(),
-            self.config.storage.retention.get(),
-            pruned_for,
-            self.metrics.clone(),
-            shutdown.clone(),
-        ));
         if self.secret.is_none() {
             tracing::warn!(
                 "UNAUTHENTICATED MODE: every request to {} is accepted without checking \
                  x-webhook-secret; anyone who can reach this port can inject events",
-                server.path
+                self.config.server.path
             );
         }
-        tracing::info!(addr = %self.ingest_listener.local_addr()?, path = %server.path, "ingest listening");
+        tracing::info!(addr = %self.ingest_listener.local_addr()?, path = %self.config.server.path, "ingest listening");
         tracing::info!(addr = %self.admin_listener.local_addr()?, "admin listening");
-
-        let admin_limits = ConnectionLimits {
-            max_connections: 64,
-            ..limits
+        let limits = connection_limits(&self.config);
+        let tasks = Tasks {
+            ingest: tokio::spawn(http::serve_counting(
+                self.ingest_listener,
+                limits,
+                move |request| ingest.clone().handle(request),
+                connection_events(&self.metrics),
+                shutdown.clone(),
+            )),
+            admin: tokio::spawn(http::serve(
+                self.admin_listener,
+                ConnectionLimits {
+                    max_connections: 64,
+                    ..limits
+                },
+                move |request| admin.clone().handle(request),
+                shutdown.clone(),
+            )),
+            reloads: tokio::spawn(reload_on_request(
+                reloader.clone(),
+                self.reload_requests.clone(),
+                shutdown.clone(),
+            )),
+            disk_watch: tokio::spawn(
+                self.disk
+                    .clone()
+                    .run(self.metrics.clone(), shutdown.clone()),
+            ),
+            pruner: tokio::spawn(crate::retention::run(
+                self.log.clone(),
+                self.config.storage.retention.get(),
+                pruned_for,
+                self.metrics.clone(),
+                shutdown.clone(),
+            )),
         };
-        let ingest_task = tokio::spawn(http::serve_counting(
-            self.ingest_listener,
-            limits,
-            move |request| ingest.clone().handle(request),
-            {
-                let evicted = self.metrics.connections_evicted.clone();
-                let metrics = self.metrics.clone();
-                http::ConnectionEvents {
-                    evicted: Arc::new(move || evicted.inc()),
-                    malformed: Arc::new(move || metrics.count_request(IngestResult::BadRequest)),
-                }
-            },
-            shutdown.clone(),
-        ));
-        let admin_task = tokio::spawn(http::serve(
-            self.admin_listener,
-            admin_limits,
-            move |request| admin.clone().handle(request),
-            shutdown.clone(),
-        ));
         let stuck_watch = tokio::spawn(watch_for_a_stuck_log(
             self.log.health(),
             self.disk.clone(),
@@ -399,24 +381,7 @@ impl Relay {
         tracing::info!("shutting down: no new connections; finishing open requests and attempts");
         // The watch returns as soon as shutdown is cancelled.
         let stuck = stuck_watch.await.context("log watch task")?;
-        let drain = async {
-            ingest_task.await.context("ingest listener task")?;
-            reloads.await.context("reload task")?;
-            let target_names = reloader.join_targets().await?;
-            admin_task.await.context("admin listener task")?;
-            disk_watch.await.context("disk watch task")?;
-            pruner.await.context("retention task")?;
-            self.committer_handle.close().await;
-            // Nothing writes to the log any more: the next start can take
-            // the backlog counts as they are instead of scanning the queue.
-            // Removed targets too: the next start counts them as well.
-            let removed = admin_targets.load().view.removed.clone();
-            let counted: Vec<String> = target_names.into_iter().chain(removed).collect();
-            if let Err(err) = self.log.save_backlog_counts(&counted) {
-                tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
-            }
-            anyhow::Ok(())
-        };
+        let drain = tasks.finish(reloader, admin_targets, self.committer_handle, &self.log);
         if !stuck {
             drain.await?;
         } else {
@@ -434,6 +399,82 @@ impl Relay {
         }
         tracing::info!("stopped; the log is flushed");
         Ok(())
+    }
+}
+
+/// The relay's long-running tasks besides the dispatchers.
+struct Tasks {
+    ingest: tokio::task::JoinHandle<()>,
+    admin: tokio::task::JoinHandle<()>,
+    reloads: tokio::task::JoinHandle<()>,
+    disk_watch: tokio::task::JoinHandle<()>,
+    pruner: tokio::task::JoinHandle<()>,
+}
+
+impl Tasks {
+    /// After shutdown: waits for open requests, the dispatchers' attempts
+    /// and every task, closes the committer (the log's last commit), and
+    /// saves the backlog counts for the next start.
+    async fn finish(
+        self,
+        reloader: Arc<Reloader>,
+        admin_targets: Arc<Swap<crate::reload::AdminTargets>>,
+        committer: CommitterHandle,
+        log: &Log,
+    ) -> anyhow::Result<()> {
+        self.ingest.await.context("ingest listener task")?;
+        self.reloads.await.context("reload task")?;
+        let target_names = reloader.join_targets().await?;
+        self.admin.await.context("admin listener task")?;
+        self.disk_watch.await.context("disk watch task")?;
+        self.pruner.await.context("retention task")?;
+        committer.close().await;
+        // Nothing writes to the log any more: the next start can take the
+        // backlog counts as they are instead of scanning the queue. Removed
+        // targets too: the next start counts them as well.
+        let removed = admin_targets.load().view.removed.clone();
+        let counted: Vec<String> = target_names.into_iter().chain(removed).collect();
+        if let Err(err) = log.save_backlog_counts(&counted) {
+            tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
+        }
+        Ok(())
+    }
+}
+
+/// Starts a dispatcher for each of `configured` on `targets`.
+fn start_dispatchers(mut targets: Targets, configured: Vec<(TargetConfig, Target)>) -> Targets {
+    for (config, target) in configured {
+        targets.start(config, target, std::time::Instant::now());
+    }
+    targets
+}
+
+/// The ingest endpoint's settings, checking secrets through `secret`.
+fn ingest_settings(config: &Config, secret: Arc<Swap<Option<SecretCheck>>>) -> IngestSettings {
+    IngestSettings {
+        path: config.server.path.clone(),
+        secret,
+        max_body_bytes: config.server.max_body_bytes,
+        request_timeout: config.server.request_timeout.get(),
+        commit_timeout: config.storage.commit_timeout.get(),
+    }
+}
+
+fn connection_limits(config: &Config) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: config.server.header_read_timeout.get(),
+        shutdown_grace: config.server.shutdown_grace.get(),
+    }
+}
+
+/// What the ingest listener counts besides requests.
+fn connection_events(metrics: &Arc<Metrics>) -> http::ConnectionEvents {
+    let evicted = metrics.connections_evicted.clone();
+    let metrics = metrics.clone();
+    http::ConnectionEvents {
+        evicted: Arc::new(move || evicted.inc()),
+        malformed: Arc::new(move || metrics.count_request(IngestResult::BadRequest)),
     }
 }
 

@@ -20,7 +20,7 @@ use crate::clock::now_ms;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::retry::{Decision, RetryPolicy, decide};
-use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log};
+use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log, Source};
 
 /// The longest the dispatcher sleeps without looking at its queue again.
 const MAX_IDLE: Duration = Duration::from_secs(1);
@@ -161,8 +161,8 @@ struct Dispatcher {
     settings: tokio::sync::watch::Receiver<Arc<Target>>,
     target: Arc<Target>,
     /// The deliveries being attempted, by the task attempting them (so that
-    /// even a panicked attempt frees its slot), and whether each is fresh.
-    in_flight: HashMap<tokio::task::Id, (EventId, bool)>,
+    /// even a panicked attempt frees its slot), and whether each is implicit.
+    in_flight: HashMap<tokio::task::Id, (EventId, Source)>,
     attempts: JoinSet<Verdict>,
     circuit: Circuit,
     limiter: RateLimiter,
@@ -270,7 +270,7 @@ impl Dispatcher {
             skip: &|id| {
                 in_flight
                     .values()
-                    .any(|&(busy, fresh)| !fresh && busy == id)
+                    .any(|&(busy, source)| source == Source::Explicit && busy == id)
             },
         };
         let (due, next_due_ms) = match self.log.due_deliveries(&self.target.name, &query) {
@@ -280,16 +280,16 @@ impl Dispatcher {
                 return Instant::now() + MAX_IDLE;
             }
         };
-        // Only explicit queue entries move the cursor; fresh deliveries
+        // Only explicit queue entries move the cursor; implicit deliveries
         // keep their own place in the log.
         self.cursor = due
             .iter()
             .rev()
-            .find(|d| !d.fresh)
+            .find(|d| d.source == Source::Explicit)
             .map(|d| (d.due_ms, d.id));
         for delivery in due {
             self.limiter.take();
-            let id = (delivery.id, delivery.fresh);
+            let id = (delivery.id, delivery.source);
             let (log, target, counted) =
                 (self.log.clone(), self.target.clone(), self.counted.clone());
             let task = self
@@ -341,8 +341,8 @@ impl Dispatcher {
                 }
                 Err(err) => {
                     // The delivery stays queued; it is tried again later.
-                    if let Some((id, fresh)) = self.in_flight.remove(&err.id()) {
-                        self.log.release(&self.target.name, id, fresh);
+                    if let Some((id, implicit)) = self.in_flight.remove(&err.id()) {
+                        self.log.release(&self.target.name, id, implicit);
                     }
                     tracing::error!(target = %self.target.name, "a delivery attempt panicked");
                 }
@@ -373,8 +373,8 @@ impl Dispatcher {
             // that nothing records a delivery once this returns.
             while self.attempts.join_next().await.is_some() {}
         }
-        for (id, fresh) in self.in_flight.into_values() {
-            self.log.release(&self.target.name, id, fresh);
+        for (id, implicit) in self.in_flight.into_values() {
+            self.log.release(&self.target.name, id, implicit);
         }
         self.limiter.ready_at()
     }
@@ -476,7 +476,7 @@ async fn attempt(
         }
         Err(err) => {
             tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot read event");
-            log.release(name, delivery.id, delivery.fresh);
+            log.release(name, delivery.id, delivery.source);
             return Verdict::Unknown;
         }
     };
@@ -528,7 +528,7 @@ async fn attempt(
     };
     if let Err(err) = recorded {
         tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot record a delivery outcome; it will be retried");
-        log.release(name, delivery.id, delivery.fresh);
+        log.release(name, delivery.id, delivery.source);
         return Verdict::Unknown;
     }
     verdict

@@ -50,7 +50,7 @@ impl Log {
                     self.remove_age_leftovers(target)?;
                     (
                         self.db.scan_prefix(queue_prefix(target)).count() as i64
-                            + self.fresh_backlog(target, true)?.0 as i64,
+                            + self.implicit_backlog(target, true)?.0 as i64,
                         self.db.scan_prefix(dead_prefix(target)).count() as i64,
                         "counted in the log",
                     )
@@ -109,7 +109,7 @@ impl Log {
         // (which waits from its replay, under an old id) is in front of it:
         // the `a` entries have them in the order of their wait. Both count
         // (a log from before `a` entries has only `p` entries).
-        let first_moved = match self.db.scan_prefix(pending_prefix(target)).next() {
+        let first_moved = match self.db.scan_prefix(moved_prefix(target)).next() {
             Some(item) => decode_u64(&item?.1),
             None => None,
         };
@@ -125,12 +125,12 @@ impl Log {
             }
             None => None,
         };
-        let first_fresh = self.fresh_backlog(target, false)?.1;
+        let first_implicit = self.implicit_backlog(target, false)?.1;
         let oldest_enqueued_ms = first_moved
             .into_iter()
             .chain(oldest_moved)
             .chain(first_queued)
-            .chain(first_fresh)
+            .chain(first_implicit)
             .min();
         Ok(TargetStats {
             queued,
@@ -158,7 +158,7 @@ impl Log {
         &'a self,
         target: &'a str,
     ) -> impl Iterator<Item = Result<(sled::IVec, u64, bool), LogError>> + 'a {
-        let pending = move |id| self.db.contains_key(pending_key(target, id));
+        let pending = move |id| self.db.contains_key(moved_key(target, id));
         self.db.scan_prefix(age_prefix(target)).map(move |item| {
             let (key, _) = item?;
             Ok(match parse_queue_key(&key) {

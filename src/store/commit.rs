@@ -383,10 +383,10 @@ impl Log {
             quarantine_max_events: options.quarantine_max_events.max(1),
             quarantine_max_bytes: options.quarantine_max_bytes,
             implicit: {
-                let fresh = self.fresh.lock().expect("fresh lock");
+                let fronts = self.fronts.lock().expect("implicit lock");
                 subscriptions
                     .iter()
-                    .map(|s| fresh.contains_key(&s.target))
+                    .map(|s| fronts.contains_key(&s.target))
                     .collect()
             },
             subscriptions,

@@ -45,7 +45,7 @@ pub(super) const META_ID_LEAD: &[u8] = b"m/id_lead_ms";
 
 pub(super) const QUEUE_PREFIX: u8 = b'q';
 
-pub(super) const PENDING_PREFIX: u8 = b'p';
+pub(super) const MOVED_PREFIX: u8 = b'p';
 
 pub(super) const AGE_PREFIX: u8 = b'a';
 
@@ -128,12 +128,12 @@ pub(super) fn age_key(target: &str, enqueued_ms: u64, id: EventId) -> Vec<u8> {
     timed_key(AGE_PREFIX, target, enqueued_ms, id)
 }
 
-pub(super) fn pending_prefix(target: &str) -> Vec<u8> {
-    target_prefix(PENDING_PREFIX, target)
+pub(super) fn moved_prefix(target: &str) -> Vec<u8> {
+    target_prefix(MOVED_PREFIX, target)
 }
 
-pub(super) fn pending_key(target: &str, id: EventId) -> Vec<u8> {
-    let mut key = pending_prefix(target);
+pub(super) fn moved_key(target: &str, id: EventId) -> Vec<u8> {
+    let mut key = moved_prefix(target);
     key.extend_from_slice(&id.0.to_be_bytes());
     key
 }

@@ -65,7 +65,7 @@ impl Log {
                 ..Default::default()
             };
             batch.insert(queue_key(target, due_ms, id), record::encode_state(&state));
-            batch.insert(pending_key(target, id), &now_ms.to_be_bytes());
+            batch.insert(moved_key(target, id), &now_ms.to_be_bytes());
             batch.insert(age_key(target, now_ms, id), &[]);
             if self.db.contains_key(dead_key(target, id))? {
                 batch.remove(dead_key(target, id));
@@ -129,9 +129,9 @@ impl Log {
     pub fn forget_target(&self, target: &str) -> Result<(u64, u64), LogError> {
         // Not in the middle of a pruning step or a replay (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
-        let (mut waiting, _) = self.fresh_backlog(target, true)?;
+        let (mut waiting, _) = self.implicit_backlog(target, true)?;
         let mut dead = 0;
-        for prefix in [AGE_PREFIX, PENDING_PREFIX, DEAD_PREFIX, QUEUE_PREFIX] {
+        for prefix in [AGE_PREFIX, MOVED_PREFIX, DEAD_PREFIX, QUEUE_PREFIX] {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             for item in self.db.scan_prefix(target_prefix(prefix, target)) {
@@ -151,7 +151,7 @@ impl Log {
             self.db.apply_batch(batch)?;
         }
         self.db.remove(target_prefix(WATERMARK_PREFIX, target))?;
-        self.fresh.lock().expect("fresh lock").remove(target);
+        self.fronts.lock().expect("implicit lock").remove(target);
         self.tallies.set(target, 0, 0);
         tracing::info!(target = %target, waiting, dead_letters = dead, "forgot a target no longer configured");
         Ok((waiting, dead))
@@ -229,9 +229,9 @@ impl Log {
             for target in targets {
                 let waits = match received_at_ms {
                     Ok(received_at_ms) => {
-                        self.waits_fresh(target, id, &key, &value)?
+                        self.waits_implicit(target, id, &key, &value)?
                             || self.waits_at_first_place(target, received_at_ms, id)?
-                            || self.db.contains_key(pending_key(target, id))?
+                            || self.db.contains_key(moved_key(target, id))?
                             || self.db.contains_key(dead_key(target, id))?
                     }
                     Err(_) => true,

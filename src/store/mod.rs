@@ -13,7 +13,7 @@
 //! | [`commit`] | the committer thread: ids, group commit, fsync, answers |
 //! | [`apply`] | the apply thread: commits into sled, checkpoints |
 //! | [`recover`] | opening after a crash: the write-ahead log replayed |
-//! | [`watermark`], [`fresh`] | each target's implicit queue front above its watermark |
+//! | [`watermark`], [`implicit`] | each target's implicit queue front above its watermark |
 //! | [`queue`] | reading a target's due deliveries |
 //! | [`outcome`] | what an attempt's outcome writes |
 //! | [`backlog`] | per-target tallies and the oldest waiting delivery |
@@ -35,12 +35,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use wal::{Frame, Wal};
-mod fresh;
-/// Most fresh deliveries a target has taken and not settled (see [`fresh`]).
-pub use fresh::WINDOW as FRESH_WINDOW;
+mod implicit;
+/// Most implicit deliveries a target has taken and not settled (see [`implicit`]).
+pub use implicit::WINDOW as IMPLICIT_WINDOW;
 pub mod wal;
 use crate::metrics::Metrics;
-use fresh::FreshQueue;
+use implicit::ImplicitQueue;
 
 mod apply;
 mod backlog;
@@ -78,7 +78,7 @@ const WATERMARK_SAVE_EVERY: Duration = Duration::from_millis(SLED_FLUSH_EVERY_MS
 
 /// How many events past the watermark the oldest-age figure looks at for
 /// the first one still waiting (a target that takes few event types).
-const OLDEST_FRESH_SCAN: usize = 10_000;
+const OLDEST_IMPLICIT_SCAN: usize = 10_000;
 
 /// Most requests one group commit takes; bounds a commit's latency and memory.
 const MAX_BATCH: usize = 1024;
@@ -189,15 +189,26 @@ pub struct DeliveryState {
     pub last_error: String,
 }
 
+/// Where a delivery waits. Every target's queue has these two parts (see
+/// docs/design/storage.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A new event's delivery above the target's watermark: no key of its
+    /// own, it waits because the event does.
+    Implicit,
+    /// A queue entry (`q` key): moved there by a failed attempt, a replay,
+    /// or a change of the target's event types.
+    Explicit,
+}
+
 /// One pending delivery, as read from a target's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub id: EventId,
     pub due_ms: u64,
     pub state: DeliveryState,
-    /// A new event's delivery read above the target's watermark (it has no
-    /// queue entry), not an explicit queue entry.
-    pub fresh: bool,
+    /// Where it waits.
+    pub source: Source,
     /// The event's body when it was read with the delivery.
     pub body: Option<Bytes>,
 }
@@ -321,7 +332,7 @@ pub struct Log {
     /// Backlog counts a clean shutdown saved, until counted backlogs take them.
     saved_counts: Arc<std::sync::Mutex<Option<BacklogCounts>>>,
     /// The implicit queue fronts of the targets adopted ([`Log::adopt_targets`]).
-    fresh: Arc<std::sync::Mutex<std::collections::HashMap<String, FreshQueue>>>,
+    fronts: Arc<std::sync::Mutex<std::collections::HashMap<String, ImplicitQueue>>>,
     /// The highest id whose group commit is all in sled: reading new events
     /// never goes past it, so it never skips one still being applied.
     applied: Arc<AtomicU64>,
@@ -378,7 +389,7 @@ impl Log {
             tallies: Arc::default(),
             wal: Arc::new(std::sync::Mutex::new(None)),
             saved_counts: Arc::default(),
-            fresh: Arc::default(),
+            fronts: Arc::default(),
             applied: Arc::default(),
             // The first settlement writes at once.
             watermark_saved: Arc::new(std::sync::Mutex::new(

@@ -13,14 +13,14 @@ impl Log {
     /// order makes a crash in between harmless: the queue entry goes last,
     /// so at worst the delivery is made once more.
     pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
-        if delivery.fresh {
+        if delivery.source == Source::Implicit {
             // Settled in memory; written with the next watermark.
             self.tallies.change(target, -1, 0);
             crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
             self.settle(target, delivery.id);
             return Ok(());
         }
-        self.db.remove(pending_key(target, delivery.id))?;
+        self.db.remove(moved_key(target, delivery.id))?;
         crashpoint::reached(crashpoint::DELIVERY_HALF_RECORDED);
         self.db
             .remove(queue_key(target, delivery.due_ms, delivery.id))?;
@@ -46,7 +46,7 @@ impl Log {
         self.db
             .insert(age_key(target, state.enqueued_ms, delivery.id), &[])?;
         self.db.insert(
-            pending_key(target, delivery.id),
+            moved_key(target, delivery.id),
             &state.enqueued_ms.to_be_bytes(),
         )?;
         self.db.insert(
@@ -55,7 +55,7 @@ impl Log {
         )?;
         self.explicit_added(target, due_ms);
         crashpoint::reached(crashpoint::RESCHEDULE_HALF_RECORDED);
-        if delivery.fresh {
+        if delivery.source == Source::Implicit {
             // It has its queue entry now; the watermark may pass it.
             self.settle(target, delivery.id);
             return Ok(());
@@ -69,14 +69,14 @@ impl Log {
     pub fn bury(&self, delivery: &Delivery, dead: &DeadLetter) -> Result<(), LogError> {
         let target = dead.target.as_str();
         let mut batch = sled::Batch::default();
-        if !delivery.fresh {
+        if delivery.source == Source::Explicit {
             batch.remove(&queue_key(target, delivery.due_ms, delivery.id)[..]);
-            batch.remove(pending_key(target, delivery.id));
+            batch.remove(moved_key(target, delivery.id));
             batch.remove(age_key(target, delivery.state.enqueued_ms, delivery.id));
         }
         batch.insert(dead_key(target, delivery.id), record::encode_dead(dead));
         self.db.apply_batch(batch)?;
-        if delivery.fresh {
+        if delivery.source == Source::Implicit {
             self.settle(target, delivery.id);
         }
         self.tallies.change(target, -1, 1);

@@ -22,13 +22,13 @@ impl Log {
         let mut end = prefix.clone();
         *end.last_mut().expect("prefix ends in a separator") = 1;
         // Nothing explicit due before `quiet_until`: the explicit queue is
-        // not read again until then (see `FreshQueue::explicit_quiet_until`).
+        // not read again until then (see `ImplicitQueue::explicit_quiet_until`).
         // `writes` tells whether an entry was written or released while
         // this read ran, which a "quiet" it concludes must not hide.
         let (quiet_until, writes) = self
-            .fresh
+            .fronts
             .lock()
-            .expect("fresh lock")
+            .expect("implicit lock")
             .get(target)
             .map(|q| (q.explicit_quiet_until, q.explicit_writes))
             .unzip();
@@ -67,7 +67,7 @@ impl Log {
                         id,
                         due_ms,
                         state,
-                        fresh: false,
+                        source: Source::Explicit,
                         body: None,
                     });
                     if due.len() >= query.limit {
@@ -93,7 +93,7 @@ impl Log {
         } else {
             next_due = quiet_until.filter(|&until| until < u64::MAX);
         }
-        self.take_fresh(target, query.limit, &mut due)?;
+        self.take_implicit(target, query.limit, &mut due)?;
         Ok((due, next_due))
     }
 
@@ -101,7 +101,7 @@ impl Log {
     /// the front found none, or the next one due then), unless an entry was
     /// written or released since the read began (`writes` was read then).
     pub(super) fn explicit_quiet(&self, target: &str, until: u64, writes: Option<u64>) {
-        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+        if let Some(q) = self.fronts.lock().expect("implicit lock").get_mut(target) {
             if Some(q.explicit_writes) == writes {
                 q.explicit_quiet_until = until;
             }
@@ -111,32 +111,32 @@ impl Log {
     /// An explicit entry of `target` was written (or released) due at
     /// `due_ms`: the explicit queue is read again from then.
     pub(super) fn explicit_added(&self, target: &str, due_ms: u64) {
-        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
+        if let Some(q) = self.fronts.lock().expect("implicit lock").get_mut(target) {
             q.explicit_quiet_until = q.explicit_quiet_until.min(due_ms);
             q.explicit_writes += 1;
         }
     }
 
-    /// Takes up to `limit` (counting those in `due`) fresh deliveries of
-    /// `target`, in id order, from where reading stopped (see [`fresh`]).
-    pub(super) fn take_fresh(
+    /// Takes up to `limit` (counting those in `due`) implicit deliveries of
+    /// `target`, in id order, from where reading stopped (see [`implicit`]).
+    pub(super) fn take_implicit(
         &self,
         target: &str,
         limit: usize,
         due: &mut Vec<Delivery>,
     ) -> Result<(), LogError> {
-        let mut fresh = self.fresh.lock().expect("fresh lock");
-        let Some(q) = fresh.get_mut(target) else {
+        let mut fronts = self.fronts.lock().expect("implicit lock");
+        let Some(q) = fronts.get_mut(target) else {
             return Ok(());
         };
-        let delivery = |(id, received_at_ms, body): fresh::ReadAhead| Delivery {
+        let delivery = |(id, received_at_ms, body): implicit::ReadAhead| Delivery {
             id: EventId(id),
             due_ms: received_at_ms,
             state: DeliveryState {
                 enqueued_ms: received_at_ms,
                 ..Default::default()
             },
-            fresh: true,
+            source: Source::Implicit,
             body: Some(body),
         };
         while due.len() < limit
@@ -176,7 +176,7 @@ impl Log {
             } else {
                 q.ahead.push_back(read);
             }
-            if q.ahead.len() >= fresh::READ_AHEAD || q.is_full() {
+            if q.ahead.len() >= implicit::READ_AHEAD || q.is_full() {
                 return Ok(());
             }
         }
@@ -188,19 +188,19 @@ impl Log {
     /// How many deliveries `target` has queued (a full scan: for tests and
     /// tools, not for hot paths).
     pub fn queued_count(&self, target: &str) -> usize {
-        let fresh = self.fresh_backlog(target, true).map_or(0, |(n, _)| n);
-        self.db.scan_prefix(queue_prefix(target)).count() + fresh as usize
+        let implicit = self.implicit_backlog(target, true).map_or(0, |(n, _)| n);
+        self.db.scan_prefix(queue_prefix(target)).count() + implicit as usize
     }
 
     /// Whether `target` has a delivery of `id` waiting: moved (a `p`
     /// entry) or at its first place (see the module docs).
     pub fn is_queued(&self, target: &str, id: EventId) -> Result<bool, LogError> {
-        if self.db.contains_key(pending_key(target, id))? {
+        if self.db.contains_key(moved_key(target, id))? {
             return Ok(true);
         }
         let key = id_key(EVENT_PREFIX, id.0);
         match self.db.get(key)? {
-            Some(value) => Ok(self.waits_fresh(target, id, &key, &value)?
+            Some(value) => Ok(self.waits_implicit(target, id, &key, &value)?
                 || self.waits_at_first_place(target, received_at(&key, &value)?, id)?),
             None => Ok(false),
         }

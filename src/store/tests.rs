@@ -39,8 +39,8 @@ fn a_write_during_a_queue_read_outlives_the_reads_quiet_mark() {
     };
     log.adopt_targets(&[subscription]).unwrap();
     let state = |log: &Log| {
-        let fresh = log.fresh.lock().unwrap();
-        let q = &fresh["crm"];
+        let fronts = log.fronts.lock().unwrap();
+        let q = &fronts["crm"];
         (q.explicit_quiet_until, q.explicit_writes)
     };
     // The queue is empty: a read says so.
@@ -79,7 +79,7 @@ fn the_oldest_wait_is_read_by_age_past_replays_and_leftovers() {
         let id = EventId(id);
         log.db.insert(age_key("crm", enqueued_ms, id), &[]).unwrap();
         log.db
-            .insert(pending_key("crm", id), &enqueued_ms.to_be_bytes())
+            .insert(moved_key("crm", id), &enqueued_ms.to_be_bytes())
             .unwrap();
     }
     let leftover = age_key("crm", 1, EventId(7));
@@ -103,7 +103,7 @@ fn the_oldest_wait_is_read_by_age_past_replays_and_leftovers() {
             enqueued_ms,
             ..Default::default()
         },
-        fresh: false,
+        source: Source::Explicit,
         body: None,
     };
     log.delivered("crm", &moved(2000, 500)).unwrap();
@@ -282,7 +282,7 @@ fn pruning_racing_a_dead_letter_retry_keeps_the_event() {
                 id,
                 due_ms: 0,
                 state: DeliveryState::default(),
-                fresh: false,
+                source: Source::Explicit,
                 body: None,
             };
             log.bury(&delivery, &dead_letter(id)).unwrap();
@@ -352,7 +352,7 @@ fn store_and_settle_some(log: &Log, target: &str, ids: &[u64]) {
         .insert(age_key(target, 3, EventId(3_000)), &[])
         .unwrap();
     log.db
-        .insert(pending_key(target, EventId(3_000)), &3u64.to_be_bytes())
+        .insert(moved_key(target, EventId(3_000)), &3u64.to_be_bytes())
         .unwrap();
     log.db
         .insert(
@@ -422,7 +422,7 @@ fn forgetting_a_removed_target_drops_what_waits_for_it_and_lets_its_events_be_pr
     assert_eq!(prune(&log), 0, "crm's deliveries hold every event");
 
     assert_eq!(log.forget_target("crm").unwrap(), (3, 1));
-    for prefix in [QUEUE_PREFIX, PENDING_PREFIX, AGE_PREFIX, DEAD_PREFIX] {
+    for prefix in [QUEUE_PREFIX, MOVED_PREFIX, AGE_PREFIX, DEAD_PREFIX] {
         assert_eq!(
             log.db.scan_prefix(target_prefix(prefix, "crm")).count(),
             0,

@@ -9,7 +9,7 @@ pub(super) type StoredWatermark = (u64, Option<Vec<String>>);
 
 impl Log {
     /// Makes `subscriptions`' targets take new events from above a watermark
-    /// instead of from queue entries (see [`fresh`]). Call after opening,
+    /// instead of from queue entries (see [`implicit`]). Call after opening,
     /// before [`Log::count_backlogs`], the committer and the dispatchers.
     ///
     /// A target seen for the first time gets its watermark at the last id,
@@ -23,7 +23,7 @@ impl Log {
         let last = self.recover_last_id()?;
         let mut changed = false;
         let mut configured = std::collections::HashSet::new();
-        let mut fresh = std::collections::HashMap::new();
+        let mut fronts = std::collections::HashMap::new();
         for subscription in subscriptions {
             let target = &subscription.target;
             configured.insert(target.clone());
@@ -41,8 +41,8 @@ impl Log {
                     last
                 }
             };
-            let q = self.fresh_queue(target, watermark, subscription.events.clone())?;
-            fresh.insert(target.clone(), q);
+            let q = self.implicit_queue(target, watermark, subscription.events.clone())?;
+            fronts.insert(target.clone(), q);
         }
         for item in self.db.scan_prefix([WATERMARK_PREFIX]) {
             let (key, _) = item?;
@@ -59,7 +59,7 @@ impl Log {
         if changed {
             self.make_sled_durable()?;
         }
-        *self.fresh.lock().expect("fresh lock") = fresh;
+        *self.fronts.lock().expect("implicit lock") = fronts;
         Ok(())
     }
 
@@ -76,10 +76,10 @@ impl Log {
             record::encode_watermark(cut, events.as_deref()),
         )?;
         self.make_sled_durable()?;
-        let q = self.fresh_queue(target, cut, events)?;
-        self.fresh
+        let q = self.implicit_queue(target, cut, events)?;
+        self.fronts
             .lock()
-            .expect("fresh lock")
+            .expect("implicit lock")
             .insert(target.clone(), q);
         Ok(())
     }
@@ -89,10 +89,10 @@ impl Log {
     /// to `cut`, gets explicit queue entries, as [`Log::adopt_targets`]
     /// gives them at a start, and its watermark goes. Returns how many.
     pub fn retire_target(&self, target: &str, cut: u64) -> Result<u64, LogError> {
-        // Pruning must not take an event between leaving the fresh queue
+        // Pruning must not take an event between leaving the implicit queue
         // and getting its queue entry (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
-        let Some(q) = self.fresh.lock().expect("fresh lock").remove(target) else {
+        let Some(q) = self.fronts.lock().expect("implicit lock").remove(target) else {
             return Ok(0);
         };
         let queued = self.queue_waiting(target, q.watermark(), cut, |id, event| {
@@ -120,7 +120,7 @@ impl Log {
     /// with it, changing nothing: for commands run offline, which must see
     /// what waits above the watermarks without acting as the server.
     pub fn load_watermarks(&self) -> Result<(), LogError> {
-        let mut fresh = std::collections::HashMap::new();
+        let mut fronts = std::collections::HashMap::new();
         for item in self.db.scan_prefix([WATERMARK_PREFIX]) {
             let (key, value) = item?;
             let target = String::from_utf8_lossy(&key[1..key.len() - 1]).into_owned();
@@ -129,27 +129,27 @@ impl Log {
                     key: key.to_vec(),
                     reason,
                 })?;
-            let q = self.fresh_queue(&target, watermark, events)?;
-            fresh.insert(target, q);
+            let q = self.implicit_queue(&target, watermark, events)?;
+            fronts.insert(target, q);
         }
-        *self.fresh.lock().expect("fresh lock") = fresh;
+        *self.fronts.lock().expect("implicit lock") = fronts;
         Ok(())
     }
 
-    /// A target's fresh queue from its stored watermark. Deliveries above
+    /// A target's implicit queue from its stored watermark. Deliveries above
     /// it that have a `p` entry (moved after a failure) or a dead letter
     /// were settled after the watermark was last written: they are not
     /// waiting at the front any more.
-    pub(super) fn fresh_queue(
+    pub(super) fn implicit_queue(
         &self,
         target: &str,
         watermark: u64,
         events: Option<Vec<String>>,
-    ) -> Result<FreshQueue, LogError> {
-        let mut q = FreshQueue::new(watermark, events);
+    ) -> Result<ImplicitQueue, LogError> {
+        let mut q = ImplicitQueue::new(watermark, events);
         let first = EventId(watermark.saturating_add(1));
         for (start, prefix) in [
-            (pending_key(target, first), pending_prefix(target)),
+            (moved_key(target, first), moved_prefix(target)),
             (dead_key(target, first), dead_prefix(target)),
         ] {
             let mut end = prefix;
@@ -166,11 +166,11 @@ impl Log {
 
     /// Whether `target`'s watermark moved since it was last written.
     pub fn watermark_unsaved(&self, target: &str) -> bool {
-        self.fresh
+        self.fronts
             .lock()
-            .expect("fresh lock")
+            .expect("implicit lock")
             .get(target)
-            .is_some_and(FreshQueue::unsaved)
+            .is_some_and(ImplicitQueue::unsaved)
     }
 
     /// The event types stored with `target`'s watermark (`None`: every
@@ -229,7 +229,7 @@ impl Log {
             let event = decode_event_record(&key, &value)?;
             let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
             if !waits(id.0, event.event)
-                || self.db.contains_key(pending_key(target, id))?
+                || self.db.contains_key(moved_key(target, id))?
                 || self.db.contains_key(dead_key(target, id))?
             {
                 continue;
@@ -269,8 +269,8 @@ impl Log {
             *saved = Instant::now();
         }
         let moved: Vec<(String, u64, Option<Vec<String>>)> = {
-            let fresh = self.fresh.lock().expect("fresh lock");
-            fresh
+            let fronts = self.fronts.lock().expect("implicit lock");
+            fronts
                 .iter()
                 .filter(|(_, q)| q.watermark() != q.saved)
                 .map(|(target, q)| {
@@ -287,19 +287,19 @@ impl Log {
                 target_prefix(WATERMARK_PREFIX, &target),
                 record::encode_watermark(watermark, events.as_deref()),
             )?;
-            if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(&target) {
+            if let Some(q) = self.fronts.lock().expect("implicit lock").get_mut(&target) {
                 q.saved = q.saved.max(watermark);
             }
         }
         Ok(())
     }
 
-    /// Settles the fresh delivery of `id` at `target` (see [`fresh`]).
+    /// Settles the implicit delivery of `id` at `target` (see [`implicit`]).
     /// A watermark that cannot be written now is written by a later
     /// settlement or the shutdown; meanwhile a crash would only make
     /// deliveries again.
     pub(super) fn settle(&self, target: &str, id: EventId) {
-        let moved = match self.fresh.lock().expect("fresh lock").get_mut(target) {
+        let moved = match self.fronts.lock().expect("implicit lock").get_mut(target) {
             Some(q) => q.settle(id.0),
             None => false,
         };
@@ -308,32 +308,33 @@ impl Log {
         }
     }
 
-    /// A fresh delivery that was taken but whose attempt was abandoned or
+    /// An implicit delivery that was taken but whose attempt was abandoned or
     /// could not be recorded: it is read again.
     /// An explicit one stays where it is, due: the explicit queue is read
     /// again.
-    pub fn release(&self, target: &str, id: EventId, fresh: bool) {
-        if let Some(q) = self.fresh.lock().expect("fresh lock").get_mut(target) {
-            if fresh {
-                q.release(id.0);
-            } else {
-                q.explicit_quiet_until = 0;
-                q.explicit_writes += 1;
+    pub fn release(&self, target: &str, id: EventId, source: Source) {
+        if let Some(q) = self.fronts.lock().expect("implicit lock").get_mut(target) {
+            match source {
+                Source::Implicit => q.release(id.0),
+                Source::Explicit => {
+                    q.explicit_quiet_until = 0;
+                    q.explicit_writes += 1;
+                }
             }
         }
     }
 
     /// Whether `target`'s delivery of event `id` (its record `value`) waits
     /// above the target's watermark.
-    pub(super) fn waits_fresh(
+    pub(super) fn waits_implicit(
         &self,
         target: &str,
         id: EventId,
         key: &[u8],
         value: &[u8],
     ) -> Result<bool, LogError> {
-        let fresh = self.fresh.lock().expect("fresh lock");
-        let Some(q) = fresh.get(target) else {
+        let fronts = self.fronts.lock().expect("implicit lock");
+        let Some(q) = fronts.get(target) else {
             return Ok(false);
         };
         if !q.waits(id.0) {
@@ -344,30 +345,30 @@ impl Log {
 
     /// Fresh deliveries waiting at `target`, and when the oldest was
     /// received (a scan above the watermark: for counts at start-up and
-    /// tools; the oldest looks at most [`OLDEST_FRESH_SCAN`] events).
-    pub(super) fn fresh_backlog(
+    /// tools; the oldest looks at most [`OLDEST_IMPLICIT_SCAN`] events).
+    pub(super) fn implicit_backlog(
         &self,
         target: &str,
         count: bool,
     ) -> Result<(u64, Option<u64>), LogError> {
         let Some(watermark) = self
-            .fresh
+            .fronts
             .lock()
-            .expect("fresh lock")
+            .expect("implicit lock")
             .get(target)
-            .map(FreshQueue::watermark)
+            .map(ImplicitQueue::watermark)
         else {
             return Ok((0, None));
         };
         let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
         let (mut waiting, mut oldest) = (0, None);
         for (n, item) in self.db.range(start..vec![EVENT_PREFIX + 1]).enumerate() {
-            if !count && (oldest.is_some() || n >= OLDEST_FRESH_SCAN) {
+            if !count && (oldest.is_some() || n >= OLDEST_IMPLICIT_SCAN) {
                 break;
             }
             let (key, value) = item?;
             let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
-            if self.waits_fresh(target, id, &key, &value)? {
+            if self.waits_implicit(target, id, &key, &value)? {
                 waiting += 1;
                 oldest = oldest.or(Some(received_at(&key, &value)?));
             }

@@ -9,7 +9,7 @@ use crate::common::*;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{Ingest, IngestSettings, SecretCheck};
 use leadflo_relay::metrics::{IngestResult, Metrics};
-use leadflo_relay::store::{EventId, Log, LogOptions};
+use leadflo_relay::store::{EventId, Log, LogOptions, Source};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -797,9 +797,9 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
     assert_eq!(step.deleted, 1);
 }
 
-/// What the fresh-queue tests below need: a subscription, and a query that
+/// What the implicit-queue tests below need: a subscription, and a query that
 /// takes everything waiting.
-mod fresh {
+mod front {
     use super::*;
     use leadflo_relay::store::{Delivery, DueQuery, Entry, Subscription};
 
@@ -863,17 +863,17 @@ mod fresh {
 }
 
 /// An attempt that hangs (until its timeout, say) holds the watermark
-/// below it, but not the deliveries after it: many more than the fresh
+/// below it, but not the deliveries after it: many more than the implicit
 /// window settle meanwhile, and once it settles nothing waits, in memory
 /// or after a restart.
 #[tokio::test]
 async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let options = small_log(dir.path());
-    let events = leadflo_relay::store::FRESH_WINDOW as u64 + 1_000;
+    let events = leadflo_relay::store::IMPLICIT_WINDOW as u64 + 1_000;
     {
         let log = Log::open(&options).unwrap();
-        let subscriptions = vec![fresh::subscription("crm", None)];
+        let subscriptions = vec![front::subscription("crm", None)];
         log.adopt_targets(&subscriptions).unwrap();
         let (committer, handle) = log
             .start_committer(&options, subscriptions, Arc::new(Metrics::new()))
@@ -893,7 +893,7 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
         appends.join_all().await;
         handle.close().await;
 
-        let mut batch = fresh::due(&log, "crm");
+        let mut batch = front::due(&log, "crm");
         let hanging = batch.remove(0);
         let mut settled = 0;
         while !batch.is_empty() {
@@ -901,7 +901,7 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
                 log.delivered("crm", delivery).unwrap();
             }
             settled += batch.len() as u64;
-            batch = fresh::due(&log, "crm");
+            batch = front::due(&log, "crm");
         }
         assert_eq!(settled, events - 1, "deliveries after the hanging one");
         assert_eq!(log.queued_count("crm"), 1);
@@ -910,10 +910,10 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
         log.save_backlog_counts(&["crm".to_string()]).unwrap();
     }
     let log = Log::open(&options).unwrap();
-    log.adopt_targets(&[fresh::subscription("crm", None)])
+    log.adopt_targets(&[front::subscription("crm", None)])
         .unwrap();
     assert_eq!(log.queued_count("crm"), 0);
-    assert!(fresh::due(&log, "crm").is_empty());
+    assert!(front::due(&log, "crm").is_empty());
 }
 
 /// A new event's delivery to a target has no queue entry: it waits above
@@ -926,8 +926,8 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
 async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
     let dir = tempfile::tempdir().unwrap();
     let subscriptions = vec![
-        fresh::subscription("crm", None),
-        fresh::subscription("archive", Some(&["conversation_ended"])),
+        front::subscription("crm", None),
+        front::subscription("archive", Some(&["conversation_ended"])),
     ];
     let types = [
         "visitor_created",
@@ -935,7 +935,7 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
         "conversation_ended",
         "visitor_created",
     ];
-    let (log, ids) = fresh::open_and_append(dir.path(), subscriptions.clone(), &types).await;
+    let (log, ids) = front::open_and_append(dir.path(), subscriptions.clone(), &types).await;
     let received: Vec<u64> = ids
         .iter()
         .map(|&id| log.event(id).unwrap().unwrap().received_at_ms)
@@ -957,16 +957,16 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
     assert_eq!((step.examined, step.deleted), (4, 0));
 
     // Read once, in id order, with the stored bodies.
-    let crm = fresh::due(&log, "crm");
+    let crm = front::due(&log, "crm");
     assert_eq!(crm.iter().map(|d| d.id).collect::<Vec<_>>(), ids);
     for delivery in &crm {
-        assert!(delivery.fresh);
+        assert!((delivery.source == Source::Implicit));
         let stored = log.event(delivery.id).unwrap().unwrap().body;
         assert_eq!(delivery.body.as_deref(), Some(&stored[..]));
         assert_eq!(delivery.state.enqueued_ms, delivery.due_ms);
     }
     assert!(
-        fresh::due(&log, "crm").is_empty(),
+        front::due(&log, "crm").is_empty(),
         "taken ones are not read again"
     );
 
@@ -1001,12 +1001,18 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
     drop(log);
     let log = Log::open(&small_log(dir.path())).unwrap();
     log.adopt_targets(&subscriptions).unwrap();
-    let crm = fresh::due(&log, "crm");
+    let crm = front::due(&log, "crm");
     assert_eq!(crm.len(), 1);
-    assert_eq!((crm[0].id, crm[0].fresh), (ids[0], false));
-    let archive = fresh::due(&log, "archive");
+    assert_eq!(
+        (crm[0].id, (crm[0].source == Source::Implicit)),
+        (ids[0], false)
+    );
+    let archive = front::due(&log, "archive");
     assert_eq!(archive.len(), 1);
-    assert_eq!((archive[0].id, archive[0].fresh), (ids[2], true));
+    assert_eq!(
+        (archive[0].id, (archive[0].source == Source::Implicit)),
+        (ids[2], true)
+    );
 }
 
 /// A target added to the configuration takes only events that arrive
@@ -1016,8 +1022,8 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
 #[tokio::test]
 async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
     let dir = tempfile::tempdir().unwrap();
-    let crm = fresh::subscription("crm", None);
-    let (log, before) = fresh::open_and_append(
+    let crm = front::subscription("crm", None);
+    let (log, before) = front::open_and_append(
         dir.path(),
         vec![crm.clone()],
         &["visitor_created", "visitor_created"],
@@ -1025,8 +1031,8 @@ async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
     .await;
     drop(log);
 
-    let slack = fresh::subscription("slack", None);
-    let (log, added) = fresh::open_and_append(
+    let slack = front::subscription("slack", None);
+    let (log, added) = front::open_and_append(
         dir.path(),
         vec![crm.clone(), slack.clone()],
         &["visitor_created"],
@@ -1034,26 +1040,37 @@ async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
     .await;
     assert_eq!(log.queued_count("crm"), 3);
     assert_eq!(log.queued_count("slack"), 1, "only what came after it");
-    assert_eq!(fresh::due(&log, "slack")[0].id, added[0]);
+    assert_eq!(front::due(&log, "slack")[0].id, added[0]);
     drop(log);
 
     // crm now takes conversations only; slack is gone.
-    let crm_conversations = fresh::subscription("crm", Some(&["conversation_ended"]));
-    let (log, after) = fresh::open_and_append(
+    let crm_conversations = front::subscription("crm", Some(&["conversation_ended"]));
+    let (log, after) = front::open_and_append(
         dir.path(),
         vec![crm_conversations],
         &["visitor_created", "conversation_ended"],
     )
     .await;
-    let crm = fresh::due(&log, "crm");
-    let explicit: Vec<EventId> = crm.iter().filter(|d| !d.fresh).map(|d| d.id).collect();
-    let implicit: Vec<EventId> = crm.iter().filter(|d| d.fresh).map(|d| d.id).collect();
+    let crm = front::due(&log, "crm");
+    let explicit: Vec<EventId> = crm
+        .iter()
+        .filter(|d| !(d.source == Source::Implicit))
+        .map(|d| d.id)
+        .collect();
+    let implicit: Vec<EventId> = crm
+        .iter()
+        .filter(|d| d.source == Source::Implicit)
+        .map(|d| d.id)
+        .collect();
     assert_eq!(explicit, [before[0], before[1], added[0]]);
     assert_eq!(implicit, [after[1]], "the new types from now on");
     assert!(log.targets_in_log().unwrap().contains("slack"));
-    let slack = fresh::due(&log, "slack");
+    let slack = front::due(&log, "slack");
     assert_eq!(slack.len(), 1);
-    assert_eq!((slack[0].id, slack[0].fresh), (added[0], false));
+    assert_eq!(
+        (slack[0].id, (slack[0].source == Source::Implicit)),
+        (added[0], false)
+    );
 }
 
 /// A log written before watermarks (every new event's delivery a queue
@@ -1063,24 +1080,27 @@ async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
 async fn queue_entries_of_a_log_from_before_watermarks_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     // Not adopted: the committer queues entries, as builds before did.
-    let (log, old) = fresh::append(
+    let (log, old) = front::append(
         dir.path(),
-        vec![fresh::subscription("crm", None)],
+        vec![front::subscription("crm", None)],
         &["visitor_created", "visitor_created"],
         false,
     )
     .await;
     drop(log);
 
-    let (log, new) = fresh::open_and_append(
+    let (log, new) = front::open_and_append(
         dir.path(),
-        vec![fresh::subscription("crm", None)],
+        vec![front::subscription("crm", None)],
         &["visitor_created"],
     )
     .await;
     assert_eq!(log.queued_count("crm"), 3);
-    let due = fresh::due(&log, "crm");
-    let by_kind: Vec<(EventId, bool)> = due.iter().map(|d| (d.id, d.fresh)).collect();
+    let due = front::due(&log, "crm");
+    let by_kind: Vec<(EventId, bool)> = due
+        .iter()
+        .map(|d| (d.id, (d.source == Source::Implicit)))
+        .collect();
     assert_eq!(by_kind, [(old[0], false), (old[1], false), (new[0], true)]);
     for delivery in &due {
         log.delivered("crm", delivery).unwrap();
@@ -1111,13 +1131,13 @@ fn explicit_read(
 /// Two events whose first attempts failed: explicit entries A and B, due at
 /// `due_ms(0)` and `due_ms(1)`.
 async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Log, Vec<EventId>) {
-    let (log, ids) = fresh::open_and_append(
+    let (log, ids) = front::open_and_append(
         dir,
-        vec![fresh::subscription("crm", None)],
+        vec![front::subscription("crm", None)],
         &["visitor_created", "visitor_created"],
     )
     .await;
-    for (n, delivery) in fresh::due(&log, "crm").into_iter().enumerate() {
+    for (n, delivery) in front::due(&log, "crm").into_iter().enumerate() {
         let state = leadflo_relay::store::DeliveryState {
             attempts: 1,
             ..delivery.state.clone()
@@ -1139,11 +1159,11 @@ async fn a_released_retry_behind_the_cursor_is_taken_again() {
     let (log, ids) = two_retries(dir.path(), |_| now - 1_000).await;
     let (a, b) = (ids[0], ids[1]);
     assert_eq!(explicit_read(&log, now, 2, false, None, &|_| false), [a, b]);
-    let cursor = fresh::due(&log, "crm")
+    let cursor = front::due(&log, "crm")
         .iter()
         .find(|d| d.id == b)
         .map(|d| (d.due_ms, d.id));
-    log.release("crm", a, false);
+    log.release("crm", a, Source::Explicit);
     let b_in_flight = |id| id == b;
     assert_eq!(
         explicit_read(&log, now, 2, false, cursor, &b_in_flight),
@@ -1165,7 +1185,7 @@ async fn a_retry_rescheduled_behind_a_catching_up_cursor_is_taken_when_due() {
     let (a, b) = (ids[0], ids[1]);
     // The circuit closed: catching up takes A (delivered), then B.
     assert_eq!(explicit_read(&log, now, 1, true, None, &|_| false), [a]);
-    let queue = fresh::due(&log, "crm");
+    let queue = front::due(&log, "crm");
     log.delivered("crm", &queue[0]).unwrap();
     let cursor = Some((queue[1].due_ms, b));
     assert_eq!(

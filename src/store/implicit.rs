@@ -23,14 +23,14 @@ pub const WINDOW: usize = 16_384;
 /// read of the log serves this many starts instead of one.
 pub const READ_AHEAD: usize = 32;
 
-/// A fresh delivery read ahead: id, receive time, body.
+/// An implicit delivery read ahead: id, receive time, body.
 pub type ReadAhead = (u64, u64, Bytes);
 
 #[derive(Debug)]
-pub struct FreshQueue {
+pub struct ImplicitQueue {
     /// Event types the target takes; `None`: all.
     events: Option<Vec<String>>,
-    /// Every fresh delivery at or below this id is settled.
+    /// Every implicit delivery at or below this id is settled.
     watermark: u64,
     /// The watermark as last written to the log.
     pub saved: u64,
@@ -42,7 +42,7 @@ pub struct FreshQueue {
     /// Settled above the watermark (an older one is still taken), as
     /// ranges first id → last id: every id in a range that is for this
     /// target is settled. Two ranges join when every id between them has
-    /// been read and none is taken (see [`FreshQueue::joins`]).
+    /// been read and none is taken (see [`ImplicitQueue::joins`]).
     settled: BTreeMap<u64, u64>,
     /// Taken, read and not handed out yet (see [`READ_AHEAD`]).
     pub ahead: VecDeque<ReadAhead>,
@@ -55,9 +55,9 @@ pub struct FreshQueue {
     pub explicit_writes: u64,
 }
 
-impl FreshQueue {
-    pub fn new(watermark: u64, events: Option<Vec<String>>) -> FreshQueue {
-        FreshQueue {
+impl ImplicitQueue {
+    pub fn new(watermark: u64, events: Option<Vec<String>>) -> ImplicitQueue {
+        ImplicitQueue {
             events,
             watermark,
             saved: watermark,
@@ -220,7 +220,7 @@ mod tests {
 
     #[test]
     fn the_watermark_waits_for_the_oldest_taken_delivery() {
-        let mut q = FreshQueue::new(10, None);
+        let mut q = ImplicitQueue::new(10, None);
         for id in [11, 12, 13] {
             q.take(id);
         }
@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn ids_passed_over_are_settled_with_the_rest() {
-        let mut q = FreshQueue::new(0, Some(vec!["visitor_created".into()]));
+        let mut q = ImplicitQueue::new(0, Some(vec!["visitor_created".into()]));
         q.take(5);
         q.pass(9);
         assert!(q.settle(5));
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn a_released_delivery_is_read_again_and_holds_the_watermark() {
-        let mut q = FreshQueue::new(0, None);
+        let mut q = ImplicitQueue::new(0, None);
         for id in [1, 2, 3] {
             q.take(id);
         }
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_hanging_oldest_delivery_does_not_hold_reading_back() {
-        let mut q = FreshQueue::new(0, None);
+        let mut q = ImplicitQueue::new(0, None);
         q.take(1);
         // Many times the window settles after it, with ids not for this
         // target between them and a few in flight at any time.
@@ -291,7 +291,7 @@ mod tests {
     fn settled_ranges_join_only_over_what_was_read() {
         // After a restart: 5 and 7 were settled by the last run; reading
         // has not reached them, so 6 (and 1..4) may still wait.
-        let mut q = FreshQueue::new(0, None);
+        let mut q = ImplicitQueue::new(0, None);
         q.settled_before(5);
         q.settled_before(7);
         assert_eq!(q.settled.len(), 2);
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn reading_past_ranges_settled_by_the_last_run_joins_them() {
-        let mut q = FreshQueue::new(0, None);
+        let mut q = ImplicitQueue::new(0, None);
         for id in [5, 7, 9] {
             q.settled_before(id);
         }
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn the_window_bounds_what_is_taken() {
-        let mut q = FreshQueue::new(0, None);
+        let mut q = ImplicitQueue::new(0, None);
         for id in 1..=WINDOW as u64 {
             assert!(!q.is_full());
             q.take(id);
@@ -401,7 +401,7 @@ mod tests {
                 ops in proptest::collection::vec(op(), 1..60),
             ) {
                 let mine = |id: u64| for_target[(id - 1) as usize];
-                let mut q = FreshQueue::new(0, None);
+                let mut q = ImplicitQueue::new(0, None);
                 let mut m = Model::default();
                 for &id in before.iter().filter(|&&id| mine(id)) {
                     q.settled_before(id);
@@ -410,7 +410,7 @@ mod tests {
                 for op in ops {
                     match op {
                         Op::Read(n) => {
-                            // As `take_fresh` reads: skip what is busy,
+                            // As `take_implicit` reads: skip what is busy,
                             // take what is for the target, pass the rest.
                             let end = (m.read_to + n).min(IDS);
                             for id in m.read_to + 1..=end {

@@ -388,7 +388,7 @@ fn serve(args: &ConfigArgs) -> anyhow::Result<()> {
     let credentials = Credentials {
         inbound: config.inbound_secret()?,
         previous_inbound: config.previous_secret()?,
-        admin_token: config.admin_token()?,
+        admin_token: config.admin_token(),
     };
     leadflo_relay::telemetry::init(&config.logging)?;
     leadflo_relay::crashpoint::arm_from_env().map_err(anyhow::Error::msg)?;
@@ -482,7 +482,14 @@ impl Signals {
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     let secret = config.inbound_secret()?;
-    let admin_token = config.admin_token()?;
+    let admin_token = config.admin_token();
+    // As `serve` decides it when it binds `server.admin_listen` itself (a
+    // socket passed by systemd is checked when `serve` takes it).
+    leadflo_relay::app::require_admin_token(
+        config.server.admin_listen,
+        leadflo_relay::app::SocketOrigin::Configured,
+        admin_token.as_ref(),
+    )?;
     let previous = config.previous_secret()?;
     // Each target's own secret too: `serve` refuses to start without it.
     for target in &config.targets {

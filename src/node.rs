@@ -31,7 +31,7 @@ const SEQUENCE_BITS: u32 = 5;
 const TIME_SHIFT: u32 = NODE_BITS + SEQUENCE_BITS;
 /// Every id issued with a node identity is at or above this; every id of
 /// the earlier layout (microseconds, below 2^56 until the year 4253) is
-/// below it. A millisecond clock reaches it after 1970-01-02.
+/// below it. A millisecond clock reaches it in February 1971 (2^35 ms).
 pub const FIRST_NODE_ID: u64 = 1 << 56;
 
 /// The file in the data directory that holds the node identity.
@@ -132,14 +132,18 @@ impl NodeId {
 
 /// The id after `last` for an event received at `received_ms`, issued by
 /// `node`: strictly above `last` (of either layout), at the receive time
-/// when the clock allows.
+/// when the clock allows, and never below [`FIRST_NODE_ID`].
 pub fn next_id(last: u64, received_ms: u64, node: NodeId) -> u64 {
     let last_tick = if last < FIRST_NODE_ID {
         0
     } else {
         last >> NODE_BITS
     };
-    let tick = (last_tick + 1).max(received_ms << SEQUENCE_BITS);
+    // A clock that reads before 1971 (one reset to 0) would otherwise make
+    // an id of the earlier layout, read back as microseconds.
+    let tick = (last_tick + 1)
+        .max(received_ms << SEQUENCE_BITS)
+        .max(FIRST_NODE_ID >> NODE_BITS);
     (tick << NODE_BITS) | u64::from(node.0)
 }
 
@@ -244,6 +248,24 @@ mod tests {
         assert_eq!(id_ms(old_last), NOW_MS);
         // 2106-04-07: still a signed 64-bit number.
         assert!(next_id(0, 4_300_000_000_000, NodeId(u16::MAX)) < i64::MAX as u64);
+    }
+
+    #[test]
+    fn a_clock_before_1971_still_issues_ids_of_the_current_layout() {
+        let node = NodeId(5);
+        let first = next_id(0, 0, node);
+        assert_eq!(first, FIRST_NODE_ID | 5, "a clock at 0 issued {first}");
+        let second = next_id(first, 0, node);
+        assert!(second > first && second >= FIRST_NODE_ID);
+        assert_eq!(second & 0xffff, 5);
+        // The last old-layout id, then the clock at 1970-01-02.
+        let after_old = next_id(FIRST_NODE_ID - 1, 86_400_000, node);
+        assert!(
+            after_old >= FIRST_NODE_ID,
+            "{after_old} is of the earlier layout"
+        );
+        // Once the clock is past the floor, ids follow it again.
+        assert_eq!(id_ms(next_id(second, NOW_MS, node)), NOW_MS);
     }
 
     #[test]

@@ -25,8 +25,8 @@ pub struct PassedListeners {
 
 impl PassedListeners {
     /// The sockets of the socket-passing protocol (`LISTEN_PID`,
-    /// `LISTEN_FDS`, `LISTEN_FDNAMES`): by name (`ingest`, `admin`), or
-    /// without names in that order. None when the variables are absent or
+    /// `LISTEN_FDS`, `LISTEN_FDNAMES`): by name (`ingest`, `admin`), or in
+    /// that order when none is named. None when the variables are absent or
     /// meant for another process. A passed descriptor that is not a TCP
     /// listening socket, or a name the relay does not know, is an error:
     /// the unit file is wrong, and guessing would listen on the wrong port.
@@ -56,35 +56,46 @@ impl PassedListeners {
     }
 }
 
-/// The role of each of `count` passed sockets, from their names or, with
-/// none, from their order.
+/// The role of each of `count` passed sockets: by name, or by order only
+/// when there are no names (`LISTEN_FDNAMES` unset, or every name empty or
+/// systemd's "unknown" for a socket without `FileDescriptorName=`). Names
+/// that are there but do not fit are an error, never a reason to guess.
 fn roles(count: usize, names: Option<&[String]>) -> anyhow::Result<Vec<&'static str>> {
-    let known = |name: &str| match name {
-        INGEST_NAME => Some(INGEST_NAME),
-        ADMIN_NAME => Some(ADMIN_NAME),
-        _ => None,
-    };
-    let names =
-        names.filter(|names| names.len() == count && names.iter().any(|n| known(n).is_some()));
-    let roles: Vec<&'static str> = match names {
-        Some(names) => names
-            .iter()
-            .map(|name| {
-                known(name).with_context(|| {
-                    format!(
-                        "a passed socket is named {name:?} (LISTEN_FDNAMES); the relay takes \
-                         {INGEST_NAME:?} and {ADMIN_NAME:?} (FileDescriptorName= in the .socket unit)"
-                    )
-                })
-            })
-            .collect::<anyhow::Result<_>>()?,
-        None => [INGEST_NAME, ADMIN_NAME].into_iter().take(count).collect(),
-    };
     anyhow::ensure!(
         count <= 2,
         "{count} sockets were passed (LISTEN_FDS); the relay takes at most two: \
          {INGEST_NAME:?} and {ADMIN_NAME:?}"
     );
+    // No sockets for this process (`LISTEN_PID` names another): names left
+    // in the environment are not ours either.
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let names = names.filter(|names| {
+        !names
+            .iter()
+            .all(|name| name.is_empty() || name == "unknown")
+    });
+    let Some(names) = names else {
+        return Ok([INGEST_NAME, ADMIN_NAME].into_iter().take(count).collect());
+    };
+    anyhow::ensure!(
+        names.len() == count,
+        "{count} sockets were passed (LISTEN_FDS) but LISTEN_FDNAMES={:?} names {}",
+        names.join(":"),
+        names.len()
+    );
+    let roles: Vec<&'static str> = names
+        .iter()
+        .map(|name| match name.as_str() {
+            INGEST_NAME => Ok(INGEST_NAME),
+            ADMIN_NAME => Ok(ADMIN_NAME),
+            _ => Err(anyhow::anyhow!(
+                "a passed socket is named {name:?} (LISTEN_FDNAMES); the relay takes \
+                 {INGEST_NAME:?} and {ADMIN_NAME:?} (FileDescriptorName= in the .socket unit)"
+            )),
+        })
+        .collect::<anyhow::Result<_>>()?;
     for role in [INGEST_NAME, ADMIN_NAME] {
         anyhow::ensure!(
             roles.iter().filter(|r| **r == role).count() <= 1,
@@ -141,6 +152,24 @@ mod tests {
             roles(2, Some(&names(&["unknown", "unknown"]))).unwrap(),
             vec![INGEST_NAME, ADMIN_NAME]
         );
+        assert_eq!(roles(1, Some(&names(&[""]))).unwrap(), vec![INGEST_NAME]);
+        // Names meant for another process, which has the sockets.
+        assert_eq!(
+            roles(0, Some(&names(&["admin", "ingest"]))).unwrap(),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn names_that_do_not_fit_are_refused_instead_of_taken_in_order() {
+        // Fewer names than sockets: which is which cannot be told, and a
+        // guess could put the admin API on the public port.
+        let err = roles(2, Some(&names(&["admin"]))).unwrap_err();
+        assert!(err.to_string().contains("names 1"), "{err}");
+        let err = roles(2, Some(&names(&["web", "metrics"]))).unwrap_err();
+        assert!(err.to_string().contains("\"web\""), "{err}");
+        let err = roles(2, Some(&names(&["admin", "unknown"]))).unwrap_err();
+        assert!(err.to_string().contains("\"unknown\""), "{err}");
     }
 
     #[test]

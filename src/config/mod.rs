@@ -90,12 +90,6 @@ pub enum ConfigError {
     PreviousSecret { env: String },
     #[error("target {target}: environment variable {env} (from `secret_env`) is not set or empty")]
     TargetSecret { target: String, env: String },
-    #[error(
-        "server.admin_listen = {addr} is not a loopback address, so the admin API needs a token: \
-         set {ADMIN_TOKEN_ENV} (clients send it as Authorization: Bearer <token>), or listen on \
-         127.0.0.1"
-    )]
-    NoAdminToken { addr: SocketAddr },
     #[error("--target {value:?}: {message}")]
     TargetFlag { value: String, message: String },
 }

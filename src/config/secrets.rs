@@ -65,18 +65,14 @@ impl Config {
         }
     }
 
-    /// The admin API token from `LEADFLO_RELAY_ADMIN_TOKEN`; required when
-    /// `server.admin_listen` is not a loopback address.
-    pub fn admin_token(&self) -> Result<Option<Secret>, ConfigError> {
-        let token = std::env::var_os(ADMIN_TOKEN_ENV)
+    /// The admin API token from `LEADFLO_RELAY_ADMIN_TOKEN`, if set. Whether
+    /// one is required is decided where the admin listener is known
+    /// ([`crate::app::require_admin_token`]): under socket activation it is
+    /// not on `server.admin_listen`.
+    pub fn admin_token(&self) -> Option<Secret> {
+        std::env::var_os(ADMIN_TOKEN_ENV)
             .filter(|value| !value.is_empty())
-            .map(|value| Secret::new(value.into_encoded_bytes()));
-        if token.is_none() && !self.server.admin_listen.ip().is_loopback() {
-            return Err(ConfigError::NoAdminToken {
-                addr: self.server.admin_listen,
-            });
-        }
-        Ok(token)
+            .map(|value| Secret::new(value.into_encoded_bytes()))
     }
 
     /// Where the inbound secret comes from, for humans (never the value).

@@ -222,12 +222,15 @@ impl Log {
             // A record that cannot be read is kept (it may still be waited
             // for), and does not stop the pass.
             let received_at_ms = received_at(&key, &value);
-            if received_at_ms.as_ref().is_ok_and(|&ms| ms >= cutoff_ms) {
-                continue;
-            }
-            let mut kept = false;
+            // One received at or after the cutoff is kept, and still counts
+            // against the limit: after an upgrade every id of the earlier
+            // layout sorts below the cutoff, however recent.
+            let mut kept = received_at_ms.as_ref().is_ok_and(|&ms| ms >= cutoff_ms);
             for target in targets {
-                let waits = match received_at_ms {
+                if kept {
+                    break;
+                }
+                kept = match received_at_ms {
                     Ok(received_at_ms) => {
                         self.waits_implicit(target, id, &key, &value)?
                             || self.waits_at_first_place(target, received_at_ms, id)?
@@ -236,10 +239,6 @@ impl Log {
                     }
                     Err(_) => true,
                 };
-                if waits {
-                    kept = true;
-                    break;
-                }
             }
             if !kept {
                 batch.remove(key);

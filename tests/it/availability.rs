@@ -316,6 +316,49 @@ async fn serve_takes_passed_sockets_by_name_and_notifies_readiness() {
     );
 }
 
+/// Under socket activation the admin API's token rule follows the passed
+/// socket's address, not `server.admin_listen` (loopback here): an admin
+/// socket on every interface without a token is refused, saying so.
+#[test]
+fn a_passed_admin_socket_off_loopback_needs_a_token_whatever_admin_listen_says() {
+    let ingest = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Only bound, never reached: the relay must refuse it before serving.
+    let admin = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut inner = RelayProcess::command(data.path(), &["--admin-listen", "127.0.0.1:0"]);
+    inner
+        .env("LEADFLO_WEBHOOK_SECRET", SECRET)
+        .env_remove("LEADFLO_RELAY_ADMIN_TOKEN");
+    let mut command = with_listen_pid(&inner);
+    pass_sockets(&mut command, &[("ingest", &ingest), ("admin", &admin)]);
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the relay served an admin socket on 0.0.0.0 without a token");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let addr = format!("0.0.0.0:{}", admin.local_addr().unwrap().port());
+    assert!(
+        stderr.contains("passed by systemd")
+            && stderr.contains(&addr)
+            && stderr.contains("LEADFLO_RELAY_ADMIN_TOKEN"),
+        "the refusal does not name the passed socket {addr} and the token:\n{stderr}"
+    );
+}
+
 /// One relay on a listening socket that outlives it (held here, as systemd
 /// holds it), restarted five times while a sender posts on fresh
 /// connections: connections wait in the kernel's queue, and every POST is
@@ -421,7 +464,8 @@ async fn systemd_socket_activate_starts_the_relay_on_its_socket() {
 
 /// The shipped systemd units pass `systemd-analyze verify` with no
 /// warning (it exits 0 on unknown keys: its output is what counts), with
-/// `ExecStart` pointing at the binary built here.
+/// `ExecStart` pointing at the binary built here; the shipped sysusers.d
+/// file creates the user they run as.
 #[test]
 fn the_systemd_units_pass_systemd_analyze_verify() {
     if Command::new("systemd-analyze")
@@ -441,6 +485,13 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(&shipped).unwrap() {
         let entry = entry.unwrap();
+        // Units only: the sysusers.d file is checked below.
+        if !matches!(
+            entry.path().extension().and_then(|e| e.to_str()),
+            Some("service" | "socket")
+        ) {
+            continue;
+        }
         let text = std::fs::read_to_string(entry.path()).unwrap();
         let text = text.replace("/usr/local/bin/leadflo-relay", binary().to_str().unwrap());
         let path = units.path().join(entry.file_name());
@@ -464,6 +515,41 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     assert!(
         output.status.success() && said.trim().is_empty(),
         "systemd-analyze verify:\n{said}"
+    );
+
+    // The shipped sysusers.d file makes the user and group the service
+    // runs as, without a login shell (in an empty root, not this system's).
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    let output = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(shipped.join("leadflo-relay.sysusers.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "systemd-sysusers: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let service = std::fs::read_to_string(shipped.join("leadflo-relay.service")).unwrap();
+    let settings: Vec<&str> = service.lines().map(str::trim).collect();
+    assert!(
+        settings.contains(&"User=leadflo-relay")
+            && settings.contains(&"Group=leadflo-relay")
+            && !settings.iter().any(|l| l.starts_with("DynamicUser=")),
+        "the service does not run as the static user leadflo-relay"
+    );
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("leadflo-relay:") && l.ends_with(":/usr/sbin/nologin")),
+        "no user leadflo-relay without a login shell: {passwd}"
+    );
+    assert!(
+        group.lines().any(|l| l.starts_with("leadflo-relay:")),
+        "no group leadflo-relay: {group}"
     );
 }
 

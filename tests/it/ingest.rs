@@ -797,6 +797,59 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
     assert_eq!(step.deleted, 1);
 }
 
+/// After an upgrade every id of the earlier layout (the receive time in
+/// microseconds) sorts below the cutoff's first id, however recent its
+/// event. A prune step still stops after its limit, counting the events it
+/// keeps for being newer than the cutoff, instead of scanning them all.
+#[tokio::test]
+async fn a_prune_step_examines_at_most_its_limit_when_every_event_is_newer_than_the_cutoff() {
+    use leadflo_relay::store::record;
+    let dir = tempfile::tempdir().unwrap();
+    let now = leadflo_relay::clock::now_ms();
+    let old_ids: Vec<u64> = (0..10).map(|n| (now + n) * 1_000).collect();
+    {
+        // A data directory of a build before node identities.
+        let db = sled::open(dir.path()).unwrap();
+        for &id in &old_ids {
+            let mut key = vec![b'e'];
+            key.extend_from_slice(&id.to_be_bytes());
+            let value = record::encode_event(id / 1_000, "visitor_created", VISITOR.as_bytes());
+            db.insert(key, value).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let log = open_log(dir.path());
+    let targets = vec!["crm".to_string()];
+    let (cutoff, limit) = (now - 60_000, 3);
+    let mut after = None;
+    let mut examined = Vec::new();
+    loop {
+        let step = log.prune_before(cutoff, after, limit, &targets).unwrap();
+        assert!(
+            step.examined <= limit,
+            "one step examined {} events with a limit of {limit}",
+            step.examined
+        );
+        assert_eq!(step.deleted, 0, "an event newer than the cutoff was pruned");
+        examined.push(step.examined);
+        if step.examined < limit {
+            break;
+        }
+        after = step.last;
+    }
+    assert_eq!(
+        examined,
+        [3, 3, 3, 1],
+        "steps did not resume where they stopped"
+    );
+    for id in old_ids {
+        assert!(
+            log.event(EventId(id)).unwrap().is_some(),
+            "event {id} is gone"
+        );
+    }
+}
+
 /// What the implicit-queue tests below need: a subscription, and a query that
 /// takes everything waiting.
 mod front {

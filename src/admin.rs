@@ -32,7 +32,7 @@ use crate::disk::DiskGuard;
 use crate::ingest::{SecretCheck, json_response};
 use crate::metrics::Metrics;
 use crate::ops::{self, LiveState, OpsError};
-use crate::reload::{AdminTargets, Reloader, Swap};
+use crate::reload::{AdminTargets, Reloader, ShuttingDown, Swap};
 use crate::store::{EventId, Log};
 
 pub use crate::config::ADMIN_TOKEN_ENV;
@@ -152,6 +152,9 @@ impl Admin {
                 // The file or a secret is wrong; the running configuration
                 // is kept. The message names file, key and value, never a
                 // secret.
+                Err(err) if err.is::<ShuttingDown>() => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}"))
+                }
                 Err(err) => error(StatusCode::UNPROCESSABLE_ENTITY, &format!("{err:#}")),
             },
             (Method::GET, p) if p.starts_with("/api/events/") => {

@@ -37,9 +37,17 @@ pub const RESCHEDULE_HALF_RECORDED: &str = "reschedule.half_recorded";
 pub const REPLAY_CHUNK: &str = "replay.chunk";
 /// Retention has deleted one batch of events and not the next.
 pub const PRUNE_BATCH: &str = "prune.batch";
+/// The committer has moved to a reload's new targets; the apply thread has
+/// not written the change yet. The crash comes a second later, after more
+/// events.
+pub const RELOAD_CHANGE: &str = "reload.change";
+/// A reload's change of targets is written and the committer has moved;
+/// the retired targets' deliveries are not queued yet, nor the new
+/// dispatchers started. The crash comes a second later, after more events.
+pub const RELOAD_CUT: &str = "reload.cut";
 
 /// Every crash point.
-pub const POINTS: [&str; 10] = [
+pub const POINTS: [&str; 12] = [
     COMMIT_TORN,
     COMMIT_LOGGED,
     COMMIT_ACKNOWLEDGED,
@@ -50,6 +58,8 @@ pub const POINTS: [&str; 10] = [
     RESCHEDULE_HALF_RECORDED,
     REPLAY_CHUNK,
     PRUNE_BATCH,
+    RELOAD_CHANGE,
+    RELOAD_CUT,
 ];
 
 /// The environment variable that arms a fault point:

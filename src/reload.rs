@@ -28,7 +28,7 @@ use crate::dispatch::{self, Target};
 use crate::ingest::SecretCheck;
 use crate::metrics::Metrics;
 use crate::ops::TargetsView;
-use crate::store::{Committer, Log, Subscription};
+use crate::store::{Committer, Log, Subscription, TargetChange};
 
 /// A value a reload replaces while readers keep using what they loaded.
 #[derive(Debug, Default)]
@@ -164,12 +164,15 @@ impl Targets {
 
     /// Stops `name`'s dispatcher (its attempts in flight finish within the
     /// grace period); returns when its next attempt could have started.
-    async fn stop(&mut self, name: &str) -> anyhow::Result<Instant> {
+    async fn stop(&mut self, name: &str) -> Instant {
         let Some(running) = self.running.remove(name) else {
-            return Ok(Instant::now());
+            return Instant::now();
         };
         running.stop.cancel();
-        running.task.await.context("dispatcher task")
+        running.task.await.unwrap_or_else(|err| {
+            tracing::error!(target = %name, error = %err, "dispatcher task failed");
+            Instant::now()
+        })
     }
 
     /// The subscriptions of the running targets, for the committer.
@@ -255,7 +258,14 @@ pub struct Reloader {
 struct State {
     config: Config,
     targets: Targets,
+    /// The relay is shutting down: its dispatchers have stopped for good.
+    closed: bool,
 }
+
+/// A reload asked for while the relay shuts down.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay is shutting down; the configuration is not read again")]
+pub struct ShuttingDown;
 
 /// The running targets and where a reload puts what it changes.
 pub struct Reloadable {
@@ -274,6 +284,7 @@ impl Reloader {
             state: tokio::sync::Mutex::new(State {
                 config: parts.config,
                 targets: parts.targets,
+                closed: false,
             }),
             secret: parts.secret,
             admin: parts.admin,
@@ -285,8 +296,19 @@ impl Reloader {
 
     /// Reads the configuration and secret files again and applies what
     /// changed; on an error the running configuration stays as it was.
-    pub async fn reload(&self) -> anyhow::Result<ReloadReport> {
+    /// Runs to its end even if the caller stops waiting (an admin client
+    /// that hangs up): a reload stopped half-way would leave targets
+    /// without a dispatcher.
+    pub async fn reload(self: &Arc<Self>) -> anyhow::Result<ReloadReport> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.reload_to_end().await })
+            .await
+            .context("reload task")?
+    }
+
+    async fn reload_to_end(&self) -> anyhow::Result<ReloadReport> {
         let mut state = self.state.lock().await;
+        tracing::info!("reading the configuration again");
         let result = self.apply(&mut state).await;
         match &result {
             Ok(report) => {
@@ -318,12 +340,17 @@ impl Reloader {
     /// names of the targets it delivered to.
     pub async fn join_targets(&self) -> anyhow::Result<Vec<String>> {
         let mut state = self.state.lock().await;
+        state.closed = true;
+        tracing::info!("stopping the dispatchers; reloads are refused from now on");
         let names = state.targets.names();
         state.targets.join_all().await?;
         Ok(names)
     }
 
     async fn apply(&self, state: &mut State) -> anyhow::Result<ReloadReport> {
+        if state.closed {
+            return Err(ShuttingDown.into());
+        }
         let source = self.source.as_ref().context(
             "this relay was started without a configuration to read again (not by `serve`)",
         )?;
@@ -341,6 +368,10 @@ impl Reloader {
                  x-webhook-secret; anyone who can reach the ingest port can inject events"
             );
         }
+        if !plan.retired.is_empty() || !plan.started.is_empty() {
+            self.resubscribe(state, &new, plan.retired, plan.started, &mut report)
+                .await?;
+        }
         self.secret.store(check);
         for (name, target, keys) in plan.in_place {
             let running = state
@@ -351,10 +382,6 @@ impl Reloader {
             running.settings.send_replace(Arc::new(target));
             running.config = new_config(&new, &name);
             report.changed.insert(name, keys);
-        }
-        if !plan.retired.is_empty() || !plan.started.is_empty() {
-            self.resubscribe(state, &new, plan.retired, plan.started, &mut report)
-                .await?;
         }
         let log = self.log.clone();
         let names = state.targets.names();
@@ -371,8 +398,9 @@ impl Reloader {
 
     /// Stops the dispatchers of the targets `retired` (removed, or whose
     /// event types changed), moves the committer to the new targets at a
-    /// cut, gives the retired ones' waiting deliveries queue entries and
-    /// the started ones their watermark at the cut, then starts them.
+    /// cut ([`crate::store::TargetChange`]), gives the retired ones'
+    /// waiting deliveries queue entries, and starts the new dispatchers.
+    /// Once the committer has moved, nothing stops it half-way.
     async fn resubscribe(
         &self,
         state: &mut State,
@@ -383,33 +411,42 @@ impl Reloader {
     ) -> anyhow::Result<()> {
         let mut not_before = HashMap::new();
         for name in &retired {
-            not_before.insert(name.clone(), state.targets.stop(name).await?);
+            not_before.insert(name.clone(), state.targets.stop(name).await);
         }
-        let mut subscriptions = state.targets.subscriptions();
-        subscriptions.extend(started.iter().map(|(name, target, _)| Subscription {
-            target: name.clone(),
-            events: new_config(new, name).events,
-            wake: target.wake.clone(),
-        }));
-        let cut = self.committer.resubscribe(subscriptions.clone()).await?;
-        let log = self.log.clone();
-        let starting: Vec<Subscription> = subscriptions
-            .into_iter()
-            .filter(|s| started.iter().any(|(name, _, _)| *name == s.target))
+        let starting: Vec<Subscription> = started
+            .iter()
+            .map(|(name, target, _)| Subscription {
+                target: name.clone(),
+                events: new_config(new, name).events,
+                wake: target.wake.clone(),
+            })
             .collect();
-        let retiring = retired.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            log.wait_applied(cut, Duration::from_secs(30))?;
-            for name in &retiring {
-                let queued = log.retire_target(name, cut)?;
-                tracing::info!(target = %name, queued, "deliveries waiting for a target the reload removed or changed now have queue entries");
+        // A target started while it still has a queue is retired first.
+        let mut names = retired.clone();
+        names.extend(starting.iter().map(|s| s.target.clone()));
+        names.sort();
+        names.dedup();
+        let mut changes = self.log.retire_fronts(&names);
+        changes.extend(starting.iter().map(|s| TargetChange::Start {
+            target: s.target.clone(),
+            events: s.events.clone(),
+        }));
+        let mut subscriptions = state.targets.subscriptions();
+        subscriptions.extend(starting.iter().cloned());
+        let cut = match self.committer.resubscribe(subscriptions, changes).await {
+            Ok(cut) => cut,
+            Err(err) => {
+                self.log.restore_fronts();
+                return Err(err).context("the committer did not take the new targets");
             }
-            for subscription in &starting {
-                log.add_target(subscription, cut)?;
-            }
-            Ok(())
-        })
-        .await??;
+        };
+        self.log.finish_resubscribe(cut, &starting);
+        if crate::crashpoint::hits(crate::crashpoint::RELOAD_CUT) {
+            // Events acknowledged and checkpointed above the cut first.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            crate::crashpoint::crash(crate::crashpoint::RELOAD_CUT);
+        }
+        self.queue_retired().await;
         for (name, target, changed) in started {
             let when = not_before.get(&name).copied().unwrap_or_else(Instant::now);
             state.targets.start(new_config(new, &name), target, when);
@@ -426,6 +463,24 @@ impl Reloader {
             self.metrics.forget_target(name);
         }
         Ok(())
+    }
+
+    /// Gives the deliveries waiting for retired targets queue entries; what
+    /// fails is tried again by the next reload, or at the next start.
+    async fn queue_retired(&self) {
+        let log = self.log.clone();
+        let queued = tokio::task::spawn_blocking(move || log.queue_retired()).await;
+        match queued {
+            Ok(Ok(queued)) => {
+                for (target, queued) in queued {
+                    tracing::info!(target = %target, queued, "deliveries waiting for a target the reload removed or changed now have queue entries");
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot queue the deliveries waiting for a target the reload removed or changed; will try again at the next reload or start");
+            }
+            Err(err) => tracing::error!(error = %err, "queueing retired deliveries failed"),
+        }
     }
 }
 

@@ -15,8 +15,14 @@ pub(super) enum ApplyJob {
     /// Make sled durable, then delete the write-ahead log's segments up to
     /// `through_seq`: every batch they hold was sent before this job.
     Checkpoint { through_seq: u64 },
-    /// The batches after this one were counted for these targets.
-    Resubscribe(Vec<Subscription>),
+    /// The batches after this one were counted for these targets; the
+    /// change's writes go first, then the answer with the cut.
+    Resubscribe {
+        subscriptions: Vec<Subscription>,
+        writes: Writes,
+        cut: u64,
+        reply: oneshot::Sender<Result<u64, CommitError>>,
+    },
 }
 
 /// The sled writes of a group commit, in order (a `sled::Batch` cannot be
@@ -148,7 +154,21 @@ impl ApplyState {
                     self.apply(batch, enqueued, through);
                 }
                 ApplyJob::Checkpoint { through_seq } => self.checkpoint(through_seq),
-                ApplyJob::Resubscribe(subscriptions) => self.subscriptions = subscriptions,
+                ApplyJob::Resubscribe {
+                    subscriptions,
+                    writes,
+                    cut,
+                    reply,
+                } => {
+                    self.subscriptions = subscriptions;
+                    if crashpoint::hits(crashpoint::RELOAD_CHANGE) {
+                        // Events acknowledged above the cut first.
+                        std::thread::sleep(Duration::from_secs(1));
+                        crashpoint::crash(crashpoint::RELOAD_CHANGE);
+                    }
+                    let written = self.write_change(writes).map(|()| cut);
+                    let _ = reply.send(written);
+                }
             }
             self.health.end_apply();
         }
@@ -189,6 +209,21 @@ impl ApplyState {
                 tracing::error!(error = %err, "sled rejected an acknowledged commit; it is kept in the write-ahead log until a restart replays it");
             }
         }
+    }
+
+    /// A reload's change of targets; if sled rejects it, the write-ahead
+    /// log is kept as after a rejected commit, and a restart replays it
+    /// (events after the cut then get queue entries for the new targets).
+    fn write_change(&mut self, writes: Writes) -> Result<(), CommitError> {
+        writes.apply_to(&self.db).map_err(|err| {
+            self.sled_missing_commits = true;
+            self.metrics.commit_failures.inc();
+            self.health
+                .checkpoint_failing
+                .store(true, Ordering::Relaxed);
+            tracing::error!(error = %err, "sled rejected a reload's change of targets; the write-ahead log is kept until a restart replays it");
+            CommitError::Failed
+        })
     }
 
     pub(super) fn checkpoint(&mut self, through_seq: u64) {

@@ -61,16 +61,26 @@ pub struct CommitterHandle {
 
 impl Committer {
     /// Makes the committer count and wake for `subscriptions` from its
-    /// next commit on (a reload changed the targets). Returns the last id
-    /// committed before the change: every event above it is for the new
-    /// targets.
-    pub async fn resubscribe(&self, subscriptions: Vec<Subscription>) -> Result<u64, CommitError> {
+    /// next commit on (a reload changed the targets), with `changes`
+    /// written at the cut (see [`super::retire`]). Returns the cut, the
+    /// last id committed before the change, once the apply thread has
+    /// written them: every event above it is for the new targets.
+    pub async fn resubscribe(
+        &self,
+        subscriptions: Vec<Subscription>,
+        changes: Vec<TargetChange>,
+    ) -> Result<u64, CommitError> {
         let (reply, answer) = oneshot::channel();
+        let change = Resubscription {
+            subscriptions,
+            changes,
+            reply,
+        };
         self.tx
-            .send(Message::Resubscribe(subscriptions, reply))
+            .send(Message::Resubscribe(change))
             .await
             .map_err(|_| CommitError::Closed)?;
-        answer.await.map_err(|_| CommitError::Closed)
+        answer.await.map_err(|_| CommitError::Closed)?
     }
 }
 
@@ -87,10 +97,17 @@ impl CommitterHandle {
 
 pub(super) enum Message {
     Append(Request),
-    /// From the next commit on, count and wake for these targets (a
-    /// reload); answers the last id committed under the old ones.
-    Resubscribe(Vec<Subscription>, oneshot::Sender<u64>),
+    /// From the next commit on, count and wake for other targets (a
+    /// reload).
+    Resubscribe(Resubscription),
     Close,
+}
+
+/// A reload's change of targets, answered with the cut.
+pub(super) struct Resubscription {
+    pub(super) subscriptions: Vec<Subscription>,
+    pub(super) changes: Vec<TargetChange>,
+    pub(super) reply: oneshot::Sender<Result<u64, CommitError>>,
 }
 
 pub(super) struct Request {
@@ -134,7 +151,7 @@ impl CommitState {
             let mut resubscribe = None;
             match rx.blocking_recv() {
                 Some(Message::Append(request)) => batch.push(request),
-                Some(Message::Resubscribe(to, reply)) => resubscribe = Some((to, reply)),
+                Some(Message::Resubscribe(change)) => resubscribe = Some(change),
                 Some(Message::Close) | None => closing = true,
             }
             // Everything that queued up while the last commit ran joins this
@@ -143,7 +160,7 @@ impl CommitState {
             while batch.len() < MAX_BATCH && resubscribe.is_none() {
                 match rx.try_recv() {
                     Ok(Message::Append(request)) => batch.push(request),
-                    Ok(Message::Resubscribe(to, reply)) => resubscribe = Some((to, reply)),
+                    Ok(Message::Resubscribe(change)) => resubscribe = Some(change),
                     Ok(Message::Close) => closing = true,
                     Err(_) => break,
                 }
@@ -151,9 +168,8 @@ impl CommitState {
             if !batch.is_empty() {
                 self.commit(&mut batch);
             }
-            if let Some((subscriptions, reply)) = resubscribe {
-                self.resubscribe(subscriptions);
-                let _ = reply.send(self.last_id);
+            if let Some(change) = resubscribe {
+                self.resubscribe(change);
             }
         }
         // Requests still queued behind Close were sent after shutdown began.
@@ -284,12 +300,19 @@ impl CommitState {
     }
 
     /// Every target a running relay delivers to takes new events from
-    /// above its watermark (see [`Log::add_target`]): none gets queue
-    /// entries from a commit.
-    pub(super) fn resubscribe(&mut self, subscriptions: Vec<Subscription>) {
-        self.implicit = vec![true; subscriptions.len()];
-        self.subscriptions = subscriptions.clone();
-        let _ = self.apply_tx.send(ApplyJob::Resubscribe(subscriptions));
+    /// above its watermark (see [`super::retire`]): none gets queue
+    /// entries from a commit. The apply thread writes the changes before
+    /// any later commit and answers with the cut.
+    pub(super) fn resubscribe(&mut self, change: Resubscription) {
+        tracing::info!(cut = self.last_id, "the targets change above this event id");
+        self.implicit = vec![true; change.subscriptions.len()];
+        self.subscriptions = change.subscriptions.clone();
+        let _ = self.apply_tx.send(ApplyJob::Resubscribe {
+            writes: TargetChange::write(&change.changes, self.last_id),
+            subscriptions: change.subscriptions,
+            cut: self.last_id,
+            reply: change.reply,
+        });
     }
 
     /// Starts a new write-ahead log segment and asks the apply thread for a

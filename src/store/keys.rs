@@ -10,6 +10,7 @@
 //! | `a` + target + 0 + enqueued_ms + id | the same delivery, by age (empty) |
 //! | `d` + target + 0 + id | a dead letter ([`DeadLetter`]) |
 //! | `w` + target + 0 | the target's watermark and event types |
+//! | `r` + target + 0 + cut | a watermark a reload retired at `cut`, whose waiting deliveries are not queued yet |
 //! | `m/last_id` | the highest id issued |
 //! | `m/durable_id` | the highest id a checkpoint made durable against a power cut |
 //! | `m/backlog_counts` | backlog counts a clean shutdown saved |
@@ -52,6 +53,8 @@ pub(super) const AGE_PREFIX: u8 = b'a';
 pub(super) const DEAD_PREFIX: u8 = b'd';
 
 pub(super) const WATERMARK_PREFIX: u8 = b'w';
+
+pub(super) const RETIRED_PREFIX: u8 = b'r';
 
 /// The receive time in the event record `value` stored at `key`.
 pub(super) fn received_at(key: &[u8], value: &[u8]) -> Result<u64, LogError> {
@@ -145,6 +148,14 @@ pub(super) fn dead_prefix(target: &str) -> Vec<u8> {
 pub(super) fn dead_key(target: &str, id: EventId) -> Vec<u8> {
     let mut key = dead_prefix(target);
     key.extend_from_slice(&id.0.to_be_bytes());
+    key
+}
+
+/// The watermark of `target` that a reload retired at `cut` (see
+/// [`super::retire`]).
+pub(super) fn retired_key(target: &str, cut: u64) -> Vec<u8> {
+    let mut key = target_prefix(RETIRED_PREFIX, target);
+    key.extend_from_slice(&cut.to_be_bytes());
     key
 }
 

@@ -14,6 +14,7 @@
 //! | [`apply`] | the apply thread: commits into sled, checkpoints |
 //! | [`recover`] | opening after a crash: the write-ahead log replayed |
 //! | [`watermark`], [`implicit`] | each target's implicit queue front above its watermark |
+//! | [`retire`] | a reload's change of targets at the committer's cut |
 //! | [`queue`] | reading a target's due deliveries |
 //! | [`outcome`] | what an attempt's outcome writes |
 //! | [`backlog`] | per-target tallies and the oldest waiting delivery |
@@ -52,6 +53,7 @@ mod maintenance;
 mod outcome;
 mod queue;
 mod recover;
+mod retire;
 mod watermark;
 
 pub mod record;
@@ -61,6 +63,8 @@ use backlog::*;
 pub use commit::*;
 pub use health::*;
 use keys::*;
+use retire::Retired;
+pub use retire::TargetChange;
 use watermark::*;
 
 /// How far ids may run ahead of the receive clock (bursts above 32 events
@@ -333,10 +337,14 @@ pub struct Log {
     saved_counts: Arc<std::sync::Mutex<Option<BacklogCounts>>>,
     /// The implicit queue fronts of the targets adopted ([`Log::adopt_targets`]).
     fronts: Arc<std::sync::Mutex<std::collections::HashMap<String, ImplicitQueue>>>,
+    /// Implicit queues a reload took out of use whose waiting deliveries
+    /// are not queued yet ([`Log::retire_fronts`]).
+    retired: Arc<std::sync::Mutex<Vec<Retired>>>,
     /// The highest id whose group commit is all in sled: reading new events
     /// never goes past it, so it never skips one still being applied.
     applied: Arc<AtomicU64>,
-    /// When a watermark was last written.
+    /// When a watermark was last written; held while watermarks are
+    /// written, so that no write undoes a reload's retirement.
     watermark_saved: Arc<std::sync::Mutex<Instant>>,
     /// Held by a pruning step (its checks and its deletes) and by
     /// [`Log::enqueue`]: moving a dead letter back into the queue between
@@ -390,6 +398,7 @@ impl Log {
             wal: Arc::new(std::sync::Mutex::new(None)),
             saved_counts: Arc::default(),
             fronts: Arc::default(),
+            retired: Arc::default(),
             applied: Arc::default(),
             // The first settlement writes at once.
             watermark_saved: Arc::new(std::sync::Mutex::new(

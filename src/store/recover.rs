@@ -33,19 +33,23 @@ impl Log {
                     lead_ms = lead_ms.max(crate::node::id_ms(id).saturating_sub(received_at_ms));
                     batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
                     let state = new_delivery_state(received_at_ms);
+                    let event = decode_event_record(&id_key(EVENT_PREFIX, id), &entry.value)?.event;
                     for target in &entry.targets {
-                        // A target with a watermark takes new events from
-                        // above it: no queue entry.
-                        let implicit = match adopted.get(target) {
-                            Some(&implicit) => implicit,
+                        // A target whose watermark takes this type reads
+                        // it above the watermark: no queue entry. One whose
+                        // types a reload changed, and which crashed before
+                        // the new watermark was written, still has the old.
+                        let stored = match adopted.get(target) {
+                            Some(stored) => stored,
                             None => {
-                                let implicit = self
-                                    .db
-                                    .contains_key(target_prefix(WATERMARK_PREFIX, target))?;
-                                adopted.insert(target.clone(), implicit);
-                                implicit
+                                let stored =
+                                    self.stored_watermark(target)?.map(|(_, events)| events);
+                                adopted.entry(target.clone()).or_insert(stored)
                             }
                         };
+                        let implicit = stored
+                            .as_ref()
+                            .is_some_and(|events| takes(events.as_deref(), event));
                         if !implicit {
                             batch.queue_new(target, received_at_ms, EventId(id), &state);
                         }

@@ -21,7 +21,7 @@ impl Log {
     /// queued, as with queue entries; the changed one then starts afresh.
     pub fn adopt_targets(&self, subscriptions: &[Subscription]) -> Result<(), LogError> {
         let last = self.recover_last_id()?;
-        let mut changed = false;
+        let mut changed = self.queue_stored_retired()?;
         let mut configured = std::collections::HashSet::new();
         let mut fronts = std::collections::HashMap::new();
         for subscription in subscriptions {
@@ -63,59 +63,6 @@ impl Log {
         Ok(())
     }
 
-    /// A target a reload added (or whose event types it changed, after
-    /// [`Log::retire_target`]): it takes, under `subscription`'s event
-    /// types, every event above `cut` (the last id the committer counted
-    /// for the old targets, [`Committer::resubscribe`]). Its watermark is
-    /// durable when this returns.
-    pub fn add_target(&self, subscription: &Subscription, cut: u64) -> Result<(), LogError> {
-        let target = &subscription.target;
-        let events = subscription.events.clone();
-        self.db.insert(
-            target_prefix(WATERMARK_PREFIX, target),
-            record::encode_watermark(cut, events.as_deref()),
-        )?;
-        self.make_sled_durable()?;
-        let q = self.implicit_queue(target, cut, events)?;
-        self.fronts
-            .lock()
-            .expect("implicit lock")
-            .insert(target.clone(), q);
-        Ok(())
-    }
-
-    /// A target a reload removed (or whose event types it changed), whose
-    /// dispatcher has stopped: what waited for it above its watermark, up
-    /// to `cut`, gets explicit queue entries, as [`Log::adopt_targets`]
-    /// gives them at a start, and its watermark goes. Returns how many.
-    pub fn retire_target(&self, target: &str, cut: u64) -> Result<u64, LogError> {
-        // Pruning must not take an event between leaving the implicit queue
-        // and getting its queue entry (see `prune_step`).
-        let _step = self.prune_step.lock().expect("prune lock");
-        let Some(q) = self.fronts.lock().expect("implicit lock").remove(target) else {
-            return Ok(0);
-        };
-        let queued = self.queue_waiting(target, q.watermark(), cut, |id, event| {
-            q.waits(id) && q.wants(event)
-        })?;
-        self.db.remove(target_prefix(WATERMARK_PREFIX, target))?;
-        self.make_sled_durable()?;
-        Ok(queued)
-    }
-
-    /// Waits (with a deadline) until every group commit through `id` is in
-    /// sled, so that a scan sees each of their events.
-    pub fn wait_applied(&self, id: u64, deadline: Duration) -> Result<(), LogError> {
-        let started = Instant::now();
-        while self.applied.load(Ordering::Acquire) < id {
-            if started.elapsed() >= deadline {
-                return Err(LogError::Busy);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-
     /// Takes every stored watermark as it is, with the event types stored
     /// with it, changing nothing: for commands run offline, which must see
     /// what waits above the watermarks without acting as the server.
@@ -133,7 +80,7 @@ impl Log {
             fronts.insert(target, q);
         }
         *self.fronts.lock().expect("implicit lock") = fronts;
-        Ok(())
+        self.load_retired()
     }
 
     /// A target's implicit queue from its stored watermark. Deliveries above
@@ -261,13 +208,12 @@ impl Log {
     /// Writes the watermarks that moved since they were last written (at
     /// most every [`WATERMARK_SAVE_EVERY`] unless `now`).
     pub fn save_watermarks(&self, now: bool) -> Result<(), LogError> {
-        {
-            let mut saved = self.watermark_saved.lock().expect("watermark lock");
-            if !now && saved.elapsed() < WATERMARK_SAVE_EVERY {
-                return Ok(());
-            }
-            *saved = Instant::now();
+        // Held through the writes (see `Log::retire_fronts`).
+        let mut saved = self.watermark_saved.lock().expect("watermark lock");
+        if !now && saved.elapsed() < WATERMARK_SAVE_EVERY {
+            return Ok(());
         }
+        *saved = Instant::now();
         let moved: Vec<(String, u64, Option<Vec<String>>)> = {
             let fronts = self.fronts.lock().expect("implicit lock");
             fronts
@@ -334,13 +280,14 @@ impl Log {
         value: &[u8],
     ) -> Result<bool, LogError> {
         let fronts = self.fronts.lock().expect("implicit lock");
-        let Some(q) = fronts.get(target) else {
-            return Ok(false);
-        };
-        if !q.waits(id.0) {
+        let front = fronts.get(target).filter(|q| q.waits(id.0));
+        let retired = self.retired.lock().expect("retired lock");
+        let mut retired = retired.iter().filter(|r| r.target == target);
+        if front.is_none() && retired.clone().next().is_none() {
             return Ok(false);
         }
-        Ok(q.wants(decode_event_record(key, value)?.event))
+        let event = decode_event_record(key, value)?.event;
+        Ok(front.is_some_and(|q| q.wants(event)) || retired.any(|r| r.waits(id.0, event)))
     }
 
     /// Fresh deliveries waiting at `target`, and when the oldest was

@@ -124,12 +124,12 @@ fn run_ceiling() {
                 let Ok(body) = body else {
                     return json_response(StatusCode::BAD_REQUEST, Bytes::new());
                 };
-                if let Some(log) = &inline_log {
+                if let Some(store) = &inline_log {
                     use leadflo_relay::store::wal;
                     tokio::task::block_in_place(|| {
                         let mut frame = wal::Frame::new();
                         frame.push(wal::KIND_EVENT, 1, &body, std::iter::empty::<&str>());
-                        log.lock().unwrap().append(&mut frame).unwrap();
+                        store.lock().unwrap().append(&mut frame).unwrap();
                     });
                 }
                 if let Some(durable) = &durable {
@@ -171,7 +171,7 @@ type Durable = (Bytes, tokio::sync::oneshot::Sender<()>);
 fn group_commit(dir: std::path::PathBuf, mut rx: tokio::sync::mpsc::Receiver<Durable>) {
     use leadflo_relay::store::wal;
     wal::prepare_spare(&dir).unwrap();
-    let (mut log, _, _) = wal::Wal::open(&dir).unwrap();
+    let (mut store, _, _) = wal::Wal::open(&dir).unwrap();
     let mut id = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
@@ -183,12 +183,12 @@ fn group_commit(dir: std::path::PathBuf, mut rx: tokio::sync::mpsc::Receiver<Dur
             id += 1;
             frame.push(wal::KIND_EVENT, id, body, std::iter::empty::<&str>());
         }
-        log.append(&mut frame).unwrap();
+        store.append(&mut frame).unwrap();
         for (_, done) in group {
             let _ = done.send(());
         }
-        if log.len() >= wal::SEGMENT_BYTES {
-            let through = log.rotate().unwrap();
+        if store.len() >= wal::SEGMENT_BYTES {
+            let through = store.rotate().unwrap();
             wal::remove_through(&dir, through).unwrap();
             wal::prepare_spare(&dir).unwrap();
         }

@@ -26,7 +26,7 @@ use leadflo_relay::config::Secret;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{SecretCheck, event_type, json_response};
 use leadflo_relay::metrics::Metrics;
-use leadflo_relay::store::{Committer, Entry, Log};
+use leadflo_relay::store::{Committer, Entry, Store};
 use support::{SECRET, drive, payload, start_relay};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -51,9 +51,9 @@ fn bench_dir() -> tempfile::TempDir {
 fn bench_append(c: &mut Criterion) {
     let rt = runtime();
     let dir = bench_dir();
-    let options = support::log_options(dir.path());
-    let log = Log::open(&options).unwrap();
-    let (committer, handle) = log
+    let options = support::store_options(dir.path());
+    let store = Store::open(&options).unwrap();
+    let (committer, handle) = store
         .start_committer(&options, Vec::new(), Arc::new(Metrics::new()))
         .unwrap();
     let mut group = c.benchmark_group("append");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use leadflo_relay::metrics::Metrics;
-use leadflo_relay::store::{Entry, Log};
+use leadflo_relay::store::{Entry, Store};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -31,9 +31,9 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir_in(".").unwrap();
-    let options = support::log_options(dir.path());
-    let log = Log::open(&options).unwrap();
-    let (committer, handle) = log
+    let options = support::store_options(dir.path());
+    let store = Store::open(&options).unwrap();
+    let (committer, handle) = store
         .start_committer(&options, Vec::new(), Arc::new(Metrics::new()))
         .unwrap();
     let body_bytes = support::payload(0).len() as u64;
@@ -73,7 +73,7 @@ fn main() {
     let mut after = None;
     let mut pruned = 0;
     loop {
-        let step = log.prune_before(cutoff, after, 1024, &[]).unwrap();
+        let step = store.prune_before(cutoff, after, 1024, &[]).unwrap();
         pruned += step.deleted;
         if step.examined < 1024 {
             break;
@@ -85,7 +85,7 @@ fn main() {
 
     write(events);
     let after_second = size(dir.path());
-    let stored = log.events().count() as u64;
+    let stored = store.events().count() as u64;
     assert_eq!(stored, events, "the second batch is not all stored");
     runtime.block_on(handle.close());
 

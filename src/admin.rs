@@ -33,7 +33,7 @@ use crate::ingest::{SecretCheck, json_response};
 use crate::metrics::Metrics;
 use crate::ops::{self, LiveState, OpsError};
 use crate::reload::{AdminTargets, Reloader, ShuttingDown, Swap};
-use crate::store::{EventId, Log};
+use crate::store::{EventId, Store};
 
 pub use crate::config::ADMIN_TOKEN_ENV;
 
@@ -43,7 +43,7 @@ const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
 /// Everything the admin routes read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub log: Log,
+    pub store: Store,
     pub disk: Arc<DiskGuard>,
     /// The configured targets and their wakes, as the last reload left them.
     pub targets: Arc<Swap<AdminTargets>>,
@@ -84,21 +84,22 @@ impl Admin {
             (Method::GET, "/api/stats") => {
                 let live = MetricsLive(&self.metrics);
                 reply(ops::stats(
-                    &self.log,
+                    &self.store,
                     &self.targets.load().view,
                     Some(&live),
                     Some(self.node),
                 ))
             }
             (Method::GET, "/api/events") => match parse_query::<ops::EventsQuery>(&query) {
-                Ok(q) => blocking(move || ops::list_events(&this.log, &q)).await,
+                Ok(q) => blocking(move || ops::list_events(&this.store, &q)).await,
                 Err(bad) => bad.response(),
             },
             (Method::GET, "/api/dlq") => {
                 let target = parse_query::<TargetQuery>(&query).map(|q| q.target);
                 match target {
                     Ok(target) => {
-                        blocking(move || ops::list_dead_letters(&this.log, target.as_deref())).await
+                        blocking(move || ops::list_dead_letters(&this.store, target.as_deref()))
+                            .await
                     }
                     Err(bad) => bad.response(),
                 }
@@ -107,7 +108,7 @@ impl Admin {
                 Ok(r) => {
                     let target = r.target.clone();
                     let response = blocking(move || {
-                        ops::replay(&this.log, &this.targets.load().view, &r, &mut |_| {})
+                        ops::replay(&this.store, &this.targets.load().view, &r, &mut |_| {})
                     })
                     .await;
                     self.wake(Some(&target));
@@ -120,7 +121,7 @@ impl Admin {
                 Ok(s) => {
                     let target = s.target.clone();
                     let response = blocking(move || {
-                        ops::retry_dead_letters(&this.log, &this.targets.load().view, &s)
+                        ops::retry_dead_letters(&this.store, &this.targets.load().view, &s)
                     })
                     .await;
                     self.wake(target.as_deref());
@@ -130,14 +131,14 @@ impl Admin {
             },
             (Method::POST, "/api/dlq/purge") => match read_json::<ops::DlqSelection>(request).await
             {
-                Ok(s) => blocking(move || ops::purge_dead_letters(&this.log, &s)).await,
+                Ok(s) => blocking(move || ops::purge_dead_letters(&this.store, &s)).await,
                 Err(bad) => bad.response(),
             },
             (Method::POST, "/api/targets/forget") => {
                 match read_json::<ops::ForgetRequest>(request).await {
                     Ok(r) => {
                         blocking(move || {
-                            ops::forget_target(&this.log, &this.targets.load().view, &r.target)
+                            ops::forget_target(&this.store, &this.targets.load().view, &r.target)
                         })
                         .await
                     }
@@ -200,7 +201,7 @@ impl Admin {
             );
         };
         if raw {
-            return match ops::raw_event(&self.log, id) {
+            return match ops::raw_event(&self.store, id) {
                 Ok(bytes) => {
                     let mut response = Response::new(Full::new(Bytes::from(bytes)));
                     response.headers_mut().insert(
@@ -212,7 +213,7 @@ impl Admin {
                 Err(err) => ops_error(err),
             };
         }
-        reply(ops::show_event(&self.log, &self.targets.load().view, id))
+        reply(ops::show_event(&self.store, &self.targets.load().view, id))
     }
 
     fn wake(&self, target: Option<&str>) {
@@ -230,7 +231,7 @@ impl Admin {
                 Bytes::from_static(br#"{"status":"draining"}"#),
             );
         }
-        if self.log.health().commits_failing() {
+        if self.store.health().commits_failing() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the log cannot commit to disk; ingest answers 503",
@@ -247,7 +248,7 @@ impl Admin {
     fn refresh_backlog_gauges(&self) {
         let now_ms = crate::clock::now_ms();
         for target in self.targets.load().view.names() {
-            let Ok(stats) = self.log.target_stats(&target) else {
+            let Ok(stats) = self.store.target_stats(&target) else {
                 continue;
             };
             let labels = [target.as_str()];
@@ -344,7 +345,7 @@ fn ops_error(err: OpsError) -> AdminResponse {
     let status = match &err {
         OpsError::Invalid(_) => StatusCode::BAD_REQUEST,
         OpsError::NoSuchEvent(_) => StatusCode::NOT_FOUND,
-        OpsError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        OpsError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &err.to_string())
 }

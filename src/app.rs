@@ -21,7 +21,7 @@ use crate::ingest::{Ingest, IngestSettings, SecretCheck};
 use crate::metrics::{IngestResult, Metrics};
 use crate::node::NodeId;
 use crate::reload::{ConfigSource, Reloadable, Reloader, Swap, Targets};
-use crate::store::{Committer, CommitterHandle, Log, LogOptions, Subscription};
+use crate::store::{Committer, CommitterHandle, Store, StoreOptions, Subscription};
 use crate::systemd::PassedListeners;
 
 /// The secrets a relay runs with, resolved by the caller (never from flags).
@@ -45,7 +45,7 @@ pub struct Relay {
     admin_token: Option<Secret>,
     ingest_listener: TcpListener,
     admin_listener: TcpListener,
-    log: Log,
+    store: Store,
     committer: Committer,
     committer_handle: CommitterHandle,
     targets: Vec<(TargetConfig, Target)>,
@@ -178,23 +178,23 @@ impl Relay {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         let node = NodeId::load_or_create(config.server.node_id, data_dir)?;
-        let options = log_options(&config, node);
+        let options = store_options(&config, node);
         let targets = build_targets(&config)?;
         let subscriptions = subscriptions(&targets);
-        let log = Log::open(&options)?;
-        log.adopt_targets(&subscriptions)?;
+        let store = Store::open(&options)?;
+        store.adopt_targets(&subscriptions)?;
         let names: Vec<String> = targets.iter().map(|(c, _)| c.name.clone()).collect();
         // A target removed from the configuration keeps what waited for it
         // (and so its events) until it is configured again or forgotten:
         // counted too, for `stats`, and said once at each start.
-        let removed: Vec<String> = log
+        let removed: Vec<String> = store
             .targets_in_log()?
             .into_iter()
             .filter(|name| !names.contains(name))
             .collect();
-        log.count_backlogs(&[names.as_slice(), removed.as_slice()].concat())?;
+        store.count_backlogs(&[names.as_slice(), removed.as_slice()].concat())?;
         for name in &removed {
-            let stats = log.target_stats(name)?;
+            let stats = store.target_stats(name)?;
             tracing::warn!(
                 target = %name,
                 waiting = stats.queued,
@@ -211,8 +211,8 @@ impl Relay {
                 config.storage.max_bytes,
             )
             .with_reusable({
-                let log = log.clone();
-                Box::new(move || log.reusable_bytes())
+                let store = store.clone();
+                Box::new(move || store.reusable_bytes())
             }),
         );
         disk.sample(&metrics).with_context(|| {
@@ -222,7 +222,7 @@ impl Relay {
             )
         })?;
         let (committer, committer_handle) =
-            log.start_committer(&options, subscriptions, metrics.clone())?;
+            store.start_committer(&options, subscriptions, metrics.clone())?;
         let ingest_listener = listen(passed.ingest, config.server.listen, "server.listen").await?;
         let admin_listener = listen(
             passed.admin,
@@ -237,7 +237,7 @@ impl Relay {
             admin_token,
             ingest_listener,
             admin_listener,
-            log,
+            store,
             committer,
             committer_handle,
             targets,
@@ -264,8 +264,8 @@ impl Relay {
     }
 
     /// The open log, for inspection (tests, and the CLI in-process).
-    pub fn log(&self) -> Log {
-        self.log.clone()
+    pub fn store(&self) -> Store {
+        self.store.clone()
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -335,7 +335,7 @@ impl Relay {
         let pruned_for: Vec<String> = self.targets.iter().map(|(c, _)| c.name.clone()).collect();
         let targets = start_dispatchers(
             Targets::new(
-                self.log.clone(),
+                self.store.clone(),
                 self.metrics.clone(),
                 shutdown.clone(),
                 delivery.handle(),
@@ -359,7 +359,7 @@ impl Relay {
         ));
         let admin = Arc::new(Admin {
             metrics: self.metrics.clone(),
-            log: self.log.clone(),
+            store: self.store.clone(),
             disk: self.disk.clone(),
             targets: admin_targets.clone(),
             reloader: reloader.clone(),
@@ -405,7 +405,7 @@ impl Relay {
                     .run(self.metrics.clone(), shutdown.clone()),
             ),
             pruner: tokio::spawn(crate::retention::run(
-                self.log.clone(),
+                self.store.clone(),
                 self.config.storage.retention.get(),
                 pruned_for,
                 self.metrics.clone(),
@@ -413,7 +413,7 @@ impl Relay {
             )),
         };
         let stuck_watch = tokio::spawn(watch_for_a_stuck_log(
-            self.log.health(),
+            self.store.health(),
             self.disk.clone(),
             self.metrics.clone(),
             shutdown.clone(),
@@ -423,7 +423,7 @@ impl Relay {
         tracing::info!("shutting down: no new connections; finishing open requests and attempts");
         // The watch returns as soon as shutdown is cancelled.
         let stuck = stuck_watch.await.context("log watch task")?;
-        let drain = tasks.finish(reloader, admin_targets, self.committer_handle, &self.log);
+        let drain = tasks.finish(reloader, admin_targets, self.committer_handle, &self.store);
         if !stuck {
             drain.await?;
         } else {
@@ -462,7 +462,7 @@ impl Tasks {
         reloader: Arc<Reloader>,
         admin_targets: Arc<Swap<crate::reload::AdminTargets>>,
         committer: CommitterHandle,
-        log: &Log,
+        store: &Store,
     ) -> anyhow::Result<()> {
         self.ingest.await.context("ingest listener task")?;
         self.reloads.await.context("reload task")?;
@@ -476,7 +476,7 @@ impl Tasks {
         // targets too: the next start counts them as well.
         let removed = admin_targets.load().view.removed.clone();
         let counted: Vec<String> = target_names.into_iter().chain(removed).collect();
-        if let Err(err) = log.save_backlog_counts(&counted) {
+        if let Err(err) = store.save_backlog_counts(&counted) {
             tracing::warn!(error = %err, "could not save the backlog counts; the next start counts them");
         }
         Ok(())
@@ -700,8 +700,8 @@ async fn reload_on_request(
     }
 }
 
-pub fn log_options(config: &Config, node: NodeId) -> LogOptions {
-    LogOptions {
+pub fn store_options(config: &Config, node: NodeId) -> StoreOptions {
+    StoreOptions {
         node,
         data_dir: config.storage.data_dir.clone(),
         checkpoint_interval: config.storage.checkpoint_interval.get(),

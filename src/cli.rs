@@ -21,12 +21,12 @@ use serde::de::DeserializeOwned;
 use crate::admin::ADMIN_TOKEN_ENV;
 use crate::config::Config;
 use crate::ops::{self, TargetsView};
-use crate::store::{EventId, Log, LogError};
+use crate::store::{EventId, Store, StoreError};
 
 /// How a command reaches the log.
 pub enum Backend {
     Online(Online),
-    Offline { log: Log, targets: TargetsView },
+    Offline { store: Store, targets: TargetsView },
 }
 
 /// Where the CLI looks, from its flags.
@@ -176,27 +176,27 @@ fn open_offline(
     }
     let config = &access.config;
     // Offline commands issue no ids: the node identity does not matter.
-    let options = crate::app::log_options(config, crate::node::NodeId(0));
-    match Log::open(&options) {
-        Ok(log) => {
-            log.load_watermarks()?;
+    let options = crate::app::store_options(config, crate::node::NodeId(0));
+    match Store::open(&options) {
+        Ok(store) => {
+            store.load_watermarks()?;
             let mut targets = TargetsView::from_config(config);
             // Targets no longer configured but still holding deliveries.
             // Their event types are the ones stored with their watermark
             // (every type when they have none), as the relay knows them.
-            for name in log.targets_in_log()? {
+            for name in store.targets_in_log()? {
                 if !targets.targets.iter().any(|(n, _)| *n == name) {
-                    let events = log.stored_event_types(&name)?;
+                    let events = store.stored_event_types(&name)?;
                     if access.config_given {
                         targets.removed.insert(name.clone());
                     }
                     targets.targets.push((name, events));
                 }
             }
-            log.count_backlogs(&targets.names())?;
-            Ok(Backend::Offline { log, targets })
+            store.count_backlogs(&targets.names())?;
+            Ok(Backend::Offline { store, targets })
         }
-        Err(LogError::Locked { dir }) => match unreachable {
+        Err(StoreError::Locked { dir }) => match unreachable {
             Some((url, err)) => bail!(
                 "the data directory {} is locked by a running leadflo-relay, but its admin API \
                  at {url} did not answer ({err}); pass --admin URL of that relay",
@@ -260,7 +260,7 @@ pub fn cell(text: &str, max: usize) -> String {
 pub async fn replay(access: &Access, request: ops::ReplayRequest) -> anyhow::Result<()> {
     let report = match connect(access).await? {
         Backend::Online(online) => online.post("/api/replay", &request).await?,
-        Backend::Offline { log, targets } => {
+        Backend::Offline { store, targets } => {
             let show_progress = !access.json && std::io::stderr().is_terminal();
             let bar = indicatif::ProgressBar::new_spinner();
             if !show_progress {
@@ -268,7 +268,7 @@ pub async fn replay(access: &Access, request: ops::ReplayRequest) -> anyhow::Res
             }
             bar.set_message("events looked at");
             tokio::task::spawn_blocking(move || {
-                ops::replay(&log, &targets, &request, &mut |n| {
+                ops::replay(&store, &targets, &request, &mut |n| {
                     bar.set_position(n as u64)
                 })
             })
@@ -305,7 +305,7 @@ pub async fn events_list(access: &Access, query: ops::EventsQuery) -> anyhow::Re
             let query = serde_urlencoded::to_string(&query)?;
             online.get(&format!("/api/events?{query}")).await?
         }
-        Backend::Offline { log, .. } => ops::list_events(&log, &query)?,
+        Backend::Offline { store, .. } => ops::list_events(&store, &query)?,
     };
     if access.json {
         print_json(&events);
@@ -336,14 +336,14 @@ pub async fn events_show(access: &Access, id: EventId, raw: bool) -> anyhow::Res
     if raw {
         let bytes = match backend {
             Backend::Online(online) => online.get_bytes(&format!("/api/events/{id}/raw")).await?,
-            Backend::Offline { log, .. } => ops::raw_event(&log, id)?,
+            Backend::Offline { store, .. } => ops::raw_event(&store, id)?,
         };
         std::io::stdout().write_all(&bytes)?;
         return Ok(());
     }
     let detail: ops::EventDetail = match backend {
         Backend::Online(online) => online.get(&format!("/api/events/{id}")).await?,
-        Backend::Offline { log, targets } => ops::show_event(&log, &targets, id)?,
+        Backend::Offline { store, targets } => ops::show_event(&store, &targets, id)?,
     };
     if access.json {
         print_json(&detail);
@@ -423,14 +423,16 @@ async fn fetch_dead_letters(
             let query = serde_urlencoded::to_string([("target", target)])?;
             online.get(&format!("/api/dlq?{query}")).await?
         }
-        Backend::Offline { log, .. } => ops::list_dead_letters(&log, target.as_deref())?,
+        Backend::Offline { store, .. } => ops::list_dead_letters(&store, target.as_deref())?,
     })
 }
 
 pub async fn dlq_retry(access: &Access, selection: ops::DlqSelection) -> anyhow::Result<()> {
     let report: ops::DlqReport = match connect(access).await? {
         Backend::Online(online) => online.post("/api/dlq/retry", &selection).await?,
-        Backend::Offline { log, targets } => ops::retry_dead_letters(&log, &targets, &selection)?,
+        Backend::Offline { store, targets } => {
+            ops::retry_dead_letters(&store, &targets, &selection)?
+        }
     };
     if access.json {
         print_json(&report);
@@ -478,7 +480,7 @@ pub async fn dlq_purge(
     }
     let report: ops::DlqReport = match connect(access).await? {
         Backend::Online(online) => online.post("/api/dlq/purge", &selection).await?,
-        Backend::Offline { log, .. } => ops::purge_dead_letters(&log, &selection)?,
+        Backend::Offline { store, .. } => ops::purge_dead_letters(&store, &selection)?,
     };
     if access.json {
         print_json(&report);
@@ -506,7 +508,7 @@ pub async fn forget_target(access: &Access, target: String, yes: bool) -> anyhow
                 .post("/api/targets/forget", &ops::ForgetRequest { target })
                 .await?
         }
-        Backend::Offline { log, targets } => ops::forget_target(&log, &targets, &target)?,
+        Backend::Offline { store, targets } => ops::forget_target(&store, &targets, &target)?,
     };
     if access.json {
         print_json(&report);
@@ -561,9 +563,9 @@ pub async fn reload(access: &Access) -> anyhow::Result<()> {
 pub async fn stats(access: &Access) -> anyhow::Result<()> {
     let report: ops::StatsReport = match connect(access).await? {
         Backend::Online(online) => online.get("/api/stats").await?,
-        Backend::Offline { log, targets } => {
-            let node = crate::node::NodeId::peek(access.config.server.node_id, log.data_dir())?.0;
-            ops::stats(&log, &targets, None, node)?
+        Backend::Offline { store, targets } => {
+            let node = crate::node::NodeId::peek(access.config.server.node_id, store.data_dir())?.0;
+            ops::stats(&store, &targets, None, node)?
         }
     };
     if access.json {

@@ -20,7 +20,7 @@ use crate::clock::now_ms;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::retry::{Decision, RetryPolicy, decide};
-use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Log, Source};
+use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Source, Store};
 
 /// The longest the dispatcher sleeps without looking at its queue again.
 const MAX_IDLE: Duration = Duration::from_secs(1);
@@ -119,13 +119,13 @@ impl RateLimiter {
 /// the same target could have started its next one); returns that time for
 /// this one.
 pub async fn run(
-    log: Log,
+    store: Store,
     settings: tokio::sync::watch::Receiver<Arc<Target>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     not_before: Instant,
 ) -> Instant {
-    let mut dispatcher = Dispatcher::new(log, settings, &metrics, not_before);
+    let mut dispatcher = Dispatcher::new(store, settings, &metrics, not_before);
     loop {
         dispatcher.follow_settings();
         let wake_at = dispatcher.fill().min(dispatcher.flush_watermark());
@@ -157,7 +157,7 @@ enum Woken {
 
 /// One target's dispatcher: its loop's state between two wake-ups.
 struct Dispatcher {
-    log: Log,
+    store: Store,
     settings: tokio::sync::watch::Receiver<Arc<Target>>,
     target: Arc<Target>,
     /// The deliveries being attempted, by the task attempting them (so that
@@ -176,7 +176,7 @@ struct Dispatcher {
 
 impl Dispatcher {
     fn new(
-        log: Log,
+        store: Store,
         mut settings: tokio::sync::watch::Receiver<Arc<Target>>,
         metrics: &Metrics,
         not_before: Instant,
@@ -188,7 +188,7 @@ impl Dispatcher {
         circuit_gauge.set(0);
         Dispatcher {
             counted: Arc::new(AttemptMetrics::new(metrics, &target.name)),
-            log,
+            store,
             settings,
             target,
             in_flight: HashMap::new(),
@@ -273,7 +273,7 @@ impl Dispatcher {
                     .any(|&(busy, source)| source == Source::Explicit && busy == id)
             },
         };
-        let (due, next_due_ms) = match self.log.due_deliveries(&self.target.name, &query) {
+        let (due, next_due_ms) = match self.store.due_deliveries(&self.target.name, &query) {
             Ok(found) => found,
             Err(err) => {
                 tracing::error!(target = %self.target.name, error = %err, "cannot read the delivery queue");
@@ -290,11 +290,14 @@ impl Dispatcher {
         for delivery in due {
             self.limiter.take();
             let id = (delivery.id, delivery.source);
-            let (log, target, counted) =
-                (self.log.clone(), self.target.clone(), self.counted.clone());
+            let (store, target, counted) = (
+                self.store.clone(),
+                self.target.clone(),
+                self.counted.clone(),
+            );
             let task = self
                 .attempts
-                .spawn(async move { attempt(&log, &target, &counted, delivery).await });
+                .spawn(async move { attempt(&store, &target, &counted, delivery).await });
             self.in_flight.insert(task.id(), id);
         }
         match next_due_ms {
@@ -307,11 +310,11 @@ impl Dispatcher {
     /// further delivery settles; returns when to look again.
     fn flush_watermark(&self) -> Instant {
         let name = &self.target.name;
-        if self.log.watermark_unsaved(name) {
-            if let Err(err) = self.log.save_watermarks(false) {
+        if self.store.watermark_unsaved(name) {
+            if let Err(err) = self.store.save_watermarks(false) {
                 tracing::warn!(target = %name, error = %err, "cannot write a delivery watermark; will try again");
             }
-            if self.log.watermark_unsaved(name) {
+            if self.store.watermark_unsaved(name) {
                 return Instant::now() + WATERMARK_RECHECK;
             }
         }
@@ -342,7 +345,7 @@ impl Dispatcher {
                 Err(err) => {
                     // The delivery stays queued; it is tried again later.
                     if let Some((id, implicit)) = self.in_flight.remove(&err.id()) {
-                        self.log.release(&self.target.name, id, implicit);
+                        self.store.release(&self.target.name, id, implicit);
                     }
                     tracing::error!(target = %self.target.name, "a delivery attempt panicked");
                 }
@@ -374,7 +377,7 @@ impl Dispatcher {
             while self.attempts.join_next().await.is_some() {}
         }
         for (id, implicit) in self.in_flight.into_values() {
-            self.log.release(&self.target.name, id, implicit);
+            self.store.release(&self.target.name, id, implicit);
         }
         self.limiter.ready_at()
     }
@@ -456,7 +459,7 @@ impl AttemptMetrics {
 
 /// Makes one attempt of `delivery` and records its outcome in the log.
 async fn attempt(
-    log: &Log,
+    store: &Store,
     target: &Target,
     metrics: &AttemptMetrics,
     delivery: Delivery,
@@ -465,18 +468,18 @@ async fn attempt(
     let body = match delivery
         .body
         .clone()
-        .map_or_else(|| log.event_body(delivery.id), |body| Ok(Some(body)))
+        .map_or_else(|| store.event_body(delivery.id), |body| Ok(Some(body)))
     {
         Ok(Some(body)) => body,
         Ok(None) => {
             // The event is gone (pruned or purged): nothing left to deliver.
             tracing::warn!(target = %name, id = %delivery.id, "queued delivery has no event; dropping it");
-            let _ = log.delivered(name, &delivery);
+            let _ = store.delivered(name, &delivery);
             return Verdict::Unknown;
         }
         Err(err) => {
             tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot read event");
-            log.release(name, delivery.id, delivery.source);
+            store.release(name, delivery.id, delivery.source);
             return Verdict::Unknown;
         }
     };
@@ -499,7 +502,7 @@ async fn attempt(
             metrics.success.inc();
             metrics.last_success.set(now_ms() as f64 / 1000.0);
             crate::crashpoint::reached(crate::crashpoint::DELIVERY_ANSWERED);
-            (Verdict::Healthy, log.delivered(name, &delivery))
+            (Verdict::Healthy, store.delivered(name, &delivery))
         }
         Decision::Retry {
             due_ms,
@@ -509,7 +512,7 @@ async fn attempt(
             metrics.retry.inc();
             (
                 Verdict::Failing(hold),
-                log.reschedule(name, &delivery, due_ms, &state),
+                store.reschedule(name, &delivery, due_ms, &state),
             )
         }
         Decision::Dead {
@@ -523,28 +526,28 @@ async fn attempt(
             } else {
                 Verdict::Answered
             };
-            (verdict, bury(log, name, &delivery, &state, reason))
+            (verdict, bury(store, name, &delivery, &state, reason))
         }
     };
     if let Err(err) = recorded {
         tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot record a delivery outcome; it will be retried");
-        log.release(name, delivery.id, delivery.source);
+        store.release(name, delivery.id, delivery.source);
         return Verdict::Unknown;
     }
     verdict
 }
 
 fn bury(
-    log: &Log,
+    store: &Store,
     target: &str,
     delivery: &Delivery,
     state: &DeliveryState,
     reason: String,
-) -> Result<(), crate::store::LogError> {
+) -> Result<(), crate::store::StoreError> {
     // One line per state change; the reason may quote the target's answer,
     // so it is stored, not logged.
     tracing::warn!(target = %target, id = %delivery.id, attempts = state.attempts, status = state.last_status, "delivery dead-lettered");
-    log.bury(
+    store.bury(
         delivery,
         &DeadLetter {
             id: delivery.id,

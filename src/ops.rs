@@ -1,6 +1,6 @@
 //! Operator actions on the log: replay, event listing, dead letters, stats.
 //!
-//! Each action is a function of an open [`Log`] and a request type, and
+//! Each action is a function of an open [`Store`] and a request type, and
 //! returns a report type; both are serde types. The admin API calls these
 //! functions inside a running relay and sends the report as JSON; the CLI
 //! calls the same functions on a data directory opened offline, or decodes
@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
-use crate::store::{DeadLetter, EventId, Log, LogError};
+use crate::store::{DeadLetter, EventId, Store, StoreError};
 
 /// Events re-queued per log batch.
 const REPLAY_CHUNK: usize = 1000;
@@ -28,7 +28,7 @@ pub enum OpsError {
     #[error("no event with id {0}")]
     NoSuchEvent(EventId),
     #[error(transparent)]
-    Log(#[from] LogError),
+    Store(#[from] StoreError),
 }
 
 /// What operator actions need to know of the configuration.
@@ -187,7 +187,7 @@ impl ReplayRequest {
 /// original ids (so the same `idempotency-key`) and fresh attempt counts.
 /// `progress` is called with the number of events looked at so far.
 pub fn replay(
-    log: &Log,
+    store: &Store,
     targets: &TargetsView,
     request: &ReplayRequest,
     progress: &mut dyn FnMut(usize),
@@ -209,14 +209,14 @@ pub fn replay(
             if !seen.insert(id) {
                 continue;
             }
-            let event = log.event(id)?.ok_or(OpsError::NoSuchEvent(id))?;
+            let event = store.event(id)?.ok_or(OpsError::NoSuchEvent(id))?;
             if wanted(&event.event) && request.in_window(event.received_at_ms, to_ms) {
                 candidates.push(id);
             }
         }
     } else if request.dead_letters {
-        for dead in log.dead_letters(&request.target)? {
-            let Some(event) = log.event(dead.id)? else {
+        for dead in store.dead_letters(&request.target)? {
+            let Some(event) = store.event(dead.id)? else {
                 continue;
             };
             if wanted(&event.event) && request.in_window(event.received_at_ms, to_ms) {
@@ -225,7 +225,7 @@ pub fn replay(
         }
     } else {
         let from_ms = request.from_ms.unwrap_or(0);
-        for event in log.events_between(from_ms, to_ms) {
+        for event in store.events_between(from_ms, to_ms) {
             let event = event?;
             if wanted(&event.event) {
                 candidates.push(event.id);
@@ -243,7 +243,7 @@ pub fn replay(
     };
     if request.dry_run {
         for &id in &candidates {
-            report.already_queued += usize::from(log.is_queued(&request.target, id)?);
+            report.already_queued += usize::from(store.is_queued(&request.target, id)?);
         }
         return Ok(report);
     }
@@ -251,7 +251,7 @@ pub fn replay(
     let start_ms = now_ms();
     for (n, chunk) in candidates.chunks(REPLAY_CHUNK).enumerate() {
         let first_due = start_ms + spacing_ms.saturating_mul(report.enqueued as u64);
-        let queued = log.enqueue(&request.target, chunk, first_due, spacing_ms)?;
+        let queued = store.enqueue(&request.target, chunk, first_due, spacing_ms)?;
         report.enqueued += queued;
         report.already_queued += chunk.len() - queued;
         crate::crashpoint::reached(crate::crashpoint::REPLAY_CHUNK);
@@ -289,7 +289,7 @@ pub struct EventSummary {
 pub const DEFAULT_LIMIT: usize = 50;
 
 /// The newest matching events (or quarantined bodies), newest first.
-pub fn list_events(log: &Log, query: &EventsQuery) -> Result<Vec<EventSummary>, OpsError> {
+pub fn list_events(store: &Store, query: &EventsQuery) -> Result<Vec<EventSummary>, OpsError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     let (from_ms, to_ms) = (
         query.from_ms.unwrap_or(0),
@@ -300,7 +300,7 @@ pub fn list_events(log: &Log, query: &EventsQuery) -> Result<Vec<EventSummary>, 
         return Ok(out);
     }
     if query.quarantined {
-        let all: Vec<_> = log.quarantined().collect::<Result<_, _>>()?;
+        let all: Vec<_> = store.quarantined().collect::<Result<_, _>>()?;
         for q in all.into_iter().rev() {
             if q.received_at_ms >= from_ms && q.received_at_ms <= to_ms {
                 out.push(EventSummary {
@@ -316,7 +316,7 @@ pub fn list_events(log: &Log, query: &EventsQuery) -> Result<Vec<EventSummary>, 
         }
         return Ok(out);
     }
-    for event in log.events_between(from_ms, to_ms).rev() {
+    for event in store.events_between(from_ms, to_ms).rev() {
         let event = event?;
         if query.event.as_deref().is_some_and(|e| e != event.event) {
             continue;
@@ -362,13 +362,17 @@ pub struct EventDetail {
     pub deliveries: BTreeMap<String, DeliveryStatus>,
 }
 
-pub fn show_event(log: &Log, targets: &TargetsView, id: EventId) -> Result<EventDetail, OpsError> {
-    let event = log.event(id)?.ok_or(OpsError::NoSuchEvent(id))?;
+pub fn show_event(
+    store: &Store,
+    targets: &TargetsView,
+    id: EventId,
+) -> Result<EventDetail, OpsError> {
+    let event = store.event(id)?.ok_or(OpsError::NoSuchEvent(id))?;
     let mut deliveries = BTreeMap::new();
     for name in targets.names() {
-        let status = if log.is_queued(&name, id)? {
+        let status = if store.is_queued(&name, id)? {
             DeliveryStatus::Queued
-        } else if let Some(dead) = log.dead_letter(&name, id)? {
+        } else if let Some(dead) = store.dead_letter(&name, id)? {
             DeliveryStatus::Dead {
                 reason: dead.reason,
                 attempts: dead.attempts,
@@ -392,8 +396,8 @@ pub fn show_event(log: &Log, targets: &TargetsView, id: EventId) -> Result<Event
 }
 
 /// The exact stored bytes of an event.
-pub fn raw_event(log: &Log, id: EventId) -> Result<Vec<u8>, OpsError> {
-    Ok(log.event(id)?.ok_or(OpsError::NoSuchEvent(id))?.body)
+pub fn raw_event(store: &Store, id: EventId) -> Result<Vec<u8>, OpsError> {
+    Ok(store.event(id)?.ok_or(OpsError::NoSuchEvent(id))?.body)
 }
 
 // ---- dead letters ----------------------------------------------------------
@@ -443,8 +447,8 @@ pub struct DlqReport {
     pub changed: usize,
 }
 
-fn select_dead(log: &Log, selection: &DlqSelection) -> Result<Vec<DeadLetter>, OpsError> {
-    let all = log.all_dead_letters()?;
+fn select_dead(store: &Store, selection: &DlqSelection) -> Result<Vec<DeadLetter>, OpsError> {
+    let all = store.all_dead_letters()?;
     Ok(all
         .into_iter()
         .filter(|d| selection.target.as_deref().is_none_or(|t| t == d.target))
@@ -452,13 +456,16 @@ fn select_dead(log: &Log, selection: &DlqSelection) -> Result<Vec<DeadLetter>, O
         .collect())
 }
 
-pub fn list_dead_letters(log: &Log, target: Option<&str>) -> Result<Vec<DeadLetterView>, OpsError> {
+pub fn list_dead_letters(
+    store: &Store,
+    target: Option<&str>,
+) -> Result<Vec<DeadLetterView>, OpsError> {
     let selection = DlqSelection {
         target: target.map(str::to_owned),
         ids: None,
         all: true,
     };
-    Ok(select_dead(log, &selection)?
+    Ok(select_dead(store, &selection)?
         .into_iter()
         .map(DeadLetterView::from)
         .collect())
@@ -480,7 +487,7 @@ fn check_selection(selection: &DlqSelection) -> Result<(), OpsError> {
 /// Dead letters of a target that is not configured stay where they are:
 /// no dispatcher would ever read them from the queue.
 pub fn retry_dead_letters(
-    log: &Log,
+    store: &Store,
     targets: &TargetsView,
     selection: &DlqSelection,
 ) -> Result<DlqReport, OpsError> {
@@ -488,7 +495,7 @@ pub fn retry_dead_letters(
     if let Some(target) = &selection.target {
         targets.check(target)?;
     }
-    let selected = select_dead(log, selection)?;
+    let selected = select_dead(store, selection)?;
     let mut by_target: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
     for dead in &selected {
         if targets.check(&dead.target).is_err() {
@@ -501,7 +508,7 @@ pub fn retry_dead_letters(
     }
     let mut changed = 0;
     for (target, ids) in by_target {
-        changed += log.enqueue(&target, &ids, now_ms(), 0)?;
+        changed += store.enqueue(&target, &ids, now_ms(), 0)?;
     }
     Ok(DlqReport {
         matched: selected.len(),
@@ -510,13 +517,13 @@ pub fn retry_dead_letters(
 }
 
 /// Removes the selected dead letters for good.
-pub fn purge_dead_letters(log: &Log, selection: &DlqSelection) -> Result<DlqReport, OpsError> {
+pub fn purge_dead_letters(store: &Store, selection: &DlqSelection) -> Result<DlqReport, OpsError> {
     check_selection(selection)?;
-    let selected: Vec<(String, EventId)> = select_dead(log, selection)?
+    let selected: Vec<(String, EventId)> = select_dead(store, selection)?
         .into_iter()
         .map(|d| (d.target, d.id))
         .collect();
-    let changed = log.purge_dead_letters(&selected)?;
+    let changed = store.purge_dead_letters(&selected)?;
     Ok(DlqReport {
         matched: selected.len(),
         changed,
@@ -544,7 +551,7 @@ pub struct ForgetReport {
 /// keep their events from ever being pruned. A configured target is
 /// refused: its dispatcher still works on them.
 pub fn forget_target(
-    log: &Log,
+    store: &Store,
     targets: &TargetsView,
     target: &str,
 ) -> Result<ForgetReport, OpsError> {
@@ -558,18 +565,18 @@ pub fn forget_target(
     // The log's own record of the last start: a configuration file given
     // offline may be stale, and forgetting a target that the relay still
     // serves would lose what waits for it.
-    if log.has_watermark(target)? {
+    if store.has_watermark(target)? {
         return Err(OpsError::Invalid(format!(
             "target {target:?} was configured when the relay last started (it still has a \
              watermark): start the relay without it first, then forget it"
         )));
     }
-    if !log.targets_in_log()?.contains(target) {
+    if !store.targets_in_log()?.contains(target) {
         return Err(OpsError::Invalid(format!(
             "the log holds no deliveries or dead letters for a target {target:?}"
         )));
     }
-    let (waiting, dead_letters) = log.forget_target(target)?;
+    let (waiting, dead_letters) = store.forget_target(target)?;
     Ok(ForgetReport {
         target: target.to_owned(),
         waiting,
@@ -619,7 +626,7 @@ fn configured_default() -> bool {
 }
 
 pub fn stats(
-    log: &Log,
+    store: &Store,
     targets: &TargetsView,
     live: Option<&dyn LiveState>,
     node: Option<crate::node::NodeId>,
@@ -629,13 +636,13 @@ pub fn stats(
     // Online, a target removed from the configuration is not in `targets`,
     // but what waits for it still holds its events in the log.
     let mut names = targets.names();
-    for name in log.targets_in_log()? {
+    for name in store.targets_in_log()? {
         if !names.contains(&name) {
             names.push(name);
         }
     }
     for name in names {
-        let stats = log.target_stats(&name)?;
+        let stats = store.target_stats(&name)?;
         let configured = targets.is_configured(&name);
         // A target not configured has no dispatcher, so no circuit (and
         // asking the metrics would make a series for it).
@@ -658,7 +665,7 @@ pub fn stats(
             name,
         });
     }
-    let dir = log.data_dir();
+    let dir = store.data_dir();
     Ok(StatsReport {
         online: live.is_some(),
         targets: reports,

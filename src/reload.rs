@@ -28,7 +28,7 @@ use crate::dispatch::{self, Target};
 use crate::ingest::SecretCheck;
 use crate::metrics::Metrics;
 use crate::ops::TargetsView;
-use crate::store::{Committer, Log, Subscription, TargetChange};
+use crate::store::{Committer, Store, Subscription, TargetChange};
 
 /// A value a reload replaces while readers keep using what they loaded.
 #[derive(Debug, Default)]
@@ -111,7 +111,7 @@ struct Running {
 
 /// The targets with a dispatcher, and what starting one needs.
 pub struct Targets {
-    log: Log,
+    store: Store,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     /// The delivery worker pool, where dispatchers run.
@@ -122,14 +122,14 @@ pub struct Targets {
 
 impl Targets {
     pub fn new(
-        log: Log,
+        store: Store,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         runtime: tokio::runtime::Handle,
         shutdown_grace: Duration,
     ) -> Targets {
         Targets {
-            log,
+            store,
             metrics,
             shutdown,
             runtime,
@@ -145,7 +145,7 @@ impl Targets {
         let stop = self.shutdown.child_token();
         let (settings, receiver) = watch::channel(Arc::new(target));
         let run = dispatch::run(
-            self.log.clone(),
+            self.store.clone(),
             receiver,
             self.metrics.clone(),
             stop.clone(),
@@ -250,7 +250,7 @@ pub struct Reloader {
     secret: Arc<Swap<Option<SecretCheck>>>,
     admin: Arc<Swap<AdminTargets>>,
     committer: Committer,
-    log: Log,
+    store: Store,
     metrics: Arc<Metrics>,
 }
 
@@ -278,7 +278,7 @@ pub struct Reloadable {
 
 impl Reloader {
     pub fn new(source: Option<ConfigSource>, parts: Reloadable, metrics: Arc<Metrics>) -> Reloader {
-        let log = parts.targets.log.clone();
+        let store = parts.targets.store.clone();
         Reloader {
             source,
             state: tokio::sync::Mutex::new(State {
@@ -289,7 +289,7 @@ impl Reloader {
             secret: parts.secret,
             admin: parts.admin,
             committer: parts.committer,
-            log,
+            store,
             metrics,
         }
     }
@@ -383,9 +383,9 @@ impl Reloader {
             running.config = new_config(&new, &name);
             report.changed.insert(name, keys);
         }
-        let log = self.log.clone();
+        let store = self.store.clone();
         let names = state.targets.names();
-        let removed = tokio::task::spawn_blocking(move || log.targets_in_log())
+        let removed = tokio::task::spawn_blocking(move || store.targets_in_log())
             .await??
             .into_iter()
             .filter(|name| !names.contains(name))
@@ -426,7 +426,7 @@ impl Reloader {
         names.extend(starting.iter().map(|s| s.target.clone()));
         names.sort();
         names.dedup();
-        let mut changes = self.log.retire_fronts(&names);
+        let mut changes = self.store.retire_fronts(&names);
         changes.extend(starting.iter().map(|s| TargetChange::Start {
             target: s.target.clone(),
             events: s.events.clone(),
@@ -436,11 +436,11 @@ impl Reloader {
         let cut = match self.committer.resubscribe(subscriptions, changes).await {
             Ok(cut) => cut,
             Err(err) => {
-                self.log.restore_fronts();
+                self.store.restore_fronts();
                 return Err(err).context("the committer did not take the new targets");
             }
         };
-        self.log.finish_resubscribe(cut, &starting);
+        self.store.finish_resubscribe(cut, &starting);
         if crate::crashpoint::hits(crate::crashpoint::RELOAD_CUT) {
             // Events acknowledged and checkpointed above the cut first.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -468,8 +468,8 @@ impl Reloader {
     /// Gives the deliveries waiting for retired targets queue entries; what
     /// fails is tried again by the next reload, or at the next start.
     async fn queue_retired(&self) {
-        let log = self.log.clone();
-        let queued = tokio::task::spawn_blocking(move || log.queue_retired()).await;
+        let store = self.store.clone();
+        let queued = tokio::task::spawn_blocking(move || store.queue_retired()).await;
         match queued {
             Ok(Ok(queued)) => {
                 for (target, queued) in queued {

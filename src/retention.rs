@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::Log;
+use crate::store::Store;
 
 /// Events looked at per batch.
 const BATCH: usize = 256;
@@ -25,7 +25,7 @@ pub fn pass_interval(retention: Duration) -> Duration {
 
 /// Prunes every [`pass_interval`] until `shutdown`.
 pub async fn run(
-    log: Log,
+    store: Store,
     retention: Duration,
     targets: Vec<String>,
     metrics: std::sync::Arc<Metrics>,
@@ -38,7 +38,7 @@ pub async fn run(
             _ = tokio::time::sleep(interval) => {}
         }
         let cutoff_ms = crate::clock::now_ms().saturating_sub(retention.as_millis() as u64);
-        match prune_pass(&log, cutoff_ms, &targets, &metrics, &shutdown).await {
+        match prune_pass(&store, cutoff_ms, &targets, &metrics, &shutdown).await {
             Ok(0) => {}
             Ok(deleted) => tracing::debug!(deleted, "pruned delivered events past retention"),
             Err(err) => tracing::warn!(error = %err, "pruning failed; will try again"),
@@ -49,14 +49,14 @@ pub async fn run(
 /// One pass over the events older than `cutoff_ms`; returns how many were
 /// deleted.
 pub async fn prune_pass(
-    log: &Log,
+    store: &Store,
     cutoff_ms: u64,
     configured: &[String],
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<usize> {
     // Targets no longer configured may still hold deliveries or dead letters.
-    let mut targets: Vec<String> = log.targets_in_log()?.into_iter().collect();
+    let mut targets: Vec<String> = store.targets_in_log()?.into_iter().collect();
     for name in configured {
         if !targets.contains(name) {
             targets.push(name.clone());
@@ -65,9 +65,9 @@ pub async fn prune_pass(
     let mut after = None;
     let mut deleted = 0;
     loop {
-        let (log, targets_now) = (log.clone(), targets.clone());
+        let (store, targets_now) = (store.clone(), targets.clone());
         let step = tokio::task::spawn_blocking(move || {
-            log.prune_before(cutoff_ms, after, BATCH, &targets_now)
+            store.prune_before(cutoff_ms, after, BATCH, &targets_now)
         })
         .await??;
         deleted += step.deleted;

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "bench-secret";
 
-/// Log settings for a bench's own data directory.
-pub fn log_options(dir: &std::path::Path) -> leadflo_relay::store::LogOptions {
-    leadflo_relay::store::LogOptions {
+/// Store settings for a bench's own data directory.
+pub fn store_options(dir: &std::path::Path) -> leadflo_relay::store::StoreOptions {
+    leadflo_relay::store::StoreOptions {
         data_dir: dir.to_owned(),
         checkpoint_interval: std::time::Duration::from_secs(1),
         cache_capacity_bytes: 16 << 20,

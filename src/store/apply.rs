@@ -109,7 +109,7 @@ pub(super) struct ApplyState {
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<CommitHealth>,
     pub(super) tallies: Arc<Tallies>,
-    /// See [`Log::applied`].
+    /// See [`Store::applied`].
     pub(super) applied: Arc<AtomicU64>,
 }
 

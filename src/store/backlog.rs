@@ -32,15 +32,15 @@ impl Tallies {
     }
 }
 
-impl Log {
+impl Store {
     /// Counts `targets`' queues and dead letters once, so that the figures
-    /// [`Log::target_stats`] returns are kept up to date from here on. Call
+    /// [`Store::target_stats`] returns are kept up to date from here on. Call
     /// before the committer and dispatchers start.
     ///
     /// After a clean shutdown the counts it saved are used as they are; else
     /// (a crash, a first start, a target added since) the queue is scanned,
     /// about a second per million waiting deliveries.
-    pub fn count_backlogs(&self, targets: &[String]) -> Result<(), LogError> {
+    pub fn count_backlogs(&self, targets: &[String]) -> Result<(), StoreError> {
         let saved = self.saved_counts.lock().expect("saved counts lock").take();
         for target in targets {
             let started = Instant::now();
@@ -64,11 +64,11 @@ impl Log {
     }
 
     /// Saves `targets`' backlog counts for the next start (see
-    /// [`Log::count_backlogs`]) and makes them durable. Call only once
+    /// [`Store::count_backlogs`]) and makes them durable. Call only once
     /// nothing writes to the log any more (clean shutdown, after the
     /// committer and the dispatchers have stopped): any later change would
     /// make them wrong, which is why every open deletes them first.
-    pub fn save_backlog_counts(&self, targets: &[String]) -> Result<(), LogError> {
+    pub fn save_backlog_counts(&self, targets: &[String]) -> Result<(), StoreError> {
         let counts: Vec<(&str, u64, u64)> = targets
             .iter()
             .map(|target| {
@@ -86,7 +86,7 @@ impl Log {
     /// Takes the counts a clean shutdown saved, if any, and deletes them
     /// durably before anything else can change the log (a command run
     /// offline, or this process crashing later, must lead to a recount).
-    pub(super) fn take_saved_counts(&self) -> Result<(), LogError> {
+    pub(super) fn take_saved_counts(&self) -> Result<(), StoreError> {
         let Some(value) = self.db.get(META_SAVED_COUNTS)? else {
             return Ok(());
         };
@@ -103,7 +103,7 @@ impl Log {
     /// because no entry is due before it was queued: a delivery at its first
     /// place is due when it was queued, so the queue's first entry was
     /// queued no later than any of them.
-    pub fn target_stats(&self, target: &str) -> Result<TargetStats, LogError> {
+    pub fn target_stats(&self, target: &str) -> Result<TargetStats, StoreError> {
         let (queued, dead) = self.tallies.get(target);
         // The first `p` entry is the oldest moved delivery, unless a replay
         // (which waits from its replay, under an old id) is in front of it:
@@ -117,7 +117,7 @@ impl Log {
         let first_queued = match self.db.scan_prefix(queue_prefix(target)).next() {
             Some(item) => {
                 let (key, value) = item?;
-                let state = record::decode_state(&value).map_err(|reason| LogError::Corrupt {
+                let state = record::decode_state(&value).map_err(|reason| StoreError::Corrupt {
                     key: key.to_vec(),
                     reason,
                 })?;
@@ -142,7 +142,7 @@ impl Log {
     /// The enqueue time of `target`'s first `a` entry whose delivery still
     /// waits (has its `p` entry). One without is skipped, not removed: a
     /// dispatcher may be between writing the two.
-    pub(super) fn oldest_by_age(&self, target: &str) -> Result<Option<u64>, LogError> {
+    pub(super) fn oldest_by_age(&self, target: &str) -> Result<Option<u64>, StoreError> {
         for entry in self.age_entries(target).take(AGE_SKIPS_PER_READ) {
             let (_, enqueued_ms, waits) = entry?;
             if waits {
@@ -157,7 +157,7 @@ impl Log {
     pub(super) fn age_entries<'a>(
         &'a self,
         target: &'a str,
-    ) -> impl Iterator<Item = Result<(sled::IVec, u64, bool), LogError>> + 'a {
+    ) -> impl Iterator<Item = Result<(sled::IVec, u64, bool), StoreError>> + 'a {
         let pending = move |id| self.db.contains_key(moved_key(target, id));
         self.db.scan_prefix(age_prefix(target)).map(move |item| {
             let (key, _) = item?;
@@ -173,7 +173,7 @@ impl Log {
 
     /// Removes `target`'s `a` entries that have no `p` entry: what a crash
     /// between the two writes left. Only while nothing else writes.
-    pub(super) fn remove_age_leftovers(&self, target: &str) -> Result<usize, LogError> {
+    pub(super) fn remove_age_leftovers(&self, target: &str) -> Result<usize, StoreError> {
         let mut removed = 0;
         for entry in self.age_entries(target) {
             let (key, _, waits) = entry?;

@@ -351,20 +351,20 @@ impl CommitState {
     }
 }
 
-impl Log {
+impl Store {
     /// Starts the committer thread. Call once per open log.
     pub fn start_committer(
         &self,
-        options: &LogOptions,
+        options: &StoreOptions,
         subscriptions: Vec<Subscription>,
         metrics: Arc<Metrics>,
-    ) -> Result<(Committer, CommitterHandle), LogError> {
+    ) -> Result<(Committer, CommitterHandle), StoreError> {
         let data_path = self.dir.join("db");
         let data_file = File::options()
             .read(true)
             .write(true)
             .open(&data_path)
-            .map_err(|source| LogError::DataFile {
+            .map_err(|source| StoreError::DataFile {
                 path: data_path,
                 source,
             })?;

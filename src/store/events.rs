@@ -2,9 +2,9 @@
 
 use super::*;
 
-impl Log {
+impl Store {
     /// The stored event with this id.
-    pub fn event(&self, id: EventId) -> Result<Option<StoredEvent>, LogError> {
+    pub fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError> {
         let key = id_key(EVENT_PREFIX, id.0);
         match self.db.get(key)? {
             Some(value) => decode_event(&key, &value).map(Some),
@@ -13,7 +13,7 @@ impl Log {
     }
 
     /// Every stored event, oldest first.
-    pub fn events(&self) -> impl Iterator<Item = Result<StoredEvent, LogError>> + '_ {
+    pub fn events(&self) -> impl Iterator<Item = Result<StoredEvent, StoreError>> + '_ {
         self.db.scan_prefix([EVENT_PREFIX]).map(|item| {
             let (key, value) = item?;
             decode_event(&key, &value)
@@ -21,11 +21,11 @@ impl Log {
     }
 
     /// Every quarantined body, oldest first.
-    pub fn quarantined(&self) -> impl Iterator<Item = Result<QuarantinedBody, LogError>> + '_ {
+    pub fn quarantined(&self) -> impl Iterator<Item = Result<QuarantinedBody, StoreError>> + '_ {
         self.db.scan_prefix([QUARANTINE_PREFIX]).map(|item| {
             let (key, value) = item?;
             let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
-            let q = record::decode_quarantine(&value).map_err(|reason| LogError::Corrupt {
+            let q = record::decode_quarantine(&value).map_err(|reason| StoreError::Corrupt {
                 key: key.to_vec(),
                 reason,
             })?;
@@ -39,11 +39,11 @@ impl Log {
     }
 
     /// The raw body of a stored event.
-    pub fn event_body(&self, id: EventId) -> Result<Option<Bytes>, LogError> {
+    pub fn event_body(&self, id: EventId) -> Result<Option<Bytes>, StoreError> {
         let key = id_key(EVENT_PREFIX, id.0);
         match self.db.get(key)? {
             Some(value) => {
-                let r = record::decode_event(&value).map_err(|reason| LogError::Corrupt {
+                let r = record::decode_event(&value).map_err(|reason| StoreError::Corrupt {
                     key: key.to_vec(),
                     reason,
                 })?;
@@ -61,7 +61,7 @@ impl Log {
         &self,
         from_ms: u64,
         to_ms: u64,
-    ) -> impl DoubleEndedIterator<Item = Result<StoredEvent, LogError>> + '_ {
+    ) -> impl DoubleEndedIterator<Item = Result<StoredEvent, StoreError>> + '_ {
         // Ids ran further ahead of the clock once (it was set back): the
         // scan widens by that much too.
         let margin = ID_CLOCK_MARGIN_MS.max(self.id_lead_ms().unwrap_or(0).saturating_add(1));

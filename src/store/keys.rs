@@ -36,7 +36,7 @@ pub(super) const META_LAST_ID: &[u8] = b"m/last_id";
 pub(super) const META_DURABLE_ID: &[u8] = b"m/durable_id";
 
 /// Per-target backlog counts saved by a clean shutdown (see
-/// [`Log::save_backlog_counts`]); taken, and deleted, by the next open.
+/// [`Store::save_backlog_counts`]); taken, and deleted, by the next open.
 pub(super) const META_SAVED_COUNTS: &[u8] = b"m/backlog_counts";
 
 /// The most an id ever ran ahead of its event's receive time, in ms, once
@@ -57,23 +57,23 @@ pub(super) const WATERMARK_PREFIX: u8 = b'w';
 pub(super) const RETIRED_PREFIX: u8 = b'r';
 
 /// The receive time in the event record `value` stored at `key`.
-pub(super) fn received_at(key: &[u8], value: &[u8]) -> Result<u64, LogError> {
+pub(super) fn received_at(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
     decode_event_record(key, value).map(|r| r.received_at_ms)
 }
 
 pub(super) fn decode_event_record<'a>(
     key: &[u8],
     value: &'a [u8],
-) -> Result<record::EventRecord<'a>, LogError> {
-    record::decode_event(value).map_err(|reason| LogError::Corrupt {
+) -> Result<record::EventRecord<'a>, StoreError> {
+    record::decode_event(value).map_err(|reason| StoreError::Corrupt {
         key: key.to_vec(),
         reason,
     })
 }
 
-pub(super) fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, LogError> {
+pub(super) fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, StoreError> {
     let id = EventId(decode_u64(&key[1..]).unwrap_or(0));
-    let r = record::decode_event(value).map_err(|reason| LogError::Corrupt {
+    let r = record::decode_event(value).map_err(|reason| StoreError::Corrupt {
         key: key.to_vec(),
         reason,
     })?;

@@ -3,15 +3,15 @@
 
 use super::*;
 
-impl Log {
+impl Store {
     /// Dead letters of `target`, oldest event first.
-    pub fn dead_letters(&self, target: &str) -> Result<Vec<DeadLetter>, LogError> {
+    pub fn dead_letters(&self, target: &str) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix(dead_prefix(target)) {
             let (key, value) = item?;
             let id = EventId(decode_u64(&key[key.len() - 8..]).unwrap_or(0));
             let dead =
-                record::decode_dead(&value, id, target).map_err(|reason| LogError::Corrupt {
+                record::decode_dead(&value, id, target).map_err(|reason| StoreError::Corrupt {
                     key: key.to_vec(),
                     reason,
                 })?;
@@ -21,12 +21,12 @@ impl Log {
     }
 
     /// The dead letter of `id` at `target`, if there is one.
-    pub fn dead_letter(&self, target: &str, id: EventId) -> Result<Option<DeadLetter>, LogError> {
+    pub fn dead_letter(&self, target: &str, id: EventId) -> Result<Option<DeadLetter>, StoreError> {
         let key = dead_key(target, id);
         match self.db.get(&key)? {
             Some(value) => record::decode_dead(&value, id, target)
                 .map(Some)
-                .map_err(|reason| LogError::Corrupt { key, reason }),
+                .map_err(|reason| StoreError::Corrupt { key, reason }),
             None => Ok(None),
         }
     }
@@ -42,7 +42,7 @@ impl Log {
         ids: &[EventId],
         first_due_ms: u64,
         spacing_ms: u64,
-    ) -> Result<usize, LogError> {
+    ) -> Result<usize, StoreError> {
         // Not in the middle of a pruning step (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
         let now_ms = crate::clock::now_ms();
@@ -82,11 +82,11 @@ impl Log {
     }
 
     /// Every dead letter, of every target that has any, by target then id.
-    pub fn all_dead_letters(&self) -> Result<Vec<DeadLetter>, LogError> {
+    pub fn all_dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix([DEAD_PREFIX]) {
             let (key, value) = item?;
-            let corrupt = |reason| LogError::Corrupt {
+            let corrupt = |reason| StoreError::Corrupt {
                 key: key.to_vec(),
                 reason,
             };
@@ -98,7 +98,7 @@ impl Log {
     }
 
     /// Removes dead letters for good. Returns how many were removed.
-    pub fn purge_dead_letters(&self, letters: &[(String, EventId)]) -> Result<usize, LogError> {
+    pub fn purge_dead_letters(&self, letters: &[(String, EventId)]) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
         let mut removed = Vec::new();
         // A letter named twice is removed, and counted, once.
@@ -124,9 +124,9 @@ impl Log {
     /// retention prunes them, which nothing holds back any more. Returns how
     /// many waiting deliveries and dead letters were dropped. Interrupted,
     /// it leaves a part of them, which running it again drops: the queue
-    /// entries, by which [`Log::targets_in_log`] finds the target, go last
+    /// entries, by which [`Store::targets_in_log`] finds the target, go last
     /// but the watermark (sled recovers a prefix of its writes).
-    pub fn forget_target(&self, target: &str) -> Result<(u64, u64), LogError> {
+    pub fn forget_target(&self, target: &str) -> Result<(u64, u64), StoreError> {
         // Not in the middle of a pruning step or a replay (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
         let (mut waiting, _) = self.implicit_backlog(target, true)?;
@@ -160,7 +160,7 @@ impl Log {
     /// Whether `target` has a stored watermark: it was configured when the
     /// relay last started (a start removes the watermark of a target it
     /// does not configure).
-    pub fn has_watermark(&self, target: &str) -> Result<bool, LogError> {
+    pub fn has_watermark(&self, target: &str) -> Result<bool, StoreError> {
         Ok(self
             .db
             .contains_key(target_prefix(WATERMARK_PREFIX, target))?)
@@ -168,7 +168,7 @@ impl Log {
 
     /// Names of every target that has a waiting delivery or a dead letter
     /// in the log, configured or not (one seek per name, not a scan).
-    pub fn targets_in_log(&self) -> Result<std::collections::BTreeSet<String>, LogError> {
+    pub fn targets_in_log(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
         let mut names = std::collections::BTreeSet::new();
         for prefix in [QUEUE_PREFIX, DEAD_PREFIX, WATERMARK_PREFIX] {
             let mut from = vec![prefix];
@@ -197,7 +197,7 @@ impl Log {
         after: Option<EventId>,
         limit: usize,
         targets: &[String],
-    ) -> Result<PruneStep, LogError> {
+    ) -> Result<PruneStep, StoreError> {
         // Ids never stand for a time before their receive time, so every id
         // below the cutoff's first was received before the cutoff; ids of
         // the earlier layout are all below it, and their record says when

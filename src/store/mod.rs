@@ -6,7 +6,7 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `mod.rs` | the public types, the [`Log`] handle and opening it |
+//! | `mod.rs` | the public types, the [`Store`] handle and opening it |
 //! | [`keys`] | every key's prefix and layout, builders and parsers |
 //! | [`record`] | the encoding of each stored value |
 //! | [`wal`] | the write-ahead log's files |
@@ -72,7 +72,7 @@ use watermark::*;
 const ID_CLOCK_MARGIN_MS: u64 = 60_000;
 
 /// Most `a` entries without a `p` entry (see the module docs) one
-/// [`Log::target_stats`] skips before it gives up on them.
+/// [`Store::target_stats`] skips before it gives up on them.
 const AGE_SKIPS_PER_READ: usize = 256;
 
 /// How often, at most, a moving watermark is written (a crash makes again
@@ -102,7 +102,7 @@ const LOCK_GRACE: Duration = Duration::from_secs(2);
 /// are then made again: sled's own default (500 ms) resent hundreds per kill.
 const SLED_FLUSH_EVERY_MS: u64 = 10;
 
-/// Keys [`Log::forget_target`] deletes per sled batch (each batch holds
+/// Keys [`Store::forget_target`] deletes per sled batch (each batch holds
 /// sled's process-wide write lock while it applies).
 const FORGET_BATCH: usize = 1000;
 
@@ -145,7 +145,7 @@ impl std::str::FromStr for EventId {
 
 /// Settings of the log (from `[storage]`).
 #[derive(Debug, Clone)]
-pub struct LogOptions {
+pub struct StoreOptions {
     pub data_dir: PathBuf,
     /// Time between two checkpoints while commits arrive.
     pub checkpoint_interval: Duration,
@@ -217,7 +217,7 @@ pub struct Delivery {
     pub body: Option<Bytes>,
 }
 
-/// What one [`Log::prune_before`] call did.
+/// What one [`Store::prune_before`] call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStep {
     pub examined: usize,
@@ -225,7 +225,7 @@ pub struct PruneStep {
     pub last: Option<EventId>,
 }
 
-/// Which deliveries [`Log::due_deliveries`] returns.
+/// Which deliveries [`Store::due_deliveries`] returns.
 pub struct DueQuery<'a> {
     pub now_ms: u64,
     pub limit: usize,
@@ -250,7 +250,7 @@ pub struct DeadLetter {
 
 /// Why the log could not be opened or read.
 #[derive(Debug, thiserror::Error)]
-pub enum LogError {
+pub enum StoreError {
     #[error(
         "data directory {dir} is locked by another process (is a leadflo-relay already running \
          on it?)"
@@ -324,38 +324,50 @@ pub struct TargetStats {
 /// Queued and dead-lettered deliveries by target.
 pub type BacklogCounts = std::collections::HashMap<String, (i64, i64)>;
 
-/// A handle on the open log. Cheap to clone; all clones share one database.
+/// A handle on the open store. Cheap to clone; all clones share one
+/// [`Shared`].
 #[derive(Clone)]
-pub struct Log {
+pub struct Store(Arc<Shared>);
+
+/// What every handle on one open store shares.
+pub struct Shared {
     db: sled::Db,
     dir: PathBuf,
     health: Arc<CommitHealth>,
     tallies: Arc<Tallies>,
     /// The write-ahead log, until the committer takes it.
-    wal: Arc<std::sync::Mutex<Option<Wal>>>,
+    wal: std::sync::Mutex<Option<Wal>>,
     /// Backlog counts a clean shutdown saved, until counted backlogs take them.
-    saved_counts: Arc<std::sync::Mutex<Option<BacklogCounts>>>,
-    /// The implicit queue fronts of the targets adopted ([`Log::adopt_targets`]).
-    fronts: Arc<std::sync::Mutex<std::collections::HashMap<String, ImplicitQueue>>>,
+    saved_counts: std::sync::Mutex<Option<BacklogCounts>>,
+    /// The implicit queue fronts of the targets adopted ([`Store::adopt_targets`]).
+    fronts: std::sync::Mutex<std::collections::HashMap<String, ImplicitQueue>>,
     /// Implicit queues a reload took out of use whose waiting deliveries
-    /// are not queued yet ([`Log::retire_fronts`]).
-    retired: Arc<std::sync::Mutex<Vec<Retired>>>,
+    /// are not queued yet ([`Store::retire_fronts`]).
+    retired: std::sync::Mutex<Vec<Retired>>,
     /// The highest id whose group commit is all in sled: reading new events
     /// never goes past it, so it never skips one still being applied.
     applied: Arc<AtomicU64>,
     /// When a watermark was last written; held while watermarks are
     /// written, so that no write undoes a reload's retirement.
-    watermark_saved: Arc<std::sync::Mutex<Instant>>,
+    watermark_saved: std::sync::Mutex<Instant>,
     /// Held by a pruning step (its checks and its deletes) and by
-    /// [`Log::enqueue`]: moving a dead letter back into the queue between
+    /// [`Store::enqueue`]: moving a dead letter back into the queue between
     /// two of a step's checks (or between its checks and its deletes) made
     /// the event look owed to no one, and it was deleted under its delivery.
-    prune_step: Arc<std::sync::Mutex<()>>,
+    prune_step: std::sync::Mutex<()>,
 }
 
-impl Log {
+impl std::ops::Deref for Store {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Store {
     /// Opens (or creates) the log in `options.data_dir`.
-    pub fn open(options: &LogOptions) -> Result<Log, LogError> {
+    pub fn open(options: &StoreOptions) -> Result<Store, StoreError> {
         let dir = options.data_dir.clone();
         let open = || {
             sled::Config::new()
@@ -365,9 +377,9 @@ impl Log {
                 .open()
                 .map_err(|source| match &source {
                     sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                        LogError::Locked { dir: dir.clone() }
+                        StoreError::Locked { dir: dir.clone() }
                     }
-                    _ => LogError::Open {
+                    _ => StoreError::Open {
                         dir: dir.clone(),
                         source,
                     },
@@ -380,39 +392,41 @@ impl Log {
         let started = Instant::now();
         let db = loop {
             match open() {
-                Err(LogError::Locked { .. }) if started.elapsed() < LOCK_GRACE => {
+                Err(StoreError::Locked { .. }) if started.elapsed() < LOCK_GRACE => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 other => break other?,
             }
         };
-        let (wal, entries, last_old) = Wal::open(&dir).map_err(|source| LogError::DataFile {
+        let (wal, entries, last_old) = Wal::open(&dir).map_err(|source| StoreError::DataFile {
             path: dir.join(wal::FILE_PREFIX),
             source,
         })?;
-        let log = Log {
+        let store = Store(Arc::new(Shared {
             db,
             dir,
             health: Arc::default(),
             tallies: Arc::default(),
-            wal: Arc::new(std::sync::Mutex::new(None)),
-            saved_counts: Arc::default(),
-            fronts: Arc::default(),
-            retired: Arc::default(),
+            wal: std::sync::Mutex::new(None),
+            saved_counts: std::sync::Mutex::default(),
+            fronts: std::sync::Mutex::default(),
+            retired: std::sync::Mutex::default(),
             applied: Arc::default(),
             // The first settlement writes at once.
-            watermark_saved: Arc::new(std::sync::Mutex::new(
+            watermark_saved: std::sync::Mutex::new(
                 Instant::now()
                     .checked_sub(WATERMARK_SAVE_EVERY)
                     .unwrap_or_else(Instant::now),
-            )),
-            prune_step: Arc::default(),
-        };
-        log.recover(entries, last_old)?;
-        log.applied.store(log.recover_last_id()?, Ordering::Release);
-        log.take_saved_counts()?;
-        *log.wal.lock().expect("wal lock") = Some(wal);
-        Ok(log)
+            ),
+            prune_step: std::sync::Mutex::default(),
+        }));
+        store.recover(entries, last_old)?;
+        store
+            .applied
+            .store(store.recover_last_id()?, Ordering::Release);
+        store.take_saved_counts()?;
+        *store.wal.lock().expect("wal lock") = Some(wal);
+        Ok(store)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -430,7 +444,7 @@ impl Log {
     }
 
     /// Bytes sled uses on disk.
-    pub fn size_on_disk(&self) -> Result<u64, LogError> {
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
     }
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Log {
+impl Store {
     /// The target took the event: the delivery leaves the queue.
     ///
     /// Two single-key removes, not a batch: a sled batch takes a process-wide
@@ -12,7 +12,7 @@ impl Log {
     /// has no `p` entry, and removing a missing key only reads in sled. The
     /// order makes a crash in between harmless: the queue entry goes last,
     /// so at worst the delivery is made once more.
-    pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), LogError> {
+    pub fn delivered(&self, target: &str, delivery: &Delivery) -> Result<(), StoreError> {
         if delivery.source == Source::Implicit {
             // Settled in memory; written with the next watermark.
             self.tallies.change(target, -1, 0);
@@ -37,7 +37,7 @@ impl Log {
         delivery: &Delivery,
         due_ms: u64,
         state: &DeliveryState,
-    ) -> Result<(), LogError> {
+    ) -> Result<(), StoreError> {
         // The entry leaves its first place, so it gets its `a` and `p`
         // entries first (setting them again when it already has them
         // writes nothing new). Then the new entry, then the old one goes
@@ -66,7 +66,7 @@ impl Log {
     }
 
     /// Moves a delivery out of the queue into the dead-letter store.
-    pub fn bury(&self, delivery: &Delivery, dead: &DeadLetter) -> Result<(), LogError> {
+    pub fn bury(&self, delivery: &Delivery, dead: &DeadLetter) -> Result<(), StoreError> {
         let target = dead.target.as_str();
         let mut batch = sled::Batch::default();
         if delivery.source == Source::Explicit {

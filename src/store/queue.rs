@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Log {
+impl Store {
     /// Up to `limit` deliveries of `target` in queue order that are due at
     /// `query.now_ms` (all of them, due or not, with `ignore_due`), starting
     /// after `query.after` (from the front when `None`) and skipping those
@@ -13,7 +13,7 @@ impl Log {
         &self,
         target: &str,
         query: &DueQuery<'_>,
-    ) -> Result<(Vec<Delivery>, Option<u64>), LogError> {
+    ) -> Result<(Vec<Delivery>, Option<u64>), StoreError> {
         let mut due = Vec::new();
         if query.limit == 0 {
             return Ok((due, None));
@@ -46,7 +46,7 @@ impl Log {
                     .range::<Vec<u8>, _>((start, Bound::Excluded(end.clone())))
                 {
                     let (key, value) = item?;
-                    let corrupt = |reason| LogError::Corrupt {
+                    let corrupt = |reason| StoreError::Corrupt {
                         key: key.to_vec(),
                         reason,
                     };
@@ -124,7 +124,7 @@ impl Log {
         target: &str,
         limit: usize,
         due: &mut Vec<Delivery>,
-    ) -> Result<(), LogError> {
+    ) -> Result<(), StoreError> {
         let mut fronts = self.fronts.lock().expect("implicit lock");
         let Some(q) = fronts.get_mut(target) else {
             return Ok(());
@@ -194,7 +194,7 @@ impl Log {
 
     /// Whether `target` has a delivery of `id` waiting: moved (a `p`
     /// entry) or at its first place (see the module docs).
-    pub fn is_queued(&self, target: &str, id: EventId) -> Result<bool, LogError> {
+    pub fn is_queued(&self, target: &str, id: EventId) -> Result<bool, StoreError> {
         if self.db.contains_key(moved_key(target, id))? {
             return Ok(true);
         }
@@ -213,7 +213,7 @@ impl Log {
         target: &str,
         received_at_ms: u64,
         id: EventId,
-    ) -> Result<bool, LogError> {
+    ) -> Result<bool, StoreError> {
         Ok(self
             .db
             .contains_key(queue_key(target, received_at_ms, id))?)

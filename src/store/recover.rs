@@ -3,11 +3,15 @@
 
 use super::*;
 
-impl Log {
+impl Store {
     /// Puts what the write-ahead log holds beyond sled's highest id into
     /// sled (a crash came before the checkpoint), makes sled durable, and
     /// empties the write-ahead log.
-    pub(super) fn recover(&self, entries: Vec<wal::Entry>, last_old: u64) -> Result<(), LogError> {
+    pub(super) fn recover(
+        &self,
+        entries: Vec<wal::Entry>,
+        last_old: u64,
+    ) -> Result<(), StoreError> {
         if last_old == 0 {
             return Ok(());
         }
@@ -64,7 +68,7 @@ impl Log {
         if lead_ms > ID_CLOCK_MARGIN_MS {
             batch.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
         }
-        let io = |source: std::io::Error| LogError::DataFile {
+        let io = |source: std::io::Error| StoreError::DataFile {
             path: self.dir.clone(),
             source,
         };
@@ -90,7 +94,7 @@ impl Log {
 
     /// The id of the last group commit sled has every write of.
     /// See [`META_DURABLE_ID`]; 0 when no checkpoint has set it yet.
-    pub(super) fn durable_through(&self) -> Result<u64, LogError> {
+    pub(super) fn durable_through(&self) -> Result<u64, StoreError> {
         Ok(match self.db.get(META_DURABLE_ID)? {
             Some(v) => decode_u64(&v).unwrap_or(0),
             None => 0,
@@ -98,14 +102,14 @@ impl Log {
     }
 
     /// See [`META_ID_LEAD`]; 0 when ids never ran that far ahead.
-    pub(super) fn id_lead_ms(&self) -> Result<u64, LogError> {
+    pub(super) fn id_lead_ms(&self) -> Result<u64, StoreError> {
         Ok(match self.db.get(META_ID_LEAD)? {
             Some(v) => decode_u64(&v).unwrap_or(0),
             None => 0,
         })
     }
 
-    pub(super) fn applied_through(&self) -> Result<u64, LogError> {
+    pub(super) fn applied_through(&self) -> Result<u64, StoreError> {
         Ok(match self.db.get(META_LAST_ID)? {
             Some(v) => decode_u64(&v).unwrap_or(0),
             None => 0,
@@ -114,7 +118,7 @@ impl Log {
 
     /// The highest id ever assigned: the stored high-water mark, or any
     /// higher key (belt and braces for a log written by an older version).
-    pub(super) fn recover_last_id(&self) -> Result<u64, LogError> {
+    pub(super) fn recover_last_id(&self) -> Result<u64, StoreError> {
         let mut last = self.applied_through()?;
         for prefix in [EVENT_PREFIX, QUARANTINE_PREFIX] {
             if let Some((key, _)) = self.db.scan_prefix([prefix]).next_back().transpose()? {
@@ -124,7 +128,7 @@ impl Log {
         Ok(last)
     }
 
-    pub(super) fn quarantine_index(&self) -> Result<VecDeque<(sled::IVec, u64)>, LogError> {
+    pub(super) fn quarantine_index(&self) -> Result<VecDeque<(sled::IVec, u64)>, StoreError> {
         let mut index = VecDeque::new();
         for item in self.db.scan_prefix([QUARANTINE_PREFIX]) {
             let (key, value) = item?;

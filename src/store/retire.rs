@@ -84,7 +84,7 @@ impl TargetChange {
     }
 }
 
-impl Log {
+impl Store {
     /// Takes the implicit queues of `targets` (whose dispatchers have
     /// stopped) out of use, and returns the changes that retire them at the
     /// cut. No watermark of theirs is written after this: a later write
@@ -112,7 +112,7 @@ impl Log {
         changes
     }
 
-    /// Puts back the queues [`Log::retire_fronts`] took when the committer
+    /// Puts back the queues [`Store::retire_fronts`] took when the committer
     /// did not switch (it was closing).
     pub fn restore_fronts(&self) {
         let mut fronts = self.fronts.lock().expect("implicit lock");
@@ -143,7 +143,7 @@ impl Log {
     /// Gives every delivery still waiting in a retired queue an explicit
     /// queue entry, and deletes its `r` record. Returns how many, by
     /// target; what fails stays for a later call (or the next open).
-    pub fn queue_retired(&self) -> Result<Vec<(String, u64)>, LogError> {
+    pub fn queue_retired(&self) -> Result<Vec<(String, u64)>, StoreError> {
         // Pruning must not take an event between leaving the retired queue
         // and getting its queue entry (see `prune_step`).
         let _step = self.prune_step.lock().expect("prune lock");
@@ -179,7 +179,7 @@ impl Log {
     /// Queues what waits in the retired watermarks stored by a run that
     /// ended before it queued them (at open, before the targets start).
     /// Returns whether there were any.
-    pub(super) fn queue_stored_retired(&self) -> Result<bool, LogError> {
+    pub(super) fn queue_stored_retired(&self) -> Result<bool, StoreError> {
         let mut any = false;
         for r in self.stored_retired()? {
             let queued = self.queue_waiting(&r.target, r.watermark, r.cut, |_, event| {
@@ -194,7 +194,7 @@ impl Log {
 
     /// The stored retired watermarks as queues, for commands run offline
     /// (which see what waits in them, changing nothing).
-    pub(super) fn load_retired(&self) -> Result<(), LogError> {
+    pub(super) fn load_retired(&self) -> Result<(), StoreError> {
         let mut loaded = Vec::new();
         for r in self.stored_retired()? {
             let q = self.implicit_queue(&r.target, r.watermark, r.events)?;
@@ -209,11 +209,11 @@ impl Log {
     }
 
     /// Every `r` record.
-    fn stored_retired(&self) -> Result<Vec<StoredRetired>, LogError> {
+    fn stored_retired(&self) -> Result<Vec<StoredRetired>, StoreError> {
         let mut stored = Vec::new();
         for item in self.db.scan_prefix([RETIRED_PREFIX]) {
             let (key, value) = item?;
-            let corrupt = |reason| LogError::Corrupt {
+            let corrupt = |reason| StoreError::Corrupt {
                 key: key.to_vec(),
                 reason,
             };

@@ -14,8 +14,8 @@ fn dead_letter(id: EventId) -> DeadLetter {
 }
 
 /// A log in `dir` with small caches and `checkpoint_interval`.
-fn small(dir: &Path, checkpoint_interval: Duration) -> LogOptions {
-    LogOptions {
+fn small(dir: &Path, checkpoint_interval: Duration) -> StoreOptions {
+    StoreOptions {
         data_dir: dir.to_owned(),
         checkpoint_interval,
         cache_capacity_bytes: 8 << 20,
@@ -31,33 +31,33 @@ fn small(dir: &Path, checkpoint_interval: Duration) -> LogOptions {
 #[test]
 fn a_write_during_a_queue_read_outlives_the_reads_quiet_mark() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let subscription = Subscription {
         target: "crm".into(),
         events: None,
         wake: Arc::new(tokio::sync::Notify::new()),
     };
-    log.adopt_targets(&[subscription]).unwrap();
-    let state = |log: &Log| {
-        let fronts = log.fronts.lock().unwrap();
+    store.adopt_targets(&[subscription]).unwrap();
+    let state = |store: &Store| {
+        let fronts = store.fronts.lock().unwrap();
         let q = &fronts["crm"];
         (q.explicit_quiet_until, q.explicit_writes)
     };
     // The queue is empty: a read says so.
-    let (_, writes) = state(&log);
-    log.explicit_quiet("crm", u64::MAX, Some(writes));
-    assert_eq!(state(&log).0, u64::MAX);
+    let (_, writes) = state(&store);
+    store.explicit_quiet("crm", u64::MAX, Some(writes));
+    assert_eq!(state(&store).0, u64::MAX);
     // The next read begins (and will find nothing) ...
-    let (_, writes) = state(&log);
+    let (_, writes) = state(&store);
     // ... an entry due at 5 is written meanwhile ...
-    log.explicit_added("crm", 5);
+    store.explicit_added("crm", 5);
     // ... and the read concludes: nothing until forever.
-    log.explicit_quiet("crm", u64::MAX, Some(writes));
-    assert_eq!(state(&log).0, 5, "the entry written meanwhile is hidden");
+    store.explicit_quiet("crm", u64::MAX, Some(writes));
+    assert_eq!(state(&store).0, 5, "the entry written meanwhile is hidden");
     // A read that began after the write may conclude.
-    let (_, writes) = state(&log);
-    log.explicit_quiet("crm", 7, Some(writes));
-    assert_eq!(state(&log).0, 7);
+    let (_, writes) = state(&store);
+    store.explicit_quiet("crm", 7, Some(writes));
+    assert_eq!(state(&store).0, 7);
 }
 
 /// The oldest-wait figure reads the `a` entries: a replay (waiting
@@ -68,33 +68,38 @@ fn a_write_during_a_queue_read_outlives_the_reads_quiet_mark() {
 #[test]
 fn the_oldest_wait_is_read_by_age_past_replays_and_leftovers() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let subscription = Subscription {
         target: "crm".into(),
         events: None,
         wake: Arc::new(tokio::sync::Notify::new()),
     };
-    log.adopt_targets(&[subscription]).unwrap();
+    store.adopt_targets(&[subscription]).unwrap();
     for (id, enqueued_ms) in [(100, 900u64), (2000, 500)] {
         let id = EventId(id);
-        log.db.insert(age_key("crm", enqueued_ms, id), &[]).unwrap();
-        log.db
+        store
+            .db
+            .insert(age_key("crm", enqueued_ms, id), &[])
+            .unwrap();
+        store
+            .db
             .insert(moved_key("crm", id), &enqueued_ms.to_be_bytes())
             .unwrap();
     }
     let leftover = age_key("crm", 1, EventId(7));
-    log.db.insert(&leftover, &[]).unwrap();
-    let oldest = |log: &Log| log.target_stats("crm").unwrap().oldest_enqueued_ms;
-    assert_eq!(oldest(&log), Some(500));
-    assert!(log.db.contains_key(&leftover).unwrap(), "only skipped");
-    log.count_backlogs(&["crm".to_owned()]).unwrap();
-    assert!(!log.db.contains_key(&leftover).unwrap());
+    store.db.insert(&leftover, &[]).unwrap();
+    let oldest = |store: &Store| store.target_stats("crm").unwrap().oldest_enqueued_ms;
+    assert_eq!(oldest(&store), Some(500));
+    assert!(store.db.contains_key(&leftover).unwrap(), "only skipped");
+    store.count_backlogs(&["crm".to_owned()]).unwrap();
+    assert!(!store.db.contains_key(&leftover).unwrap());
     assert!(
-        log.db
+        store
+            .db
             .contains_key(age_key("crm", 500, EventId(2000)))
             .unwrap()
     );
-    assert_eq!(oldest(&log), Some(500));
+    assert_eq!(oldest(&store), Some(500));
     // Settling a delivery, either way, takes its `a` entry too.
     let moved = |id, enqueued_ms| Delivery {
         id: EventId(id),
@@ -106,41 +111,45 @@ fn the_oldest_wait_is_read_by_age_past_replays_and_leftovers() {
         source: Source::Explicit,
         body: None,
     };
-    log.delivered("crm", &moved(2000, 500)).unwrap();
+    store.delivered("crm", &moved(2000, 500)).unwrap();
     assert!(
-        !log.db
+        !store
+            .db
             .contains_key(age_key("crm", 500, EventId(2000)))
             .unwrap()
     );
-    log.bury(&moved(100, 900), &dead_letter(EventId(100)))
+    store
+        .bury(&moved(100, 900), &dead_letter(EventId(100)))
         .unwrap();
     assert!(
-        !log.db
+        !store
+            .db
             .contains_key(age_key("crm", 900, EventId(100)))
             .unwrap()
     );
-    assert_eq!(oldest(&log), None);
+    assert_eq!(oldest(&store), None);
 }
 
 /// A dead letter named twice in one purge is removed, and counted, once.
 #[test]
 fn purging_a_letter_named_twice_counts_it_once() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     for id in [EventId(1), EventId(2)] {
-        log.db
+        store
+            .db
             .insert(dead_key("crm", id), record::encode_dead(&dead_letter(id)))
             .unwrap();
     }
-    log.count_backlogs(&["crm".to_owned()]).unwrap();
-    assert_eq!(log.tallies.get("crm"), (0, 2));
+    store.count_backlogs(&["crm".to_owned()]).unwrap();
+    assert_eq!(store.tallies.get("crm"), (0, 2));
     let twice = [
         ("crm".to_owned(), EventId(1)),
         ("crm".to_owned(), EventId(1)),
     ];
-    assert_eq!(log.purge_dead_letters(&twice).unwrap(), 1);
-    assert_eq!(log.tallies.get("crm"), (0, 1));
-    assert_eq!(log.dead_letters("crm").unwrap().len(), 1);
+    assert_eq!(store.purge_dead_letters(&twice).unwrap(), 1);
+    assert_eq!(store.tallies.get("crm"), (0, 1));
+    assert_eq!(store.dead_letters("crm").unwrap().len(), 1);
 }
 
 /// Pruning decides by the event's receive time; an event record that
@@ -148,29 +157,33 @@ fn purging_a_letter_named_twice_counts_it_once() {
 #[test]
 fn pruning_keeps_an_unreadable_event_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let event = |received_at_ms| record::encode_event(received_at_ms, "visitor_created", b"{}");
     // Event 1000 unreadable, 2000 waiting at its first place, 3000 done.
-    log.db
+    store
+        .db
         .insert(id_key(EVENT_PREFIX, 1_000), &b"\x63garbage"[..])
         .unwrap();
-    log.db
+    store
+        .db
         .insert(id_key(EVENT_PREFIX, 2_000), event(2))
         .unwrap();
-    log.db
+    store
+        .db
         .insert(id_key(EVENT_PREFIX, 3_000), event(3))
         .unwrap();
-    log.db
+    store
+        .db
         .insert(queue_key("crm", 2, EventId(2_000)), new_delivery_state(2))
         .unwrap();
     let targets = ["crm".to_string()];
-    assert!(log.is_queued("crm", EventId(2_000)).unwrap());
-    assert!(!log.is_queued("crm", EventId(3_000)).unwrap());
-    let step = log.prune_before(10, None, 100, &targets).unwrap();
+    assert!(store.is_queued("crm", EventId(2_000)).unwrap());
+    assert!(!store.is_queued("crm", EventId(3_000)).unwrap());
+    let step = store.prune_before(10, None, 100, &targets).unwrap();
     assert_eq!((step.examined, step.deleted), (3, 1));
-    assert!(log.db.contains_key(id_key(EVENT_PREFIX, 1_000)).unwrap());
-    assert!(log.event(EventId(2_000)).unwrap().is_some());
-    assert!(log.event(EventId(3_000)).unwrap().is_none());
+    assert!(store.db.contains_key(id_key(EVENT_PREFIX, 1_000)).unwrap());
+    assert!(store.event(EventId(2_000)).unwrap().is_some());
+    assert!(store.event(EventId(3_000)).unwrap().is_none());
 }
 
 /// Copies the data directory `from` to `to`, sled's blob files only
@@ -203,8 +216,8 @@ async fn a_large_event_survives_a_power_cut_before_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let options = |data: &Path| small(data, Duration::from_secs(3600));
     let data = dir.path().join("data");
-    let log = Log::open(&options(&data)).unwrap();
-    let (committer, _apply) = log
+    let store = Store::open(&options(&data)).unwrap();
+    let (committer, _apply) = store
         .start_committer(&options(&data), vec![], Arc::new(Metrics::new()))
         .unwrap();
     let body = Bytes::from(vec![b'x'; 300 * 1024]);
@@ -214,19 +227,19 @@ async fn a_large_event_survives_a_power_cut_before_the_checkpoint() {
     };
     let id = committer.append(event).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while log.event_body(id).unwrap().is_none() {
+    while store.event_body(id).unwrap().is_none() {
         assert!(Instant::now() < deadline, "the event was never applied");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // What sled's flusher does on its own.
-    log.db.flush().unwrap();
+    store.db.flush().unwrap();
     assert!(
         std::fs::read_dir(data.join("blobs")).unwrap().count() > 0,
         "the event is not in a blob file: the test tests nothing"
     );
     let cut = dir.path().join("cut");
     copy_data(&data, &cut, false);
-    let reopened = Log::open(&options(&cut)).unwrap();
+    let reopened = Store::open(&options(&cut)).unwrap();
     assert_eq!(reopened.event_body(id).unwrap(), Some(body));
 }
 
@@ -238,24 +251,27 @@ async fn a_large_event_survives_a_power_cut_before_the_checkpoint() {
 #[test]
 fn pruning_racing_a_dead_letter_retry_keeps_the_event() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let ids: Vec<EventId> = (1..=500u64).map(|n| EventId(n * 1_000)).collect();
     for &id in &ids {
         let event = record::encode_event(id.0 / 1000, "visitor_created", b"{}");
-        log.db.insert(id_key(EVENT_PREFIX, id.0), event).unwrap();
-        log.db
+        store.db.insert(id_key(EVENT_PREFIX, id.0), event).unwrap();
+        store
+            .db
             .insert(dead_key("crm", id), record::encode_dead(&dead_letter(id)))
             .unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
     let pruner = {
-        let (log, stop) = (log.clone(), stop.clone());
+        let (store, stop) = (store.clone(), stop.clone());
         std::thread::spawn(move || {
             let targets = ["crm".to_string()];
             while !stop.load(Ordering::Relaxed) {
                 let mut after = None;
                 loop {
-                    let step = log.prune_before(10_000_000, after, 256, &targets).unwrap();
+                    let step = store
+                        .prune_before(10_000_000, after, 256, &targets)
+                        .unwrap();
                     if step.examined == 0 {
                         break;
                     }
@@ -269,10 +285,10 @@ fn pruning_racing_a_dead_letter_retry_keeps_the_event() {
     let mut lost = 0;
     for _ in 0..30 {
         // `dlq retry --all`, then every retry fails again.
-        log.enqueue("crm", &ids, 0, 0).unwrap();
+        store.enqueue("crm", &ids, 0, 0).unwrap();
         lost = ids
             .iter()
-            .filter(|&&id| log.event(id).unwrap().is_none())
+            .filter(|&&id| store.event(id).unwrap().is_none())
             .count();
         if lost > 0 {
             break;
@@ -285,7 +301,7 @@ fn pruning_racing_a_dead_letter_retry_keeps_the_event() {
                 source: Source::Explicit,
                 body: None,
             };
-            log.bury(&delivery, &dead_letter(id)).unwrap();
+            store.bury(&delivery, &dead_letter(id)).unwrap();
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -301,22 +317,23 @@ fn pruning_racing_a_dead_letter_retry_keeps_the_event() {
 #[test]
 fn deleted_data_counts_as_reusable_without_further_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let ids = 1..=30_000u64;
     for id in ids.clone() {
-        log.db
+        store
+            .db
             .insert(id_key(EVENT_PREFIX, id), vec![7u8; 600])
             .unwrap();
     }
-    log.db.flush().unwrap();
+    store.db.flush().unwrap();
     for id in ids {
-        log.db.remove(id_key(EVENT_PREFIX, id)).unwrap();
+        store.db.remove(id_key(EVENT_PREFIX, id)).unwrap();
     }
-    log.db.flush().unwrap();
+    store.db.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let size = log.db.size_on_disk().unwrap();
-        let in_use = size.saturating_sub(log.reusable_bytes());
+        let size = store.db.size_on_disk().unwrap();
+        let in_use = size.saturating_sub(store.reusable_bytes());
         if in_use <= 4 << 20 {
             break;
         }
@@ -332,12 +349,13 @@ fn deleted_data_counts_as_reusable_without_further_writes() {
 /// in ms / 1000), then settles two of them at `target` after its
 /// watermark was written: 2000 dead-lettered, 3000 moved to a retry
 /// (its age, moved and queue entries).
-fn store_and_settle_some(log: &Log, target: &str, ids: &[u64]) {
+fn store_and_settle_some(store: &Store, target: &str, ids: &[u64]) {
     for &id in ids {
         let event = record::encode_event(id / 1000, "visitor_created", b"{}");
-        log.db.insert(id_key(EVENT_PREFIX, id), event).unwrap();
+        store.db.insert(id_key(EVENT_PREFIX, id), event).unwrap();
     }
-    log.db
+    store
+        .db
         .insert(
             dead_key(target, EventId(2_000)),
             record::encode_dead(&dead_letter(EventId(2_000))),
@@ -348,13 +366,16 @@ fn store_and_settle_some(log: &Log, target: &str, ids: &[u64]) {
         enqueued_ms: 3,
         ..Default::default()
     };
-    log.db
+    store
+        .db
         .insert(age_key(target, 3, EventId(3_000)), &[])
         .unwrap();
-    log.db
+    store
+        .db
         .insert(moved_key(target, EventId(3_000)), &3u64.to_be_bytes())
         .unwrap();
-    log.db
+    store
+        .db
         .insert(
             queue_key(target, 60_000, EventId(3_000)),
             record::encode_state(&moved),
@@ -370,20 +391,21 @@ fn store_and_settle_some(log: &Log, target: &str, ids: &[u64]) {
 #[test]
 fn a_changed_target_does_not_queue_again_what_was_dead_lettered_or_moved() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let subscription = |events: Option<Vec<String>>| Subscription {
         target: "crm".into(),
         events,
         wake: Arc::new(tokio::sync::Notify::new()),
     };
-    log.adopt_targets(&[subscription(None)]).unwrap();
+    store.adopt_targets(&[subscription(None)]).unwrap();
     // Three new events above the watermark: 1000 still in flight when
     // the relay stopped, 2000 dead-lettered, 3000 moved to a retry.
-    store_and_settle_some(&log, "crm", &[1_000, 2_000, 3_000]);
+    store_and_settle_some(&store, "crm", &[1_000, 2_000, 3_000]);
     // The next start: the target now takes one event type only.
-    log.adopt_targets(&[subscription(Some(vec!["visitor_created".into()]))])
+    store
+        .adopt_targets(&[subscription(Some(vec!["visitor_created".into()]))])
         .unwrap();
-    let entries: Vec<EventId> = log
+    let entries: Vec<EventId> = store
         .db
         .scan_prefix(queue_prefix("crm"))
         .map(|item| parse_queue_key(&item.unwrap().0).unwrap().1)
@@ -398,42 +420,44 @@ fn a_changed_target_does_not_queue_again_what_was_dead_lettered_or_moved() {
 #[test]
 fn forgetting_a_removed_target_drops_what_waits_for_it_and_lets_its_events_be_pruned() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
+    let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
     let subscription = |target: &str, events: Option<Vec<String>>| Subscription {
         target: target.into(),
         events,
         wake: Arc::new(tokio::sync::Notify::new()),
     };
     let slack = || subscription("slack", Some(vec!["conversation_ended".into()]));
-    log.adopt_targets(&[subscription("crm", None), slack()])
+    store
+        .adopt_targets(&[subscription("crm", None), slack()])
         .unwrap();
     // At crm: 2000 dead-lettered, 3000 moved to a retry, 1000 and 4000
     // waiting at their first place.
-    store_and_settle_some(&log, "crm", &[1_000, 2_000, 3_000, 4_000]);
+    store_and_settle_some(&store, "crm", &[1_000, 2_000, 3_000, 4_000]);
     // The next start: crm is no longer configured.
-    log.adopt_targets(&[slack()]).unwrap();
-    let prune = |log: &Log| {
-        let mut targets: Vec<String> = log.targets_in_log().unwrap().into_iter().collect();
+    store.adopt_targets(&[slack()]).unwrap();
+    let prune = |store: &Store| {
+        let mut targets: Vec<String> = store.targets_in_log().unwrap().into_iter().collect();
         targets.push("slack".into());
-        log.prune_before(1_000, None, 100, &targets)
+        store
+            .prune_before(1_000, None, 100, &targets)
             .unwrap()
             .deleted
     };
-    assert_eq!(prune(&log), 0, "crm's deliveries hold every event");
+    assert_eq!(prune(&store), 0, "crm's deliveries hold every event");
 
-    assert_eq!(log.forget_target("crm").unwrap(), (3, 1));
+    assert_eq!(store.forget_target("crm").unwrap(), (3, 1));
     for prefix in [QUEUE_PREFIX, MOVED_PREFIX, AGE_PREFIX, DEAD_PREFIX] {
         assert_eq!(
-            log.db.scan_prefix(target_prefix(prefix, "crm")).count(),
+            store.db.scan_prefix(target_prefix(prefix, "crm")).count(),
             0,
             "crm's {} entries",
             prefix as char
         );
     }
-    assert!(!log.targets_in_log().unwrap().contains("crm"));
+    assert!(!store.targets_in_log().unwrap().contains("crm"));
     assert!(
-        log.stored_watermark("slack").unwrap().is_some(),
+        store.stored_watermark("slack").unwrap().is_some(),
         "slack untouched"
     );
-    assert_eq!(prune(&log), 4, "nothing holds the events any more");
+    assert_eq!(prune(&store), 4, "nothing holds the events any more");
 }

@@ -7,10 +7,10 @@ use super::*;
 /// A target's watermark and the event types it took then (`None`: all).
 pub(super) type StoredWatermark = (u64, Option<Vec<String>>);
 
-impl Log {
+impl Store {
     /// Makes `subscriptions`' targets take new events from above a watermark
     /// instead of from queue entries (see [`implicit`]). Call after opening,
-    /// before [`Log::count_backlogs`], the committer and the dispatchers.
+    /// before [`Store::count_backlogs`], the committer and the dispatchers.
     ///
     /// A target seen for the first time gets its watermark at the last id,
     /// made durable before anything can be acknowledged for it (else a
@@ -19,7 +19,7 @@ impl Log {
     /// configured, first gets an explicit queue entry for each event still
     /// waiting for it under the types it had, so that what was queued stays
     /// queued, as with queue entries; the changed one then starts afresh.
-    pub fn adopt_targets(&self, subscriptions: &[Subscription]) -> Result<(), LogError> {
+    pub fn adopt_targets(&self, subscriptions: &[Subscription]) -> Result<(), StoreError> {
         let last = self.recover_last_id()?;
         let mut changed = self.queue_stored_retired()?;
         let mut configured = std::collections::HashSet::new();
@@ -66,13 +66,13 @@ impl Log {
     /// Takes every stored watermark as it is, with the event types stored
     /// with it, changing nothing: for commands run offline, which must see
     /// what waits above the watermarks without acting as the server.
-    pub fn load_watermarks(&self) -> Result<(), LogError> {
+    pub fn load_watermarks(&self) -> Result<(), StoreError> {
         let mut fronts = std::collections::HashMap::new();
         for item in self.db.scan_prefix([WATERMARK_PREFIX]) {
             let (key, value) = item?;
             let target = String::from_utf8_lossy(&key[1..key.len() - 1]).into_owned();
             let (watermark, events) =
-                record::decode_watermark(&value).map_err(|reason| LogError::Corrupt {
+                record::decode_watermark(&value).map_err(|reason| StoreError::Corrupt {
                     key: key.to_vec(),
                     reason,
                 })?;
@@ -92,7 +92,7 @@ impl Log {
         target: &str,
         watermark: u64,
         events: Option<Vec<String>>,
-    ) -> Result<ImplicitQueue, LogError> {
+    ) -> Result<ImplicitQueue, StoreError> {
         let mut q = ImplicitQueue::new(watermark, events);
         let first = EventId(watermark.saturating_add(1));
         for (start, prefix) in [
@@ -122,7 +122,7 @@ impl Log {
 
     /// The event types stored with `target`'s watermark (`None`: every
     /// type, or no watermark stored).
-    pub fn stored_event_types(&self, target: &str) -> Result<Option<Vec<String>>, LogError> {
+    pub fn stored_event_types(&self, target: &str) -> Result<Option<Vec<String>>, StoreError> {
         Ok(self
             .stored_watermark(target)?
             .and_then(|(_, events)| events))
@@ -131,12 +131,12 @@ impl Log {
     pub(super) fn stored_watermark(
         &self,
         target: &str,
-    ) -> Result<Option<StoredWatermark>, LogError> {
+    ) -> Result<Option<StoredWatermark>, StoreError> {
         let key = target_prefix(WATERMARK_PREFIX, target);
         match self.db.get(&key)? {
             Some(value) => record::decode_watermark(&value)
                 .map(Some)
-                .map_err(|reason| LogError::Corrupt { key, reason }),
+                .map_err(|reason| StoreError::Corrupt { key, reason }),
             None => Ok(None),
         }
     }
@@ -148,7 +148,7 @@ impl Log {
         target: &str,
         watermark: u64,
         events: Option<Vec<String>>,
-    ) -> Result<(), LogError> {
+    ) -> Result<(), StoreError> {
         let queued = self.queue_waiting(target, watermark, u64::MAX, |_, event| {
             takes(events.as_deref(), event)
         })?;
@@ -167,7 +167,7 @@ impl Log {
         watermark: u64,
         through: u64,
         waits: impl Fn(u64, &str) -> bool,
-    ) -> Result<u64, LogError> {
+    ) -> Result<u64, StoreError> {
         let start = id_key(EVENT_PREFIX, watermark.saturating_add(1)).to_vec();
         let end = id_key(EVENT_PREFIX, through).to_vec();
         let mut queued = 0u64;
@@ -191,8 +191,8 @@ impl Log {
     }
 
     /// sled's flush, then an `fdatasync` of its file and its new blobs.
-    pub(super) fn make_sled_durable(&self) -> Result<(), LogError> {
-        let io = |source: std::io::Error| LogError::DataFile {
+    pub(super) fn make_sled_durable(&self) -> Result<(), StoreError> {
+        let io = |source: std::io::Error| StoreError::DataFile {
             path: self.dir.clone(),
             source,
         };
@@ -207,8 +207,8 @@ impl Log {
 
     /// Writes the watermarks that moved since they were last written (at
     /// most every [`WATERMARK_SAVE_EVERY`] unless `now`).
-    pub fn save_watermarks(&self, now: bool) -> Result<(), LogError> {
-        // Held through the writes (see `Log::retire_fronts`).
+    pub fn save_watermarks(&self, now: bool) -> Result<(), StoreError> {
+        // Held through the writes (see `Store::retire_fronts`).
         let mut saved = self.watermark_saved.lock().expect("watermark lock");
         if !now && saved.elapsed() < WATERMARK_SAVE_EVERY {
             return Ok(());
@@ -278,7 +278,7 @@ impl Log {
         id: EventId,
         key: &[u8],
         value: &[u8],
-    ) -> Result<bool, LogError> {
+    ) -> Result<bool, StoreError> {
         let fronts = self.fronts.lock().expect("implicit lock");
         let front = fronts.get(target).filter(|q| q.waits(id.0));
         let retired = self.retired.lock().expect("retired lock");
@@ -297,7 +297,7 @@ impl Log {
         &self,
         target: &str,
         count: bool,
-    ) -> Result<(u64, Option<u64>), LogError> {
+    ) -> Result<(u64, Option<u64>), StoreError> {
         let Some(watermark) = self
             .fronts
             .lock()

@@ -34,7 +34,7 @@ async fn http_1_0_is_served_and_closed() {
     );
     assert!(answer.contains(r#""status":"accepted""#), "{answer}");
     eventually("the event in sled", Duration::from_secs(10), async || {
-        (relay.log.events().count() == 1).then_some(())
+        (relay.store.events().count() == 1).then_some(())
     })
     .await;
     relay.stop().await;
@@ -114,7 +114,7 @@ async fn huge_or_many_headers_are_refused_and_the_relay_keeps_serving() {
         answer.starts_with("HTTP/1.1 400") || answer.is_empty(),
         "{answer}"
     );
-    assert_eq!(relay.log.events().count(), 0);
+    assert_eq!(relay.store.events().count(), 0);
     // Refused before the handler, and counted all the same.
     eventually(
         "the refusals counted",

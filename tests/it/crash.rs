@@ -99,7 +99,7 @@ async fn kill_9_mid_stream_loses_no_acknowledged_event() {
         let acked = sending.await.unwrap();
         assert!(!acked.is_empty(), "round {round}: nothing was acknowledged");
 
-        let log = open_log(dir.path());
+        let store = open_store(dir.path());
         for (id, body) in &acked {
             if let Some(before) = highest_before {
                 assert!(
@@ -107,26 +107,26 @@ async fn kill_9_mid_stream_loses_no_acknowledged_event() {
                     "round {round}: id {id} not above {before} from before the crash"
                 );
             }
-            let stored = log.event(*id).unwrap();
+            let stored = store.event(*id).unwrap();
             assert_eq!(
                 stored.map(|e| e.body).as_ref(),
                 Some(body),
                 "round {round}: event {id} was acknowledged but is missing or changed after kill -9"
             );
         }
-        highest_before = log
+        highest_before = store
             .events()
             .last()
             .map(|e| e.unwrap().id)
             .max(highest_before);
         acked_ever.extend(acked);
-        drop(log);
+        drop(store);
     }
     // Nothing acknowledged in any round went missing later either.
-    let log = open_log(dir.path());
+    let store = open_store(dir.path());
     for (id, body) in &acked_ever {
         assert_eq!(
-            log.event(*id).unwrap().map(|e| e.body).as_ref(),
+            store.event(*id).unwrap().map(|e| e.body).as_ref(),
             Some(body),
             "event {id}"
         );
@@ -207,8 +207,8 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         exit.1
     );
     assert!(exit.1.contains("the log is flushed"), "{}", exit.1);
-    let log = open_log(dir.path());
-    assert_eq!(log.event(id).unwrap().map(|e| e.body), Some(body));
+    let store = open_store(dir.path());
+    assert_eq!(store.event(id).unwrap().map(|e| e.body), Some(body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,16 +437,16 @@ async fn kill_9_during_a_replay_keeps_the_log_whole_and_delivers_everything() {
         tokio::time::sleep(Duration::from_millis(5 + 40 * (round as u64 % 4))).await;
         relay.kill9();
         let _ = replay.wait();
-        let log = open_log(dir.path());
+        let store = open_store(dir.path());
         for (id, body) in &acked {
             assert_eq!(
-                log.event(*id).unwrap().as_ref().map(|e| &e.body),
+                store.event(*id).unwrap().as_ref().map(|e| &e.body),
                 Some(body),
                 "round {round}: event {id}"
             );
         }
         assert!(
-            log.events().all(|e| e.is_ok()),
+            store.events().all(|e| e.is_ok()),
             "round {round}: a record no longer decodes"
         );
     }
@@ -516,14 +516,14 @@ async fn kill_9_during_pruning_never_loses_an_undelivered_event() {
         })
         .await;
         relay.kill9();
-        let log = open_log(dir.path());
+        let store = open_store(dir.path());
         assert!(
-            log.events().all(|e| e.is_ok()),
+            store.events().all(|e| e.is_ok()),
             "round {round}: a record no longer decodes"
         );
         for (id, body) in &kept_for_archive {
             assert_eq!(
-                log.event(*id).unwrap().as_ref().map(|e| &e.body),
+                store.event(*id).unwrap().as_ref().map(|e| &e.body),
                 Some(body),
                 "round {round}: event {id}, still owed to the archive target, was pruned"
             );

@@ -188,7 +188,7 @@ impl Matrix {
     /// Every acknowledged event with identical bytes; every record decodes;
     /// conversations still owed to the archive target are all there.
     fn check_log(&self, round: usize) {
-        let log = open_log(self.dir.path());
+        let store = open_store(self.dir.path());
         // With a short retention, an event every target has taken may be
         // pruned: it is the only kind allowed to be gone.
         let delivered: HashSet<String> = if self.pruning {
@@ -201,7 +201,7 @@ impl Matrix {
             HashSet::new()
         };
         for (id, body) in &self.acked {
-            let stored = log.event(*id).unwrap();
+            let stored = store.event(*id).unwrap();
             if stored.is_none() && !is_conversation(body) && delivered.contains(&id.to_string()) {
                 continue;
             }
@@ -213,13 +213,13 @@ impl Matrix {
             );
         }
         assert!(
-            log.events().all(|e| e.is_ok()),
+            store.events().all(|e| e.is_ok()),
             "{} round {round}: a record no longer decodes",
             self.point
         );
         for (id, _) in self.acked.iter().filter(|(_, b)| is_conversation(b)) {
             assert!(
-                log.is_queued("archive", *id).unwrap(),
+                store.is_queued("archive", *id).unwrap(),
                 "{} round {round}: event {id} is no longer queued for the archive target",
                 self.point
             );

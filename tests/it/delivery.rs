@@ -101,7 +101,8 @@ async fn fans_out_by_event_filter_with_exact_bodies_and_headers() {
 
     // The crm never gets the conversation_ended event: its queue is empty.
     eventually("queues to drain", WAIT, async || {
-        (relay.log.queued_count("crm") == 0 && relay.log.queued_count("slack") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0 && relay.store.queued_count("slack") == 0)
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -126,7 +127,7 @@ async fn retries_until_success_with_the_same_idempotency_key() {
     let id = send(&relay, visitor(1)).await;
     wait_for_requests(&crm, 3, "three attempts").await;
     eventually("the delivery to leave the queue", WAIT, async || {
-        (relay.log.queued_count("crm") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0).then_some(())
     })
     .await;
     let requests = crm.requests();
@@ -142,7 +143,7 @@ async fn retries_until_success_with_the_same_idempotency_key() {
     }
     assert_eq!(relay.metrics.attempts("crm", "retry"), 2);
     assert_eq!(relay.metrics.attempts("crm", "success"), 1);
-    assert!(relay.log.dead_letters("crm").unwrap().is_empty());
+    assert!(relay.store.dead_letters("crm").unwrap().is_empty());
     relay.stop().await;
 }
 
@@ -187,7 +188,7 @@ async fn client_errors_and_redirects_are_dead_lettered_at_once() {
     let rejected = send(&relay, visitor(1)).await;
     let redirected = send(&relay, visitor(2)).await;
     let dead = eventually("two dead letters", WAIT, async || {
-        let dead = relay.log.dead_letters("crm").unwrap();
+        let dead = relay.store.dead_letters("crm").unwrap();
         (dead.len() == 2).then_some(dead)
     })
     .await;
@@ -203,7 +204,7 @@ async fn client_errors_and_redirects_are_dead_lettered_at_once() {
     let d301 = &by_id[&redirected];
     assert_eq!((d301.last_status, d301.attempts), (301, 1));
     assert_eq!(
-        relay.log.queued_count("crm"),
+        relay.store.queued_count("crm"),
         0,
         "dead letters must leave the queue"
     );
@@ -235,7 +236,7 @@ async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
     .await;
     let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
     eventually("every event at the target", WAIT, async || {
-        (relay.log.queued_count("crm") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0).then_some(())
     })
     .await;
     let got: std::collections::HashSet<String> = crm
@@ -249,7 +250,7 @@ async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
             "event {id} never reached the target"
         );
     }
-    assert!(relay.log.dead_letters("crm").unwrap().is_empty());
+    assert!(relay.store.dead_letters("crm").unwrap().is_empty());
     relay.stop().await;
 }
 
@@ -321,7 +322,7 @@ async fn a_hanging_target_does_not_slow_a_healthy_one() {
         1,
         "the stuck attempt should still be hanging"
     );
-    assert_eq!(relay.log.queued_count("stuck"), 30);
+    assert_eq!(relay.store.queued_count("stuck"), 30);
     relay.stop().await;
 }
 
@@ -352,7 +353,7 @@ async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
     })
     .await;
     assert!(
-        relay.log.dead_letters("crm").unwrap().is_empty(),
+        relay.store.dead_letters("crm").unwrap().is_empty(),
         "the handler refused the secret"
     );
     assert_eq!(crm.requests()[0].header("x-webhook-secret"), CRM_SECRET);
@@ -384,7 +385,7 @@ async fn credentials_in_a_target_url_are_sent_as_basic_auth() {
     })
     .await;
     assert!(
-        relay.log.dead_letters("crm").unwrap().is_empty(),
+        relay.store.dead_letters("crm").unwrap().is_empty(),
         "the target refused the credentials"
     );
     let request = &crm.requests()[0];
@@ -450,7 +451,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
     eventually(
         "the backlog to drain after the first success",
         WAIT,
-        async || (relay.log.queued_count("crm") == 0).then_some(()),
+        async || (relay.store.queued_count("crm") == 0).then_some(()),
     )
     .await;
     assert_eq!(
@@ -470,7 +471,7 @@ async fn a_target_added_later_does_not_get_history() {
     let id = send(&relay, visitor(2)).await;
     wait_for_requests(&crm, 1, "the new event").await;
     eventually("the queue to drain", WAIT, async || {
-        (relay.log.queued_count("crm") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0).then_some(())
     })
     .await;
     let requests = crm.requests();
@@ -491,7 +492,7 @@ async fn deliveries_older_than_max_age_become_dead_letters() {
     .await;
     let id = send(&relay, visitor(1)).await;
     let dead = eventually("the delivery to give up", WAIT, async || {
-        relay.log.dead_letters("crm").unwrap().into_iter().next()
+        relay.store.dead_letters("crm").unwrap().into_iter().next()
     })
     .await;
     assert_eq!(dead.id, id);
@@ -506,7 +507,7 @@ async fn deliveries_older_than_max_age_become_dead_letters() {
         "{}",
         dead.reason
     );
-    assert_eq!(relay.log.queued_count("crm"), 0);
+    assert_eq!(relay.store.queued_count("crm"), 0);
     let attempts = crm.count();
     assert_eq!(
         attempts as u32, dead.attempts,
@@ -536,7 +537,7 @@ async fn a_restart_keeps_the_retry_schedule() {
     crm.set_behaviour(|_, _| Reply::ok());
     let relay = TestRelay::start_in(dir, with_target).await;
     let (queued, _) = relay
-        .log
+        .store
         .due_deliveries(
             "crm",
             &leadflo_relay::store::DueQuery {
@@ -584,7 +585,7 @@ async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
     wait_for_requests(&crm, 1, "the attempt to start").await;
     let dir = relay.stop().await;
     assert_eq!(
-        open_log(dir.path()).queued_count("crm"),
+        open_store(dir.path()).queued_count("crm"),
         1,
         "an unfinished attempt left the queue"
     );
@@ -592,7 +593,7 @@ async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
     crm.set_behaviour(|_, _| Reply::ok());
     let relay = TestRelay::start_in(dir, with_target).await;
     eventually("the delivery after restart", WAIT, async || {
-        (relay.log.queued_count("crm") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0).then_some(())
     })
     .await;
     assert_eq!(
@@ -628,7 +629,7 @@ async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() 
     .await;
     let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
     eventually("the backlog after the target's return", WAIT, async || {
-        (relay.log.queued_count("crm") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0).then_some(())
     })
     .await;
     let got: Vec<String> = crm

@@ -167,9 +167,9 @@ async fn below_the_floor_ingest_refuses_and_resumes_when_space_returns() {
     })
     .await;
     drop(relay);
-    let log = open_log(&data);
+    let store = open_store(&data);
     assert_eq!(
-        log.event(first).unwrap().map(|e| e.body),
+        store.event(first).unwrap().map(|e| e.body),
         Some(padded_lead(100))
     );
 }
@@ -277,10 +277,10 @@ async fn a_write_failing_with_enospc_gets_503_and_loses_nothing_acknowledged() {
     // Killed: what it acknowledged must come back from its logs.
     relay.kill9();
     drop(relay);
-    let log = open_log(&data);
+    let store = open_store(&data);
     for (id, body) in &acked {
         assert_eq!(
-            log.event(*id).unwrap().as_ref().map(|e| &e.body),
+            store.event(*id).unwrap().as_ref().map(|e| &e.body),
             Some(body),
             "event {id}"
         );
@@ -348,9 +348,9 @@ async fn a_failed_fsync_keeps_the_write_ahead_log_until_a_restart_replays_it() {
     relay.sigterm();
     let mut relay = relay;
     relay.wait_for_exit(Duration::from_secs(30));
-    let log = open_log(&data);
+    let store = open_store(&data);
     for id in acked {
-        assert!(log.event(id).unwrap().is_some(), "event {id} lost");
+        assert!(store.event(id).unwrap().is_some(), "event {id} lost");
     }
 }
 

@@ -190,7 +190,7 @@ async fn a_2xx_status_with_a_stalled_body_counts_as_delivered() {
                 (relay.metrics.attempts("bad", "success") == 3).then_some(())
             })
             .await;
-            assert_eq!(relay.log.queued_count("bad"), 0);
+            assert_eq!(relay.store.queued_count("bad"), 0);
         },
     )
     .await;
@@ -203,7 +203,7 @@ async fn a_rejection_with_a_stalled_body_is_dead_lettered_within_the_timeout() {
         "300ms",
         async |relay| {
             let dead = eventually("dead letters", WAIT, async || {
-                let dead = relay.log.dead_letters("bad").unwrap();
+                let dead = relay.store.dead_letters("bad").unwrap();
                 (dead.len() == 3).then_some(dead)
             })
             .await;
@@ -217,7 +217,7 @@ async fn a_rejection_with_a_stalled_body_is_dead_lettered_within_the_timeout() {
 async fn a_huge_rejection_body_is_cut_not_buffered() {
     with_fault(Misbehaviour::HugeBody, "5s", async |relay| {
         let dead = eventually("dead letters", WAIT, async || {
-            let dead = relay.log.dead_letters("bad").unwrap();
+            let dead = relay.store.dead_letters("bad").unwrap();
             (dead.len() == 3).then_some(dead)
         })
         .await;
@@ -320,7 +320,7 @@ async fn a_rejection_with_a_stalled_body_is_never_retried() {
         assert_eq!(status, 200);
     }
     let dead = eventually("dead letters", WAIT, async || {
-        let dead = relay.log.dead_letters("bad").unwrap();
+        let dead = relay.store.dead_letters("bad").unwrap();
         (dead.len() == EVENTS).then_some(dead)
     })
     .await;

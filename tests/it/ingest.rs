@@ -9,19 +9,19 @@ use crate::common::*;
 use leadflo_relay::http::{self, ConnectionLimits};
 use leadflo_relay::ingest::{Ingest, IngestSettings, SecretCheck};
 use leadflo_relay::metrics::{IngestResult, Metrics};
-use leadflo_relay::store::{EventId, Log, LogOptions, Source};
+use leadflo_relay::store::{EventId, Source, Store, StoreOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const VISITOR: &str = r#"{"event":"visitor_created","data":{"visitor":{"id":"vis_1"}}}"#;
 
-fn stored_count(log: &Log) -> usize {
-    log.events().count()
+fn stored_count(store: &Store) -> usize {
+    store.events().count()
 }
 
 /// A log of its own in `dir`, for tests that drive the log directly.
-fn small_log(dir: &std::path::Path) -> LogOptions {
-    LogOptions {
+fn small_log(dir: &std::path::Path) -> StoreOptions {
+    StoreOptions {
         data_dir: dir.to_owned(),
         checkpoint_interval: Duration::from_secs(1),
         cache_capacity_bytes: 8 << 20,
@@ -42,7 +42,7 @@ async fn accepted_event_gets_200_with_its_id_and_is_stored() {
         .expect("id is a string")
         .parse()
         .unwrap();
-    let stored = stored_event(&relay.log, id).await;
+    let stored = stored_event(&relay.store, id).await;
     assert_eq!(stored.body, VISITOR.as_bytes());
     assert_eq!(stored.event, "visitor_created");
     assert!(
@@ -74,7 +74,7 @@ async fn seed_payloads_round_trip_byte_for_byte() {
         let (status, json) = post(&client, &relay.url(), Some(SECRET), body.clone()).await;
         assert_eq!(status, 200, "{name}: {json}");
         let id: EventId = json["id"].as_str().unwrap().parse().unwrap();
-        let stored = stored_event(&relay.log, id).await;
+        let stored = stored_event(&relay.store, id).await;
         assert_eq!(
             stored.body, body,
             "{name}: stored bytes differ from the bytes sent"
@@ -82,8 +82,8 @@ async fn seed_payloads_round_trip_byte_for_byte() {
     }
     // And after a restart on the same data directory.
     let dir = relay.stop().await;
-    let log = open_log(dir.path());
-    let bodies: Vec<Vec<u8>> = log.events().map(|e| e.unwrap().body).collect();
+    let store = open_store(dir.path());
+    let bodies: Vec<Vec<u8>> = store.events().map(|e| e.unwrap().body).collect();
     assert_eq!(bodies.len(), 3);
     assert_eq!(bodies[2], fixture("visitor_created_non_ascii.json"));
 }
@@ -108,12 +108,12 @@ async fn wrong_or_missing_secrets_get_401_and_store_nothing() {
         assert!(error.contains("x-webhook-secret"), "{error}");
     }
     assert_eq!(
-        stored_count(&relay.log),
+        stored_count(&relay.store),
         0,
         "unauthenticated requests were stored"
     );
     assert_eq!(
-        relay.log.quarantined().count(),
+        relay.store.quarantined().count(),
         0,
         "unauthenticated bodies were quarantined"
     );
@@ -164,7 +164,7 @@ async fn other_paths_get_404_and_other_methods_405_with_allow() {
     }
     assert_eq!(relay.metrics.requests(IngestResult::NotFound), 1);
     assert_eq!(relay.metrics.requests(IngestResult::MethodNotAllowed), 3);
-    assert_eq!(stored_count(&relay.log), 0);
+    assert_eq!(stored_count(&relay.store), 0);
     relay.stop().await;
 }
 
@@ -190,11 +190,11 @@ async fn malformed_bodies_get_400_and_are_quarantined() {
         assert!(error.contains(want), "{error} should mention {want}");
     }
     assert_eq!(
-        stored_count(&relay.log),
+        stored_count(&relay.store),
         0,
         "malformed bodies must not become events"
     );
-    let quarantined: Vec<_> = relay.log.quarantined().map(|q| q.unwrap()).collect();
+    let quarantined: Vec<_> = relay.store.quarantined().map(|q| q.unwrap()).collect();
     assert_eq!(
         quarantined.len(),
         cases.len(),
@@ -228,7 +228,7 @@ async fn quarantine_is_bounded_and_keeps_the_newest() {
     // insert and the eviction it caused just after.
     let kept = || -> Vec<String> {
         relay
-            .log
+            .store
             .quarantined()
             .map(|q| String::from_utf8(q.unwrap().body).unwrap())
             .collect()
@@ -292,7 +292,7 @@ async fn chunked_body_gets_413_as_soon_as_it_crosses_the_limit() {
         .expect("a response");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("larger than the limit"), "{answer}");
-    assert_eq!(stored_count(&relay.log), 0);
+    assert_eq!(stored_count(&relay.store), 0);
     relay.stop().await;
 }
 
@@ -398,7 +398,7 @@ async fn concurrent_senders_get_unique_ids_and_share_commits() {
     }
     assert_eq!(acked.len(), SENDERS * EACH);
     for (id, body) in &acked {
-        let stored = stored_event(&relay.log, *id).await;
+        let stored = stored_event(&relay.store, *id).await;
         assert_eq!(stored.body, body.clone().into_bytes(), "event {id}");
     }
     let commits = scrape(relay.admin, "leadflo_relay_commits_total").await;
@@ -426,8 +426,8 @@ async fn a_log_that_cannot_commit_answers_503_and_never_200() {
     let dir = tempfile::tempdir().unwrap();
     let options = small_log(dir.path());
     let metrics = Arc::new(Metrics::new());
-    let log = Log::open(&options).unwrap();
-    let (committer, handle) = log
+    let store = Store::open(&options).unwrap();
+    let (committer, handle) = store
         .start_committer(&options, Vec::new(), metrics.clone())
         .unwrap();
     handle.close().await;
@@ -453,8 +453,8 @@ async fn an_event_answered_503_for_a_slow_disk_that_lands_later_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let options = small_log(dir.path());
     let metrics = Arc::new(Metrics::new());
-    let log = Log::open(&options).unwrap();
-    let (committer, _handle) = log
+    let store = Store::open(&options).unwrap();
+    let (committer, _handle) = store
         .start_committer(&options, Vec::new(), metrics.clone())
         .unwrap();
     // The slow disk: 32 MiB taken for writing just before the request.
@@ -489,7 +489,7 @@ async fn an_event_answered_503_for_a_slow_disk_that_lands_later_is_counted() {
     )
     .await;
     let in_log = || {
-        let stored = log.events().filter_map(Result::ok);
+        let stored = store.events().filter_map(Result::ok);
         stored.filter(|e| e.body == VISITOR.as_bytes()).count()
     };
     eventually(
@@ -650,22 +650,22 @@ async fn events_only_in_the_write_ahead_log_come_back_with_their_deliveries() {
         .unwrap_or(0);
     std::fs::write(wal::segment_path(dir.path(), newest + 1), bytes).unwrap();
 
-    let log = open_log(dir.path());
+    let store = open_store(dir.path());
     for (id, body) in lost {
-        let event = log
+        let event = store
             .event(EventId(id))
             .unwrap()
             .expect("replayed from the write-ahead log");
         assert_eq!(event.body, body);
-        assert!(log.is_queued("crm", EventId(id)).unwrap());
-        assert!(log.is_queued("archive", EventId(id)).unwrap());
+        assert!(store.is_queued("crm", EventId(id)).unwrap());
+        assert!(store.is_queued("archive", EventId(id)).unwrap());
     }
     assert!(
-        log.event(EventId(known.0 + 12)).unwrap().is_none(),
+        store.event(EventId(known.0 + 12)).unwrap().is_none(),
         "a torn frame was never acknowledged"
     );
-    assert!(log.event(known).unwrap().is_some());
-    drop(log);
+    assert!(store.event(known).unwrap().is_some());
+    drop(store);
     // Replayed into sled, the old segments are retired; one new segment,
     // holding at most old frames that sled already has (it may be made from
     // a recycled one).
@@ -697,13 +697,13 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
     use leadflo_relay::store::{DeliveryState, DueQuery, Entry, Subscription};
     let dir = tempfile::tempdir().unwrap();
     let options = small_log(dir.path());
-    let log = Log::open(&options).unwrap();
+    let store = Store::open(&options).unwrap();
     let subscription = |target: &str| Subscription {
         target: target.into(),
         events: None,
         wake: Arc::new(tokio::sync::Notify::new()),
     };
-    let (committer, handle) = log
+    let (committer, handle) = store
         .start_committer(
             &options,
             vec![subscription("crm"), subscription("archive")],
@@ -722,9 +722,9 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
     handle.close().await;
     let received: Vec<u64> = ids
         .iter()
-        .map(|&id| log.event(id).unwrap().unwrap().received_at_ms)
+        .map(|&id| store.event(id).unwrap().unwrap().received_at_ms)
         .collect();
-    let due = |log: &Log, target: &str| {
+    let due = |store: &Store, target: &str| {
         let query = DueQuery {
             now_ms: u64::MAX,
             limit: 10,
@@ -732,66 +732,67 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
             after: None,
             skip: &|_| false,
         };
-        log.due_deliveries(target, &query).unwrap().0
+        store.due_deliveries(target, &query).unwrap().0
     };
     let everything_received = received[2] + 1;
     let targets = vec!["crm".to_string(), "archive".to_string()];
 
     // At their first place: found, kept, and the oldest is the first event.
     for &id in &ids {
-        assert!(log.is_queued("crm", id).unwrap());
+        assert!(store.is_queued("crm", id).unwrap());
     }
     assert_eq!(
-        log.target_stats("crm").unwrap().oldest_enqueued_ms,
+        store.target_stats("crm").unwrap().oldest_enqueued_ms,
         Some(received[0])
     );
-    let step = log
+    let step = store
         .prune_before(everything_received, None, 100, &targets)
         .unwrap();
     assert_eq!((step.examined, step.deleted), (3, 0));
 
     // The first event's delivery fails and moves a day ahead: still found,
     // still the oldest (the queue's front now holds a younger one).
-    let first = due(&log, "crm")[0].clone();
+    let first = due(&store, "crm")[0].clone();
     assert_eq!(first.id, ids[0]);
     let moved = DeliveryState {
         attempts: 1,
         ..first.state.clone()
     };
-    log.reschedule("crm", &first, received[0] + 86_400_000, &moved)
+    store
+        .reschedule("crm", &first, received[0] + 86_400_000, &moved)
         .unwrap();
-    assert_eq!(due(&log, "crm")[0].id, ids[1]);
-    assert!(log.is_queued("crm", ids[0]).unwrap());
+    assert_eq!(due(&store, "crm")[0].id, ids[1]);
+    assert!(store.is_queued("crm", ids[0]).unwrap());
     assert_eq!(
-        log.target_stats("crm").unwrap().oldest_enqueued_ms,
+        store.target_stats("crm").unwrap().oldest_enqueued_ms,
         Some(received[0])
     );
 
     // Every delivery to "archive" and the unmoved ones to "crm" succeed:
     // only the moved one keeps its event from pruning.
-    for delivery in due(&log, "archive") {
-        log.delivered("archive", &delivery).unwrap();
+    for delivery in due(&store, "archive") {
+        store.delivered("archive", &delivery).unwrap();
     }
-    for delivery in due(&log, "crm") {
+    for delivery in due(&store, "crm") {
         if delivery.id != ids[0] {
-            log.delivered("crm", &delivery).unwrap();
+            store.delivered("crm", &delivery).unwrap();
         }
     }
-    assert!(!log.is_queued("crm", ids[1]).unwrap());
-    assert!(!log.is_queued("archive", ids[0]).unwrap());
-    let step = log
+    assert!(!store.is_queued("crm", ids[1]).unwrap());
+    assert!(!store.is_queued("archive", ids[0]).unwrap());
+    let step = store
         .prune_before(everything_received, None, 100, &targets)
         .unwrap();
     assert_eq!((step.examined, step.deleted), (3, 2));
-    assert!(log.event(ids[0]).unwrap().is_some(), "still waited for");
+    assert!(store.event(ids[0]).unwrap().is_some(), "still waited for");
 
     // Once the moved delivery succeeds, nothing waits any more.
-    let moved = due(&log, "crm");
+    let moved = due(&store, "crm");
     assert_eq!(moved.len(), 1);
-    log.delivered("crm", &moved[0]).unwrap();
-    assert!(!log.is_queued("crm", ids[0]).unwrap());
-    assert_eq!(log.target_stats("crm").unwrap().oldest_enqueued_ms, None);
-    let step = log
+    store.delivered("crm", &moved[0]).unwrap();
+    assert!(!store.is_queued("crm", ids[0]).unwrap());
+    assert_eq!(store.target_stats("crm").unwrap().oldest_enqueued_ms, None);
+    let step = store
         .prune_before(everything_received, None, 100, &targets)
         .unwrap();
     assert_eq!(step.deleted, 1);
@@ -818,13 +819,13 @@ async fn a_prune_step_examines_at_most_its_limit_when_every_event_is_newer_than_
         }
         db.flush().unwrap();
     }
-    let log = open_log(dir.path());
+    let store = open_store(dir.path());
     let targets = vec!["crm".to_string()];
     let (cutoff, limit) = (now - 60_000, 3);
     let mut after = None;
     let mut examined = Vec::new();
     loop {
-        let step = log.prune_before(cutoff, after, limit, &targets).unwrap();
+        let step = store.prune_before(cutoff, after, limit, &targets).unwrap();
         assert!(
             step.examined <= limit,
             "one step examined {} events with a limit of {limit}",
@@ -844,7 +845,7 @@ async fn a_prune_step_examines_at_most_its_limit_when_every_event_is_newer_than_
     );
     for id in old_ids {
         assert!(
-            log.event(EventId(id)).unwrap().is_some(),
+            store.event(EventId(id)).unwrap().is_some(),
             "event {id} is gone"
         );
     }
@@ -864,7 +865,7 @@ mod front {
         }
     }
 
-    pub fn due(log: &Log, target: &str) -> Vec<Delivery> {
+    pub fn due(store: &Store, target: &str) -> Vec<Delivery> {
         let query = DueQuery {
             now_ms: u64::MAX,
             limit: 100,
@@ -872,7 +873,7 @@ mod front {
             after: None,
             skip: &|_| false,
         };
-        log.due_deliveries(target, &query).unwrap().0
+        store.due_deliveries(target, &query).unwrap().0
     }
 
     /// Opens the log in `dir`, adopts `subscriptions`, appends `events`
@@ -881,7 +882,7 @@ mod front {
         dir: &std::path::Path,
         subscriptions: Vec<Subscription>,
         events: &[&str],
-    ) -> (Log, Vec<EventId>) {
+    ) -> (Store, Vec<EventId>) {
         append(dir, subscriptions, events, true).await
     }
 
@@ -892,13 +893,13 @@ mod front {
         subscriptions: Vec<Subscription>,
         events: &[&str],
         adopt: bool,
-    ) -> (Log, Vec<EventId>) {
+    ) -> (Store, Vec<EventId>) {
         let options = small_log(dir);
-        let log = Log::open(&options).unwrap();
+        let store = Store::open(&options).unwrap();
         if adopt {
-            log.adopt_targets(&subscriptions).unwrap();
+            store.adopt_targets(&subscriptions).unwrap();
         }
-        let (committer, handle) = log
+        let (committer, handle) = store
             .start_committer(&options, subscriptions, Arc::new(Metrics::new()))
             .unwrap();
         let mut ids = Vec::new();
@@ -911,7 +912,7 @@ mod front {
             ids.push(committer.append(entry).await.unwrap());
         }
         handle.close().await;
-        (log, ids)
+        (store, ids)
     }
 }
 
@@ -925,10 +926,10 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
     let options = small_log(dir.path());
     let events = leadflo_relay::store::IMPLICIT_WINDOW as u64 + 1_000;
     {
-        let log = Log::open(&options).unwrap();
+        let store = Store::open(&options).unwrap();
         let subscriptions = vec![front::subscription("crm", None)];
-        log.adopt_targets(&subscriptions).unwrap();
-        let (committer, handle) = log
+        store.adopt_targets(&subscriptions).unwrap();
+        let (committer, handle) = store
             .start_committer(&options, subscriptions, Arc::new(Metrics::new()))
             .unwrap();
         let mut appends = tokio::task::JoinSet::new();
@@ -946,27 +947,28 @@ async fn a_hanging_attempt_does_not_hold_back_the_deliveries_after_it() {
         appends.join_all().await;
         handle.close().await;
 
-        let mut batch = front::due(&log, "crm");
+        let mut batch = front::due(&store, "crm");
         let hanging = batch.remove(0);
         let mut settled = 0;
         while !batch.is_empty() {
             for delivery in &batch {
-                log.delivered("crm", delivery).unwrap();
+                store.delivered("crm", delivery).unwrap();
             }
             settled += batch.len() as u64;
-            batch = front::due(&log, "crm");
+            batch = front::due(&store, "crm");
         }
         assert_eq!(settled, events - 1, "deliveries after the hanging one");
-        assert_eq!(log.queued_count("crm"), 1);
-        log.delivered("crm", &hanging).unwrap();
-        assert_eq!(log.queued_count("crm"), 0);
-        log.save_backlog_counts(&["crm".to_string()]).unwrap();
+        assert_eq!(store.queued_count("crm"), 1);
+        store.delivered("crm", &hanging).unwrap();
+        assert_eq!(store.queued_count("crm"), 0);
+        store.save_backlog_counts(&["crm".to_string()]).unwrap();
     }
-    let log = Log::open(&options).unwrap();
-    log.adopt_targets(&[front::subscription("crm", None)])
+    let store = Store::open(&options).unwrap();
+    store
+        .adopt_targets(&[front::subscription("crm", None)])
         .unwrap();
-    assert_eq!(log.queued_count("crm"), 0);
-    assert!(front::due(&log, "crm").is_empty());
+    assert_eq!(store.queued_count("crm"), 0);
+    assert!(front::due(&store, "crm").is_empty());
 }
 
 /// A new event's delivery to a target has no queue entry: it waits above
@@ -988,38 +990,38 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
         "conversation_ended",
         "visitor_created",
     ];
-    let (log, ids) = front::open_and_append(dir.path(), subscriptions.clone(), &types).await;
+    let (store, ids) = front::open_and_append(dir.path(), subscriptions.clone(), &types).await;
     let received: Vec<u64> = ids
         .iter()
-        .map(|&id| log.event(id).unwrap().unwrap().received_at_ms)
+        .map(|&id| store.event(id).unwrap().unwrap().received_at_ms)
         .collect();
     let targets = vec!["crm".to_string(), "archive".to_string()];
 
-    assert_eq!(log.queued_count("crm"), 4);
-    assert_eq!(log.queued_count("archive"), 1);
-    assert!(ids.iter().all(|&id| log.is_queued("crm", id).unwrap()));
-    assert!(log.is_queued("archive", ids[2]).unwrap());
-    assert!(!log.is_queued("archive", ids[0]).unwrap());
+    assert_eq!(store.queued_count("crm"), 4);
+    assert_eq!(store.queued_count("archive"), 1);
+    assert!(ids.iter().all(|&id| store.is_queued("crm", id).unwrap()));
+    assert!(store.is_queued("archive", ids[2]).unwrap());
+    assert!(!store.is_queued("archive", ids[0]).unwrap());
     assert_eq!(
-        log.target_stats("crm").unwrap().oldest_enqueued_ms,
+        store.target_stats("crm").unwrap().oldest_enqueued_ms,
         Some(received[0])
     );
-    let step = log
+    let step = store
         .prune_before(received[3] + 1, None, 100, &targets)
         .unwrap();
     assert_eq!((step.examined, step.deleted), (4, 0));
 
     // Read once, in id order, with the stored bodies.
-    let crm = front::due(&log, "crm");
+    let crm = front::due(&store, "crm");
     assert_eq!(crm.iter().map(|d| d.id).collect::<Vec<_>>(), ids);
     for delivery in &crm {
         assert!((delivery.source == Source::Implicit));
-        let stored = log.event(delivery.id).unwrap().unwrap().body;
+        let stored = store.event(delivery.id).unwrap().unwrap().body;
         assert_eq!(delivery.body.as_deref(), Some(&stored[..]));
         assert_eq!(delivery.state.enqueued_ms, delivery.due_ms);
     }
     assert!(
-        front::due(&log, "crm").is_empty(),
+        front::due(&store, "crm").is_empty(),
         "taken ones are not read again"
     );
 
@@ -1028,39 +1030,40 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
         attempts: 1,
         ..crm[0].state.clone()
     };
-    log.reschedule("crm", &crm[0], received[0] + 86_400_000, &moved)
+    store
+        .reschedule("crm", &crm[0], received[0] + 86_400_000, &moved)
         .unwrap();
     for delivery in &crm[1..] {
-        log.delivered("crm", delivery).unwrap();
+        store.delivered("crm", delivery).unwrap();
     }
-    assert!(log.is_queued("crm", ids[0]).unwrap());
-    assert!(!log.is_queued("crm", ids[1]).unwrap());
-    assert_eq!(log.queued_count("crm"), 1);
+    assert!(store.is_queued("crm", ids[0]).unwrap());
+    assert!(!store.is_queued("crm", ids[1]).unwrap());
+    assert_eq!(store.queued_count("crm"), 1);
     assert_eq!(
-        log.target_stats("crm").unwrap().oldest_enqueued_ms,
+        store.target_stats("crm").unwrap().oldest_enqueued_ms,
         Some(received[0])
     );
     // Kept: the moved one (crm) and the one archive still waits for.
-    let step = log
+    let step = store
         .prune_before(received[3] + 1, None, 100, &targets)
         .unwrap();
     assert_eq!((step.examined, step.deleted), (4, 2));
-    assert!(log.event(ids[0]).unwrap().is_some());
-    assert!(log.event(ids[2]).unwrap().is_some());
+    assert!(store.event(ids[0]).unwrap().is_some());
+    assert!(store.event(ids[2]).unwrap().is_some());
 
     // A clean stop writes the watermarks; the next start reads the moved
     // delivery from its queue entry and nothing else for crm.
-    log.save_backlog_counts(&targets).unwrap();
-    drop(log);
-    let log = Log::open(&small_log(dir.path())).unwrap();
-    log.adopt_targets(&subscriptions).unwrap();
-    let crm = front::due(&log, "crm");
+    store.save_backlog_counts(&targets).unwrap();
+    drop(store);
+    let store = Store::open(&small_log(dir.path())).unwrap();
+    store.adopt_targets(&subscriptions).unwrap();
+    let crm = front::due(&store, "crm");
     assert_eq!(crm.len(), 1);
     assert_eq!(
         (crm[0].id, (crm[0].source == Source::Implicit)),
         (ids[0], false)
     );
-    let archive = front::due(&log, "archive");
+    let archive = front::due(&store, "archive");
     assert_eq!(archive.len(), 1);
     assert_eq!(
         (archive[0].id, (archive[0].source == Source::Implicit)),
@@ -1076,35 +1079,35 @@ async fn new_events_wait_above_the_watermark_without_a_queue_entry() {
 async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
     let dir = tempfile::tempdir().unwrap();
     let crm = front::subscription("crm", None);
-    let (log, before) = front::open_and_append(
+    let (store, before) = front::open_and_append(
         dir.path(),
         vec![crm.clone()],
         &["visitor_created", "visitor_created"],
     )
     .await;
-    drop(log);
+    drop(store);
 
     let slack = front::subscription("slack", None);
-    let (log, added) = front::open_and_append(
+    let (store, added) = front::open_and_append(
         dir.path(),
         vec![crm.clone(), slack.clone()],
         &["visitor_created"],
     )
     .await;
-    assert_eq!(log.queued_count("crm"), 3);
-    assert_eq!(log.queued_count("slack"), 1, "only what came after it");
-    assert_eq!(front::due(&log, "slack")[0].id, added[0]);
-    drop(log);
+    assert_eq!(store.queued_count("crm"), 3);
+    assert_eq!(store.queued_count("slack"), 1, "only what came after it");
+    assert_eq!(front::due(&store, "slack")[0].id, added[0]);
+    drop(store);
 
     // crm now takes conversations only; slack is gone.
     let crm_conversations = front::subscription("crm", Some(&["conversation_ended"]));
-    let (log, after) = front::open_and_append(
+    let (store, after) = front::open_and_append(
         dir.path(),
         vec![crm_conversations],
         &["visitor_created", "conversation_ended"],
     )
     .await;
-    let crm = front::due(&log, "crm");
+    let crm = front::due(&store, "crm");
     let explicit: Vec<EventId> = crm
         .iter()
         .filter(|d| !(d.source == Source::Implicit))
@@ -1117,8 +1120,8 @@ async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
         .collect();
     assert_eq!(explicit, [before[0], before[1], added[0]]);
     assert_eq!(implicit, [after[1]], "the new types from now on");
-    assert!(log.targets_in_log().unwrap().contains("slack"));
-    let slack = front::due(&log, "slack");
+    assert!(store.targets_in_log().unwrap().contains("slack"));
+    let slack = front::due(&store, "slack");
     assert_eq!(slack.len(), 1);
     assert_eq!(
         (slack[0].id, (slack[0].source == Source::Implicit)),
@@ -1133,37 +1136,37 @@ async fn targets_added_changed_and_removed_keep_what_was_queued_for_them() {
 async fn queue_entries_of_a_log_from_before_watermarks_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     // Not adopted: the committer queues entries, as builds before did.
-    let (log, old) = front::append(
+    let (store, old) = front::append(
         dir.path(),
         vec![front::subscription("crm", None)],
         &["visitor_created", "visitor_created"],
         false,
     )
     .await;
-    drop(log);
+    drop(store);
 
-    let (log, new) = front::open_and_append(
+    let (store, new) = front::open_and_append(
         dir.path(),
         vec![front::subscription("crm", None)],
         &["visitor_created"],
     )
     .await;
-    assert_eq!(log.queued_count("crm"), 3);
-    let due = front::due(&log, "crm");
+    assert_eq!(store.queued_count("crm"), 3);
+    let due = front::due(&store, "crm");
     let by_kind: Vec<(EventId, bool)> = due
         .iter()
         .map(|d| (d.id, (d.source == Source::Implicit)))
         .collect();
     assert_eq!(by_kind, [(old[0], false), (old[1], false), (new[0], true)]);
     for delivery in &due {
-        log.delivered("crm", delivery).unwrap();
+        store.delivered("crm", delivery).unwrap();
     }
-    assert_eq!(log.queued_count("crm"), 0);
+    assert_eq!(store.queued_count("crm"), 0);
 }
 
 /// One read of the explicit (retry) queue, as the dispatcher makes it.
 fn explicit_read(
-    log: &Log,
+    store: &Store,
     now_ms: u64,
     limit: usize,
     ignore_due: bool,
@@ -1177,28 +1180,29 @@ fn explicit_read(
         after,
         skip,
     };
-    let (due, _) = log.due_deliveries("crm", &query).unwrap();
+    let (due, _) = store.due_deliveries("crm", &query).unwrap();
     due.iter().map(|d| d.id).collect()
 }
 
 /// Two events whose first attempts failed: explicit entries A and B, due at
 /// `due_ms(0)` and `due_ms(1)`.
-async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Log, Vec<EventId>) {
-    let (log, ids) = front::open_and_append(
+async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Store, Vec<EventId>) {
+    let (store, ids) = front::open_and_append(
         dir,
         vec![front::subscription("crm", None)],
         &["visitor_created", "visitor_created"],
     )
     .await;
-    for (n, delivery) in front::due(&log, "crm").into_iter().enumerate() {
+    for (n, delivery) in front::due(&store, "crm").into_iter().enumerate() {
         let state = leadflo_relay::store::DeliveryState {
             attempts: 1,
             ..delivery.state.clone()
         };
-        log.reschedule("crm", &delivery, due_ms(n as u64), &state)
+        store
+            .reschedule("crm", &delivery, due_ms(n as u64), &state)
             .unwrap();
     }
-    (log, ids)
+    (store, ids)
 }
 
 /// An attempt that panicked (or could not be recorded) releases its entry,
@@ -1209,20 +1213,26 @@ async fn two_retries(dir: &std::path::Path, due_ms: impl Fn(u64) -> u64) -> (Log
 async fn a_released_retry_behind_the_cursor_is_taken_again() {
     let dir = tempfile::tempdir().unwrap();
     let now = leadflo_relay::clock::now_ms();
-    let (log, ids) = two_retries(dir.path(), |_| now - 1_000).await;
+    let (store, ids) = two_retries(dir.path(), |_| now - 1_000).await;
     let (a, b) = (ids[0], ids[1]);
-    assert_eq!(explicit_read(&log, now, 2, false, None, &|_| false), [a, b]);
-    let cursor = front::due(&log, "crm")
+    assert_eq!(
+        explicit_read(&store, now, 2, false, None, &|_| false),
+        [a, b]
+    );
+    let cursor = front::due(&store, "crm")
         .iter()
         .find(|d| d.id == b)
         .map(|d| (d.due_ms, d.id));
-    log.release("crm", a, Source::Explicit);
+    store.release("crm", a, Source::Explicit);
     let b_in_flight = |id| id == b;
     assert_eq!(
-        explicit_read(&log, now, 2, false, cursor, &b_in_flight),
+        explicit_read(&store, now, 2, false, cursor, &b_in_flight),
         [a]
     );
-    assert_eq!(explicit_read(&log, now, 2, false, None, &b_in_flight), [a]);
+    assert_eq!(
+        explicit_read(&store, now, 2, false, None, &b_in_flight),
+        [a]
+    );
 }
 
 /// After an outage, catching up takes entries due far ahead, so the cursor
@@ -1234,15 +1244,15 @@ async fn a_retry_rescheduled_behind_a_catching_up_cursor_is_taken_when_due() {
     let dir = tempfile::tempdir().unwrap();
     let now = leadflo_relay::clock::now_ms();
     let hour = 3_600_000;
-    let (log, ids) = two_retries(dir.path(), |n| now + hour * (n + 1)).await;
+    let (store, ids) = two_retries(dir.path(), |n| now + hour * (n + 1)).await;
     let (a, b) = (ids[0], ids[1]);
     // The circuit closed: catching up takes A (delivered), then B.
-    assert_eq!(explicit_read(&log, now, 1, true, None, &|_| false), [a]);
-    let queue = front::due(&log, "crm");
-    log.delivered("crm", &queue[0]).unwrap();
+    assert_eq!(explicit_read(&store, now, 1, true, None, &|_| false), [a]);
+    let queue = front::due(&store, "crm");
+    store.delivered("crm", &queue[0]).unwrap();
     let cursor = Some((queue[1].due_ms, b));
     assert_eq!(
-        explicit_read(&log, now, 1, true, Some((now + hour, a)), &|_| false),
+        explicit_read(&store, now, 1, true, Some((now + hour, a)), &|_| false),
         [b]
     );
     // B fails: catching up ends, B is due again in 50 ms.
@@ -1250,10 +1260,12 @@ async fn a_retry_rescheduled_behind_a_catching_up_cursor_is_taken_when_due() {
         attempts: 2,
         ..queue[1].state.clone()
     };
-    log.reschedule("crm", &queue[1], now + 50, &state).unwrap();
-    assert!(explicit_read(&log, now, 1, false, cursor, &|_| false).is_empty());
+    store
+        .reschedule("crm", &queue[1], now + 50, &state)
+        .unwrap();
+    assert!(explicit_read(&store, now, 1, false, cursor, &|_| false).is_empty());
     assert_eq!(
-        explicit_read(&log, now + 60, 1, false, None, &|_| false),
+        explicit_read(&store, now + 60, 1, false, None, &|_| false),
         [b]
     );
 }

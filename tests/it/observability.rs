@@ -202,7 +202,7 @@ async fn below_the_disk_floor_ingest_answers_503_and_readyz_fails() {
             .contains("low on disk space"),
         "{json}"
     );
-    assert_eq!(relay.log.events().count(), 0);
+    assert_eq!(relay.store.events().count(), 0);
     let ready = client()
         .get(format!("http://{}/readyz", relay.admin))
         .send()
@@ -669,8 +669,8 @@ async fn replaying_a_repeated_id_keeps_backlog_and_dead_letter_gauges_exact() {
         gauges().await
     );
     assert_eq!(report["enqueued"], 1, "{report}");
-    assert_eq!(relay.log.queued_count("strict"), 0);
-    assert_eq!(relay.log.dead_letters("strict").unwrap().len(), 1);
+    assert_eq!(relay.store.queued_count("strict"), 0);
+    assert_eq!(relay.store.dead_letters("strict").unwrap().len(), 1);
     assert_eq!(strict.count(), 2, "one replay, one attempt");
     relay.stop().await;
 }

@@ -93,7 +93,7 @@ async fn every_command_works_online_and_offline_as_text_and_json() {
     send(&relay, fixture("conversation_ended.json")).await;
     post(&client(), &relay.url(), Some(SECRET), b"not json".to_vec()).await;
     eventually("deliveries and a dead letter", WAIT, async || {
-        (crm.count() == 2 && relay.log.dead_letters("strict").unwrap().len() == 1).then_some(())
+        (crm.count() == 2 && relay.store.dead_letters("strict").unwrap().len() == 1).then_some(())
     })
     .await;
 
@@ -354,7 +354,7 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
     let dry = dry_run_window(&admin, &from, &to).await;
     assert_eq!(dry["matched"], 5, "{dry}");
     assert_eq!(
-        relay.log.queued_count("crm"),
+        relay.store.queued_count("crm"),
         0,
         "--dry-run queued something"
     );
@@ -390,7 +390,7 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
         let _ = n;
     }
     eventually("the queue to drain", WAIT, async || {
-        (relay.log.queued_count("crm") == 0).then_some(())
+        (relay.store.queued_count("crm") == 0).then_some(())
     })
     .await;
     assert_eq!(crm.count(), 18, "replay sent more than the range");
@@ -478,7 +478,7 @@ async fn dlq_retry_after_fixing_the_target_delivers_and_empties_the_store() {
         ids.push(send(&relay, lead(n)).await);
     }
     eventually("three dead letters", WAIT, async || {
-        (relay.log.dead_letters("crm").unwrap().len() == 3).then_some(())
+        (relay.store.dead_letters("crm").unwrap().len() == 3).then_some(())
     })
     .await;
     crm.set_behaviour(|_, _| Reply::ok());
@@ -489,11 +489,11 @@ async fn dlq_retry_after_fixing_the_target_delivers_and_empties_the_store() {
     .await);
     assert!(text.contains("3 of 3"), "{text}");
     eventually("the retried deliveries", WAIT, async || {
-        (relay.log.queued_count("crm") == 0 && crm.count() == 6).then_some(())
+        (relay.store.queued_count("crm") == 0 && crm.count() == 6).then_some(())
     })
     .await;
     assert!(
-        relay.log.dead_letters("crm").unwrap().is_empty(),
+        relay.store.dead_letters("crm").unwrap().is_empty(),
         "the dead-letter store is not empty"
     );
     let delivered: Vec<String> = crm.requests()[3..]
@@ -522,7 +522,7 @@ async fn purge_removes_only_what_was_asked_and_asks_first() {
         ids.push(send(&relay, lead(n)).await);
     }
     eventually("three dead letters", WAIT, async || {
-        (relay.log.dead_letters("crm").unwrap().len() == 3).then_some(())
+        (relay.store.dead_letters("crm").unwrap().len() == 3).then_some(())
     })
     .await;
     let admin = format!("http://{}", relay.admin);
@@ -530,7 +530,7 @@ async fn purge_removes_only_what_was_asked_and_asks_first() {
     let refused = cli(args(&["dlq", "purge", "--all", "--admin", &admin])).await;
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
-    assert_eq!(relay.log.dead_letters("crm").unwrap().len(), 3);
+    assert_eq!(relay.store.dead_letters("crm").unwrap().len(), 3);
 
     let report = json(
         cli(args(&[
@@ -547,7 +547,7 @@ async fn purge_removes_only_what_was_asked_and_asks_first() {
     );
     assert_eq!(report["changed"], 1, "{report}");
     let left: Vec<EventId> = relay
-        .log
+        .store
         .dead_letters("crm")
         .unwrap()
         .into_iter()
@@ -559,7 +559,7 @@ async fn purge_removes_only_what_was_asked_and_asks_first() {
         "purge removed the wrong dead letters"
     );
     // The events themselves stay (replayable until retention).
-    assert!(relay.log.event(ids[1]).unwrap().is_some());
+    assert!(relay.store.event(ids[1]).unwrap().is_some());
 
     // Offline too.
     let dir = relay.stop().await;
@@ -740,15 +740,20 @@ async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_on
     let dead = send(&relay, fixture("visitor_created.json")).await;
     let pending = send(&relay, br#"{"event":"other_event"}"#.to_vec()).await;
     eventually("the delivered event to be pruned", WAIT, async || {
-        relay.log.event(delivered).unwrap().is_none().then_some(())
+        relay
+            .store
+            .event(delivered)
+            .unwrap()
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(
-        relay.log.event(dead).unwrap().is_some(),
+        relay.store.event(dead).unwrap().is_some(),
         "an event with a dead letter was pruned"
     );
     assert!(
-        relay.log.event(pending).unwrap().is_some(),
+        relay.store.event(pending).unwrap().is_some(),
         "an undelivered event was pruned"
     );
     assert!(scrape(relay.admin, "leadflo_relay_pruned_events_total").await >= 1.0);
@@ -785,7 +790,7 @@ async fn replay_sends_only_the_event_types_the_target_takes() {
     let report = json(cli(replay(&["--admin", &admin])).await);
     assert_eq!(report["matched"], 1, "{report}");
     eventually("the replay to drain", WAIT, async || {
-        (relay.log.queued_count("slack") == 0 && slack.count() >= 2).then_some(())
+        (relay.store.queued_count("slack") == 0 && slack.count() >= 2).then_some(())
     })
     .await;
     let keys: Vec<String> = slack
@@ -853,7 +858,7 @@ async fn replay_counts_an_id_named_twice_once() {
     let id = send(&relay, lead(0)).await;
     wait_until_delivered(&crm, 1).await;
     eventually("the delivery to settle", WAIT, async || {
-        (!relay.log.is_queued("crm", id).unwrap()).then_some(())
+        (!relay.store.is_queued("crm", id).unwrap()).then_some(())
     })
     .await;
     let admin = format!("http://{}", relay.admin);
@@ -911,7 +916,7 @@ async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
     .await;
     let id = send(&relay, lead(0)).await;
     eventually("a dead letter", WAIT, async || {
-        (relay.log.dead_letters("crm").unwrap().len() == 1).then_some(())
+        (relay.store.dead_letters("crm").unwrap().len() == 1).then_some(())
     })
     .await;
     let dir = relay.stop().await;
@@ -936,7 +941,7 @@ async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
     );
     assert_eq!(report["changed"], 0, "{report}");
     let left: Vec<EventId> = relay
-        .log
+        .store
         .dead_letters("crm")
         .unwrap()
         .into_iter()
@@ -968,7 +973,7 @@ async fn replay_rate_spaces_deliveries_also_after_an_outage() {
     let ids = ids.join(",");
     let spaced = async |phase: &str| {
         eventually("an empty queue", WAIT, async || {
-            (relay.log.queued_count("crm") == 0).then_some(())
+            (relay.store.queued_count("crm") == 0).then_some(())
         })
         .await;
         let before = crm.count();
@@ -1123,7 +1128,7 @@ async fn ingest_resumes_once_pruning_has_emptied_a_store_at_max_bytes() {
         r#"{{"event":"visitor_created","pad":"{}"}}"#,
         "x".repeat(1000)
     );
-    let mut accepted = relay.log.events_between(0, u64::MAX).count();
+    let mut accepted = relay.store.events_between(0, u64::MAX).count();
     loop {
         let (status, json) = post(&client, &relay.url(), Some(SECRET), body.clone().into()).await;
         if status == 503 {
@@ -1159,7 +1164,7 @@ async fn ingest_resumes_once_pruning_has_emptied_a_store_at_max_bytes() {
         }
     })
     .await;
-    let now = leadflo_relay::disk::store_size(relay.log.data_dir()).unwrap();
+    let now = leadflo_relay::disk::store_size(relay.store.data_dir()).unwrap();
     assert!(
         resumed.is_ok(),
         "ingest still refuses {WAIT:?} after all {accepted} events were pruned: store {now} \
@@ -1219,12 +1224,12 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     // pass that prunes it looked at crm's (older) events first and kept them.
     let after = send(&relay, lead(2)).await;
     eventually("the later event to be pruned", WAIT, async || {
-        relay.log.event(after).unwrap().is_none().then_some(())
+        relay.store.event(after).unwrap().is_none().then_some(())
     })
     .await;
     for id in held {
         assert!(
-            relay.log.event(id).unwrap().is_some(),
+            relay.store.event(id).unwrap().is_some(),
             "{id} pruned while crm waits for it"
         );
     }
@@ -1264,7 +1269,7 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     assert_eq!(report["dead_letters"], 0, "{report}");
     eventually("crm's events to be pruned", WAIT, async || {
         held.iter()
-            .all(|id| relay.log.event(*id).unwrap().is_none())
+            .all(|id| relay.store.event(*id).unwrap().is_none())
             .then_some(())
     })
     .await;

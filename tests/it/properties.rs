@@ -105,7 +105,7 @@ fn the_endpoint_answers_any_body_with_200_or_4xx() {
         prop_assert!(json.is_object());
         if status == 200 {
             let id: EventId = json["id"].as_str().unwrap().parse().unwrap();
-            let stored = runtime.block_on(stored_event(&relay.log, id));
+            let stored = runtime.block_on(stored_event(&relay.store, id));
             prop_assert_eq!(stored.body, body);
         }
     });

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use leadflo_relay::Relay;
 use leadflo_relay::config::{Config, Secret};
 use leadflo_relay::metrics::Metrics;
-use leadflo_relay::store::Log;
+use leadflo_relay::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,7 @@ pub fn test_config(dir: &Path) -> Config {
 pub struct TestRelay {
     pub ingest: SocketAddr,
     pub admin: SocketAddr,
-    pub log: Log,
+    pub store: Store,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -70,10 +70,10 @@ impl TestRelay {
             Some(Secret::new(SECRET))
         };
         let relay = Relay::build(config, secret).await.expect("relay builds");
-        let (ingest, admin, log, metrics) = (
+        let (ingest, admin, store, metrics) = (
             relay.ingest_addr(),
             relay.admin_addr(),
-            relay.log(),
+            relay.store(),
             relay.metrics(),
         );
         let shutdown = CancellationToken::new();
@@ -81,7 +81,7 @@ impl TestRelay {
         TestRelay {
             ingest,
             admin,
-            log,
+            store,
             metrics,
             shutdown,
             task,
@@ -408,15 +408,15 @@ impl Drop for RelayProcess {
 }
 
 /// Opens the log of a stopped relay directly, as the offline CLI would.
-pub fn open_log(dir: &Path) -> Log {
+pub fn open_store(dir: &Path) -> Store {
     let config = test_config(dir);
-    let log = Log::open(&leadflo_relay::app::log_options(
+    let store = Store::open(&leadflo_relay::app::store_options(
         &config,
         leadflo_relay::node::NodeId(0),
     ))
     .expect("log opens after the relay stopped");
-    log.load_watermarks().expect("watermarks load");
-    log
+    store.load_watermarks().expect("watermarks load");
+    store
 }
 
 /// A loopback port where connections are refused and that no other socket
@@ -451,13 +451,13 @@ impl RefusingPort {
 /// a 200 means the event is durable in the write-ahead log, and sled gets
 /// it from the apply thread a moment later.
 pub async fn stored_event(
-    log: &Log,
+    store: &Store,
     id: leadflo_relay::store::EventId,
 ) -> leadflo_relay::store::StoredEvent {
     eventually(
         "the acknowledged event in sled",
         Duration::from_secs(10),
-        async || log.event(id).unwrap(),
+        async || store.event(id).unwrap(),
     )
     .await
 }

@@ -60,108 +60,139 @@ pub struct Admin {
 type AdminResponse = Response<Full<Bytes>>;
 
 impl Admin {
+    /// Routes one admin request: probes are open, `/api/*` needs the token.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> AdminResponse {
         let path = request.uri().path().to_owned();
         let method = request.method().clone();
         if !path.starts_with("/api/") {
             return self.probe(&method, &path);
         }
-        if let Some(check) = &self.token {
-            let presented = request
-                .headers()
-                .get(AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-            if !presented.is_some_and(|token| check.matches(token)) {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong admin token (Authorization: Bearer …)",
-                );
-            }
+        if !self.authorized(&request) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token (Authorization: Bearer …)",
+            );
         }
         let query = request.uri().query().unwrap_or("").to_owned();
-        let this = self.clone();
         match (method, path.as_str()) {
-            (Method::GET, "/api/stats") => {
-                let live = MetricsLive(&self.metrics);
-                reply(ops::stats(
-                    &self.store,
-                    &self.targets.load().view,
-                    Some(&live),
-                    Some(self.node),
-                ))
-            }
-            (Method::GET, "/api/events") => match parse_query::<ops::EventsQuery>(&query) {
-                Ok(q) => blocking(move || ops::list_events(&this.store, &q)).await,
-                Err(bad) => bad.response(),
-            },
-            (Method::GET, "/api/dlq") => {
-                let target = parse_query::<TargetQuery>(&query).map(|q| q.target);
-                match target {
-                    Ok(target) => {
-                        blocking(move || ops::list_dead_letters(&this.store, target.as_deref()))
-                            .await
-                    }
-                    Err(bad) => bad.response(),
-                }
-            }
-            (Method::POST, "/api/replay") => match read_json::<ops::ReplayRequest>(request).await {
-                Ok(r) => {
-                    let target = r.target.clone();
-                    let response = blocking(move || {
-                        ops::replay(&this.store, &this.targets.load().view, &r, &mut |_| {})
-                    })
-                    .await;
-                    self.wake(Some(&target));
-                    response
-                }
-                Err(bad) => bad.response(),
-            },
-            (Method::POST, "/api/dlq/retry") => match read_json::<ops::DlqSelection>(request).await
-            {
-                Ok(s) => {
-                    let target = s.target.clone();
-                    let response = blocking(move || {
-                        ops::retry_dead_letters(&this.store, &this.targets.load().view, &s)
-                    })
-                    .await;
-                    self.wake(target.as_deref());
-                    response
-                }
-                Err(bad) => bad.response(),
-            },
-            (Method::POST, "/api/dlq/purge") => match read_json::<ops::DlqSelection>(request).await
-            {
-                Ok(s) => blocking(move || ops::purge_dead_letters(&this.store, &s)).await,
-                Err(bad) => bad.response(),
-            },
-            (Method::POST, "/api/targets/forget") => {
-                match read_json::<ops::ForgetRequest>(request).await {
-                    Ok(r) => {
-                        blocking(move || {
-                            ops::forget_target(&this.store, &this.targets.load().view, &r.target)
-                        })
-                        .await
-                    }
-                    Err(bad) => bad.response(),
-                }
-            }
-            (Method::POST, "/api/reload") => match self.reloader.reload().await {
-                Ok(report) => json_response(
-                    StatusCode::OK,
-                    Bytes::from(serde_json::to_vec(&report).expect("a report serializes")),
-                ),
-                // The file or a secret is wrong; the running configuration
-                // is kept. The message names file, key and value, never a
-                // secret.
-                Err(err) if err.is::<ShuttingDown>() => {
-                    error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}"))
-                }
-                Err(err) => error(StatusCode::UNPROCESSABLE_ENTITY, &format!("{err:#}")),
-            },
+            (Method::GET, "/api/stats") => self.stats(),
+            (Method::GET, "/api/events") => self.list_events(&query).await,
+            (Method::GET, "/api/dlq") => self.list_dead_letters(&query).await,
+            (Method::POST, "/api/replay") => self.replay(request).await,
+            (Method::POST, "/api/dlq/retry") => self.retry_dead_letters(request).await,
+            (Method::POST, "/api/dlq/purge") => self.purge_dead_letters(request).await,
+            (Method::POST, "/api/targets/forget") => self.forget_target(request).await,
+            (Method::POST, "/api/reload") => self.reload().await,
             (Method::GET, p) if p.starts_with("/api/events/") => {
                 self.event(&p["/api/events/".len()..]).await
             }
             _ => error(StatusCode::NOT_FOUND, "no such admin route"),
+        }
+    }
+
+    /// Whether `request` carries the admin token, when one is configured.
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let Some(check) = &self.token else {
+            return true;
+        };
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        presented.is_some_and(|token| check.matches(token))
+    }
+
+    fn stats(&self) -> AdminResponse {
+        let live = MetricsLive(&self.metrics);
+        reply(ops::stats(
+            &self.store,
+            &self.targets.load().view,
+            Some(&live),
+            Some(self.node),
+        ))
+    }
+
+    async fn list_events(self: &Arc<Self>, query: &str) -> AdminResponse {
+        let query = match parse_query::<ops::EventsQuery>(query) {
+            Ok(query) => query,
+            Err(bad) => return bad.response(),
+        };
+        let this = self.clone();
+        blocking(move || ops::list_events(&this.store, &query)).await
+    }
+
+    async fn list_dead_letters(self: &Arc<Self>, query: &str) -> AdminResponse {
+        let target = match parse_query::<TargetQuery>(query) {
+            Ok(query) => query.target,
+            Err(bad) => return bad.response(),
+        };
+        let this = self.clone();
+        blocking(move || ops::list_dead_letters(&this.store, target.as_deref())).await
+    }
+
+    /// Queues events for a target again, and wakes its dispatcher.
+    async fn replay(self: &Arc<Self>, request: Request<Incoming>) -> AdminResponse {
+        let replay = match read_json::<ops::ReplayRequest>(request).await {
+            Ok(replay) => replay,
+            Err(bad) => return bad.response(),
+        };
+        let target = replay.target.clone();
+        let this = self.clone();
+        let response = blocking(move || {
+            ops::replay(&this.store, &this.targets.load().view, &replay, &mut |_| {})
+        })
+        .await;
+        self.wake(Some(&target));
+        response
+    }
+
+    /// Queues dead letters again, and wakes their dispatchers.
+    async fn retry_dead_letters(self: &Arc<Self>, request: Request<Incoming>) -> AdminResponse {
+        let selection = match read_json::<ops::DlqSelection>(request).await {
+            Ok(selection) => selection,
+            Err(bad) => return bad.response(),
+        };
+        let target = selection.target.clone();
+        let this = self.clone();
+        let response = blocking(move || {
+            ops::retry_dead_letters(&this.store, &this.targets.load().view, &selection)
+        })
+        .await;
+        self.wake(target.as_deref());
+        response
+    }
+
+    async fn purge_dead_letters(self: &Arc<Self>, request: Request<Incoming>) -> AdminResponse {
+        let selection = match read_json::<ops::DlqSelection>(request).await {
+            Ok(selection) => selection,
+            Err(bad) => return bad.response(),
+        };
+        let this = self.clone();
+        blocking(move || ops::purge_dead_letters(&this.store, &selection)).await
+    }
+
+    async fn forget_target(self: &Arc<Self>, request: Request<Incoming>) -> AdminResponse {
+        let forget = match read_json::<ops::ForgetRequest>(request).await {
+            Ok(forget) => forget,
+            Err(bad) => return bad.response(),
+        };
+        let this = self.clone();
+        blocking(move || ops::forget_target(&this.store, &this.targets.load().view, &forget.target))
+            .await
+    }
+
+    async fn reload(&self) -> AdminResponse {
+        match self.reloader.reload().await {
+            Ok(report) => json_response(
+                StatusCode::OK,
+                Bytes::from(serde_json::to_vec(&report).expect("a report serializes")),
+            ),
+            // The file or a secret is wrong; the running configuration is
+            // kept. The message names file, key and value, never a secret.
+            Err(err) if err.is::<ShuttingDown>() => {
+                error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}"))
+            }
+            Err(err) => error(StatusCode::UNPROCESSABLE_ENTITY, &format!("{err:#}")),
         }
     }
 

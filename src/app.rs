@@ -20,7 +20,7 @@ use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, IngestSettings, SecretCheck};
 use crate::metrics::{IngestResult, Metrics};
 use crate::node::NodeId;
-use crate::reload::{ConfigSource, Reloadable, Reloader, Swap, Targets};
+use crate::reload::{AdminTargets, ConfigSource, Reloadable, Reloader, Swap, Targets};
 use crate::store::{Committer, CommitterHandle, Store, StoreOptions, Subscription};
 use crate::systemd::PassedListeners;
 
@@ -133,6 +133,128 @@ pub fn require_admin_token(
     )
 }
 
+/// Refuses to start without an inbound secret unless unauthenticated mode
+/// was asked for, or with an admin API off loopback and without a token.
+fn check_credentials(
+    config: &Config,
+    credentials: &Credentials,
+    passed: &PassedListeners,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        credentials.inbound.is_some() || config.auth.allow_unauthenticated,
+        "no inbound secret configured and unauthenticated mode was not asked for"
+    );
+    // Whether the admin API may go without a token depends on the address
+    // it really listens on, which for a socket passed by systemd is not
+    // `server.admin_listen`.
+    let (admin_addr, admin_origin) = match &passed.admin {
+        Some(socket) => (socket.local_addr()?, SocketOrigin::Passed),
+        None => (config.server.admin_listen, SocketOrigin::Configured),
+    };
+    require_admin_token(admin_addr, admin_origin, credentials.admin_token.as_ref())
+}
+
+/// The open log, and the configured targets it was opened for.
+struct OpenedStore {
+    store: Store,
+    options: StoreOptions,
+    targets: Vec<(TargetConfig, Target)>,
+    subscriptions: Vec<Subscription>,
+}
+
+/// Opens the log in the data directory (creating both, and the node
+/// identity, on the first start) and has it adopt the configured targets.
+fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
+    let data_dir = &config.storage.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let node = NodeId::load_or_create(config.server.node_id, data_dir)?;
+    let options = store_options(config, node);
+    let targets = build_targets(config)?;
+    let subscriptions = subscriptions(&targets);
+    let store = Store::open(&options)?;
+    store.adopt_targets(&subscriptions)?;
+    Ok(OpenedStore {
+        store,
+        options,
+        targets,
+        subscriptions,
+    })
+}
+
+/// Counts the backlog of every target the log holds deliveries for, and
+/// returns those no longer configured.
+fn count_backlogs(
+    store: &Store,
+    targets: &[(TargetConfig, Target)],
+) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = targets.iter().map(|(c, _)| c.name.clone()).collect();
+    // A target removed from the configuration keeps what waited for it
+    // (and so its events) until it is configured again or forgotten:
+    // counted too, for `stats`, and said once at each start.
+    let removed: Vec<String> = store
+        .targets_in_log()?
+        .into_iter()
+        .filter(|name| !names.contains(name))
+        .collect();
+    store.count_backlogs(&[names.as_slice(), removed.as_slice()].concat())?;
+    for name in &removed {
+        let stats = store.target_stats(name)?;
+        tracing::warn!(
+            target = %name,
+            waiting = stats.queued,
+            dead_letters = stats.dead,
+            "a target no longer configured still holds deliveries, and their events are not \
+             pruned: configure it again to deliver them, or drop them with \
+             `leadflo-relay forget-target <name>`"
+        );
+    }
+    Ok(removed)
+}
+
+/// The disk space guard of the data directory, with a first sample taken
+/// so that a full disk refuses ingest from the start.
+fn disk_guard(
+    config: &Config,
+    options: &StoreOptions,
+    store: &Store,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<DiskGuard>> {
+    let disk = Arc::new(
+        DiskGuard::new(
+            options.data_dir.clone(),
+            config.storage.min_free_bytes,
+            config.storage.max_bytes,
+        )
+        .with_reusable({
+            let store = store.clone();
+            Box::new(move || store.reusable_bytes())
+        }),
+    );
+    disk.sample(metrics).with_context(|| {
+        format!(
+            "cannot read the disk space of {}",
+            options.data_dir.display()
+        )
+    })?;
+    Ok(disk)
+}
+
+/// The ingest and the admin listener, in that order.
+async fn bind_listeners(
+    passed: PassedListeners,
+    config: &Config,
+) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let ingest = listen(passed.ingest, config.server.listen, "server.listen").await?;
+    let admin = listen(
+        passed.admin,
+        config.server.admin_listen,
+        "server.admin_listen",
+    )
+    .await?;
+    Ok((ingest, admin))
+}
+
 impl Relay {
     /// Opens the log and binds both listeners. `secret` is `None` only when
     /// `auth.allow_unauthenticated` is set.
@@ -156,80 +278,24 @@ impl Relay {
         credentials: Credentials,
         passed: PassedListeners,
     ) -> anyhow::Result<Relay> {
+        check_credentials(&config, &credentials, &passed)?;
         let Credentials {
             inbound: secret,
             previous_inbound,
             admin_token,
         } = credentials;
-        anyhow::ensure!(
-            secret.is_some() || config.auth.allow_unauthenticated,
-            "no inbound secret configured and unauthenticated mode was not asked for"
-        );
-        // Whether the admin API may go without a token depends on the
-        // address it really listens on, which for a socket passed by
-        // systemd is not `server.admin_listen`.
-        let (admin_addr, admin_origin) = match &passed.admin {
-            Some(socket) => (socket.local_addr()?, SocketOrigin::Passed),
-            None => (config.server.admin_listen, SocketOrigin::Configured),
-        };
-        require_admin_token(admin_addr, admin_origin, admin_token.as_ref())?;
         let metrics = Arc::new(Metrics::new());
-        let data_dir = &config.storage.data_dir;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-        let node = NodeId::load_or_create(config.server.node_id, data_dir)?;
-        let options = store_options(&config, node);
-        let targets = build_targets(&config)?;
-        let subscriptions = subscriptions(&targets);
-        let store = Store::open(&options)?;
-        store.adopt_targets(&subscriptions)?;
-        let names: Vec<String> = targets.iter().map(|(c, _)| c.name.clone()).collect();
-        // A target removed from the configuration keeps what waited for it
-        // (and so its events) until it is configured again or forgotten:
-        // counted too, for `stats`, and said once at each start.
-        let removed: Vec<String> = store
-            .targets_in_log()?
-            .into_iter()
-            .filter(|name| !names.contains(name))
-            .collect();
-        store.count_backlogs(&[names.as_slice(), removed.as_slice()].concat())?;
-        for name in &removed {
-            let stats = store.target_stats(name)?;
-            tracing::warn!(
-                target = %name,
-                waiting = stats.queued,
-                dead_letters = stats.dead,
-                "a target no longer configured still holds deliveries, and their events are not \
-                 pruned: configure it again to deliver them, or drop them with \
-                 `leadflo-relay forget-target <name>`"
-            );
-        }
-        let disk = Arc::new(
-            DiskGuard::new(
-                options.data_dir.clone(),
-                config.storage.min_free_bytes,
-                config.storage.max_bytes,
-            )
-            .with_reusable({
-                let store = store.clone();
-                Box::new(move || store.reusable_bytes())
-            }),
-        );
-        disk.sample(&metrics).with_context(|| {
-            format!(
-                "cannot read the disk space of {}",
-                options.data_dir.display()
-            )
-        })?;
+        let OpenedStore {
+            store,
+            options,
+            targets,
+            subscriptions,
+        } = open_store(&config)?;
+        let removed = count_backlogs(&store, &targets)?;
+        let disk = disk_guard(&config, &options, &store, &metrics)?;
         let (committer, committer_handle) =
             store.start_committer(&options, subscriptions, metrics.clone())?;
-        let ingest_listener = listen(passed.ingest, config.server.listen, "server.listen").await?;
-        let admin_listener = listen(
-            passed.admin,
-            config.server.admin_listen,
-            "server.admin_listen",
-        )
-        .await?;
+        let (ingest_listener, admin_listener) = bind_listeners(passed, &config).await?;
         Ok(Relay {
             config,
             secret,
@@ -244,7 +310,7 @@ impl Relay {
             removed_targets: removed,
             disk,
             metrics,
-            node,
+            node: options.node,
             draining: Draining::default(),
             source: None,
             reload_requests: Arc::default(),
@@ -316,7 +382,19 @@ impl Relay {
 
     /// Serves until `shutdown` is cancelled; then stops accepting, lets open
     /// requests finish, makes the log durable one last time, and returns.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let services = self.start_services(&shutdown)?;
+        self.announce()?;
+        let running = self.spawn_tasks(services, &shutdown);
+        crate::systemd::notify_ready();
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: no new connections; finishing open requests and attempts");
+        running.stop().await
+    }
+
+    /// Builds what the listeners and tasks serve with, and starts a
+    /// dispatcher per configured target.
+    fn start_services(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Services> {
         let secret =
             Arc::new(Swap::new(self.secret.as_ref().map(|s| {
                 SecretCheck::new(s).with_previous(self.previous_secret.as_ref())
@@ -341,32 +419,49 @@ impl Relay {
                 delivery.handle(),
                 dispatcher_grace(&self.config),
             ),
-            self.targets,
+            std::mem::take(&mut self.targets),
         );
         let admin_targets = Arc::new(Swap::new(
             targets.admin_view(self.removed_targets.iter().cloned().collect()),
         ));
         let reloader = Arc::new(Reloader::new(
-            self.source,
+            self.source.take(),
             Reloadable {
                 config: self.config.clone(),
                 targets,
                 secret,
                 admin: admin_targets.clone(),
-                committer: self.committer,
+                committer: self.committer.clone(),
             },
             self.metrics.clone(),
         ));
-        let admin = Arc::new(Admin {
+        let admin = Arc::new(self.admin(reloader.clone(), admin_targets.clone()));
+        Ok(Services {
+            ingest,
+            admin,
+            reloader,
+            admin_targets,
+            delivery,
+            pruned_for,
+        })
+    }
+
+    fn admin(&self, reloader: Arc<Reloader>, targets: Arc<Swap<AdminTargets>>) -> Admin {
+        Admin {
             metrics: self.metrics.clone(),
             store: self.store.clone(),
             disk: self.disk.clone(),
-            targets: admin_targets.clone(),
-            reloader: reloader.clone(),
+            targets,
+            reloader,
             token: self.admin_token.as_ref().map(SecretCheck::new),
             node: self.node,
             draining: self.draining.clone(),
-        });
+        }
+    }
+
+    /// Logs where the relay listens, and loudly when it takes unsigned
+    /// requests.
+    fn announce(&self) -> anyhow::Result<()> {
         if self.secret.is_none() {
             tracing::warn!(
                 "UNAUTHENTICATED MODE: every request to {} is accepted without checking \
@@ -376,12 +471,17 @@ impl Relay {
         }
         tracing::info!(addr = %self.ingest_listener.local_addr()?, path = %self.config.server.path, "ingest listening");
         tracing::info!(addr = %self.admin_listener.local_addr()?, "admin listening");
+        Ok(())
+    }
+
+    /// Starts serving on both listeners and every background task.
+    fn spawn_tasks(self, services: Services, shutdown: &CancellationToken) -> Running {
         let limits = connection_limits(&self.config);
         let tasks = Tasks {
             ingest: tokio::spawn(http::serve_counting(
                 self.ingest_listener,
                 limits,
-                move |request| ingest.clone().handle(request),
+                move |request| services.ingest.clone().handle(request),
                 connection_events(&self.metrics),
                 shutdown.clone(),
             )),
@@ -391,11 +491,11 @@ impl Relay {
                     max_connections: 64,
                     ..limits
                 },
-                move |request| admin.clone().handle(request),
+                move |request| services.admin.clone().handle(request),
                 shutdown.clone(),
             )),
             reloads: tokio::spawn(reload_on_request(
-                reloader.clone(),
+                services.reloader.clone(),
                 self.reload_requests.clone(),
                 shutdown.clone(),
             )),
@@ -407,7 +507,7 @@ impl Relay {
             pruner: tokio::spawn(crate::retention::run(
                 self.store.clone(),
                 self.config.storage.retention.get(),
-                pruned_for,
+                services.pruned_for,
                 self.metrics.clone(),
                 shutdown.clone(),
             )),
@@ -418,30 +518,81 @@ impl Relay {
             self.metrics.clone(),
             shutdown.clone(),
         ));
-        crate::systemd::notify_ready();
-        shutdown.cancelled().await;
-        tracing::info!("shutting down: no new connections; finishing open requests and attempts");
-        // The watch returns as soon as shutdown is cancelled.
-        let stuck = stuck_watch.await.context("log watch task")?;
-        let drain = tasks.finish(reloader, admin_targets, self.committer_handle, &self.store);
-        if !stuck {
-            drain.await?;
-        } else {
-            // A log that hangs may hang the drain too (a commit that never
-            // returns, a delivery stuck on the same lock): bounded, and then
-            // the process exits anyway, which ends the stuck thread.
-            if tokio::time::timeout(STUCK_LOG_GRACE, drain).await.is_err() {
-                tracing::error!("shutdown could not finish: the log's writer is hung");
-            }
-            anyhow::bail!(
-                "the log kept failing to write although the disk has room again (sled cannot \
-                 recover from a write error in place, e.g. after the disk filled up); exiting so \
-                 that a supervisor restarts the relay. Events acknowledged before are on disk."
-            );
+        Running {
+            tasks,
+            stuck_watch,
+            reloader: services.reloader,
+            admin_targets: services.admin_targets,
+            committer: self.committer_handle,
+            store: self.store,
+            delivery: services.delivery,
         }
+    }
+}
+
+/// What a running relay's tasks serve with.
+struct Services {
+    ingest: Arc<Ingest>,
+    admin: Arc<Admin>,
+    reloader: Arc<Reloader>,
+    /// The configured targets and their wakes, as the last reload left them.
+    admin_targets: Arc<Swap<AdminTargets>>,
+    /// Runs the dispatchers; kept until they have finished.
+    delivery: DeliveryRuntime,
+    /// The targets the retention task prunes for.
+    pruned_for: Vec<String>,
+}
+
+/// A relay serving: its tasks, and what its shutdown finishes.
+struct Running {
+    tasks: Tasks,
+    /// Returns `true` when it stopped the relay because the log is stuck.
+    stuck_watch: tokio::task::JoinHandle<bool>,
+    reloader: Arc<Reloader>,
+    admin_targets: Arc<Swap<AdminTargets>>,
+    committer: CommitterHandle,
+    store: Store,
+    delivery: DeliveryRuntime,
+}
+
+impl Running {
+    /// After shutdown: drains the tasks and closes the log, or, when the
+    /// log is stuck, gives up after [`STUCK_LOG_GRACE`] and fails so that
+    /// a supervisor restarts the relay.
+    async fn stop(self) -> anyhow::Result<()> {
+        // The watch returns as soon as shutdown is cancelled.
+        let stuck = self.stuck_watch.await.context("log watch task")?;
+        let drain = self.tasks.finish(
+            self.reloader,
+            self.admin_targets,
+            self.committer,
+            &self.store,
+        );
+        if stuck {
+            return give_up_on_a_stuck_log(drain).await;
+        }
+        drain.await?;
         tracing::info!("stopped; the log is flushed");
+        // The dispatchers have finished: their worker pool can go.
+        drop(self.delivery);
         Ok(())
     }
+}
+
+/// A log that hangs may hang the drain too (a commit that never returns, a
+/// delivery stuck on the same lock): it is bounded, and then the process
+/// exits anyway, which ends the stuck thread.
+async fn give_up_on_a_stuck_log(
+    drain: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    if tokio::time::timeout(STUCK_LOG_GRACE, drain).await.is_err() {
+        tracing::error!("shutdown could not finish: the log's writer is hung");
+    }
+    anyhow::bail!(
+        "the log kept failing to write although the disk has room again (sled cannot \
+         recover from a write error in place, e.g. after the disk filled up); exiting so \
+         that a supervisor restarts the relay. Events acknowledged before are on disk."
+    )
 }
 
 /// The relay's long-running tasks besides the dispatchers.
@@ -460,7 +611,7 @@ impl Tasks {
     async fn finish(
         self,
         reloader: Arc<Reloader>,
-        admin_targets: Arc<Swap<crate::reload::AdminTargets>>,
+        admin_targets: Arc<Swap<AdminTargets>>,
         committer: CommitterHandle,
         store: &Store,
     ) -> anyhow::Result<()> {

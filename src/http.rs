@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Connection limits of one listener.
@@ -92,106 +93,226 @@ pub async fn serve_counting<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let max = limits.max_connections.max(1);
-    let permits = Arc::new(Semaphore::new(max));
-    let open = Arc::new(OpenConnections::default());
+    let slots = Slots::new(limits.max_connections);
+    let server = Arc::new(ConnectionServer {
+        builder: connection_builder(limits.header_read_timeout),
+        handler,
+        open: slots.open.clone(),
+        malformed: events.malformed.clone(),
+        first_request_grace: limits.header_read_timeout,
+        shutdown: shutdown.clone(),
+    });
+    while let Some(accepted) = slots.accept(&listener, &events.evicted, &shutdown).await {
+        tokio::spawn(server.clone().serve(accepted));
+    }
+    drop(listener);
+    slots.drain(limits.shutdown_grace).await;
+}
+
+/// hyper's HTTP/1 settings for every connection of one listener.
+fn connection_builder(header_read_timeout: Duration) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(header_read_timeout)
         .max_buf_size(64 * 1024);
+    builder
+}
 
+/// Waits for the next connection; `None` once shutdown starts.
+async fn next_stream(listener: &TcpListener, shutdown: &CancellationToken) -> Option<TcpStream> {
     loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => return Some(stream),
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %err, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                if open.evict_longest_idle() {
-                    (events.evicted)();
-                }
-                // The evicted connection closes at once when idle; if every
-                // connection is busy, this waits for the first to finish.
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
-                }
-            }
-        };
+        }
+    }
+}
+
+/// A connection let in under the limits.
+struct Accepted {
+    stream: TcpStream,
+    /// Its entry in [`OpenConnections`].
+    id: u64,
+    /// Cancelled when it is evicted to make room for another.
+    close: CancellationToken,
+    /// Its slot, held until it has closed.
+    permit: OwnedSemaphorePermit,
+}
+
+/// The connection slots of one listener: one permit per open connection.
+struct Slots {
+    max: usize,
+    permits: Arc<Semaphore>,
+    open: Arc<OpenConnections>,
+}
+
+impl Slots {
+    fn new(max_connections: usize) -> Slots {
+        let max = max_connections.max(1);
+        Slots {
+            max,
+            permits: Arc::new(Semaphore::new(max)),
+            open: Arc::new(OpenConnections::default()),
+        }
+    }
+
+    /// The next connection, once it has a slot; `None` once shutdown starts.
+    async fn accept(
+        &self,
+        listener: &TcpListener,
+        evicted: &Hook,
+        shutdown: &CancellationToken,
+    ) -> Option<Accepted> {
+        let stream = next_stream(listener, shutdown).await?;
+        let permit = self.free_slot(evicted, shutdown).await?;
         let _ = stream.set_nodelay(true);
-        let (id, close) = open.register();
-        let handler = handler.clone();
-        let tracked = open.clone();
+        let (id, close) = self.open.register();
+        Some(Accepted {
+            stream,
+            id,
+            close,
+            permit,
+        })
+    }
+
+    /// A slot, closing the longest-idle connection when none is free;
+    /// `None` when shutdown starts while every connection is busy.
+    async fn free_slot(
+        &self,
+        evicted: &Hook,
+        shutdown: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if self.open.evict_longest_idle() {
+            evicted();
+        }
+        // The evicted connection closes at once when idle; if every
+        // connection is busy, this waits for the first to finish.
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            permit = self.permits.clone().acquire_owned() => {
+                Some(permit.expect("semaphore never closes"))
+            }
+        }
+    }
+
+    /// After the listener has closed: waits for the open connections to
+    /// finish, at most `grace`.
+    async fn drain(&self, grace: Duration) {
+        // Every connection holds a permit until it ends: all of them back
+        // means every connection has closed.
+        tokio::select! {
+            _ = self.permits.acquire_many(self.max as u32) => {}
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!("connections still open after the shutdown grace period; closing them");
+            }
+        }
+    }
+}
+
+/// What every connection of one listener is served with.
+struct ConnectionServer<H> {
+    builder: http1::Builder,
+    handler: H,
+    open: Arc<OpenConnections>,
+    malformed: Hook,
+    /// Time a connection accepted just before shutdown gets to send its
+    /// first request.
+    first_request_grace: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Why a connection stopped being served as usual.
+enum ConnectionEnd {
+    /// It ended by itself: the client closed it, or hyper did.
+    Ended(hyper::Result<()>),
+    /// It was evicted, or shutdown started: it closes once its request in
+    /// progress, if any, is answered.
+    Close,
+}
+
+impl<H, F> ConnectionServer<H>
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    /// Serves one connection until it ends, then frees its slot.
+    async fn serve(self: Arc<Self>, accepted: Accepted) {
+        let Accepted {
+            stream,
+            id,
+            close,
+            permit,
+        } = accepted;
         let started = CancellationToken::new();
         let first_request = started.clone();
+        let server = self.clone();
         let service = service_fn(move |request| {
             if !first_request.is_cancelled() {
                 first_request.cancel();
             }
-            let response = handler(request);
-            let guard = tracked.busy(id);
+            let response = (server.handler)(request);
+            let guard = server.open.busy(id);
             async move {
                 let response = response.await;
                 drop(guard);
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let shutdown = shutdown.clone();
-        let open = open.clone();
-        let malformed = events.malformed.clone();
-        let first_request_grace = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            // Errors here are clients going away or timing out (an idle
-            // keep-alive connection too): not ours to log. A request hyper
-            // could not parse is counted.
-            let ended = tokio::select! {
-                ended = connection.as_mut() => Some(ended),
-                _ = close.cancelled() => None,
-                _ = shutdown.cancelled() => {
-                    // hyper closes a connection whose first request it has
-                    // not read yet as idle, unanswered: one accepted just
-                    // before the stop (with its request already sent, from
-                    // the kernel's queue) gets its first request answered.
-                    tokio::select! {
-                        ended = connection.as_mut() => Some(ended),
-                        _ = started.cancelled() => None,
-                        _ = tokio::time::sleep(first_request_grace) => None,
-                    }
-                }
-            };
-            let ended = match ended {
-                Some(ended) => ended,
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
-            };
-            if ended.is_err_and(|err| err.is_parse()) {
-                malformed();
+        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+        let mut connection = std::pin::pin!(connection);
+        // Errors here are clients going away or timing out (an idle
+        // keep-alive connection too): not ours to log. A request hyper
+        // could not parse is counted.
+        let ended = match self.until_end(connection.as_mut(), &close, &started).await {
+            ConnectionEnd::Ended(ended) => ended,
+            ConnectionEnd::Close => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
             }
-            open.remove(id);
-            drop(permit);
-        });
+        };
+        if ended.is_err_and(|err| err.is_parse()) {
+            (self.malformed)();
+        }
+        self.open.remove(id);
+        drop(permit);
     }
-    drop(listener);
-    // Every connection holds a permit until it ends: all of them back means
-    // every connection has closed.
-    tokio::select! {
-        _ = permits.acquire_many(max as u32) => {}
-        _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!("connections still open after the shutdown grace period; closing them");
+
+    /// Runs `connection` until it ends, is evicted (`close`), or shutdown
+    /// starts.
+    async fn until_end<C>(
+        &self,
+        mut connection: Pin<&mut C>,
+        close: &CancellationToken,
+        started: &CancellationToken,
+    ) -> ConnectionEnd
+    where
+        C: Future<Output = hyper::Result<()>>,
+    {
+        tokio::select! {
+            ended = connection.as_mut() => ConnectionEnd::Ended(ended),
+            _ = close.cancelled() => ConnectionEnd::Close,
+            _ = self.shutdown.cancelled() => {
+                // hyper closes a connection whose first request it has
+                // not read yet as idle, unanswered: one accepted just
+                // before the stop (with its request already sent, from
+                // the kernel's queue) gets its first request answered.
+                tokio::select! {
+                    ended = connection.as_mut() => ConnectionEnd::Ended(ended),
+                    _ = started.cancelled() => ConnectionEnd::Close,
+                    _ = tokio::time::sleep(self.first_request_grace) => ConnectionEnd::Close,
+                }
+            }
         }
     }
 }

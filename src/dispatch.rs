@@ -20,7 +20,7 @@ use crate::clock::now_ms;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::retry::{Decision, RetryPolicy, decide};
-use crate::store::{DeadLetter, Delivery, DeliveryState, DueQuery, EventId, Source, Store};
+use crate::store::{DeadLetter, Delivery, DeliveryState, Due, DueQuery, EventId, Source, Store};
 
 /// The longest the dispatcher sleeps without looking at its queue again.
 const MAX_IDLE: Duration = Duration::from_secs(1);
@@ -273,7 +273,10 @@ impl Dispatcher {
                     .any(|&(busy, source)| source == Source::Explicit && busy == id)
             },
         };
-        let (due, next_due_ms) = match self.store.due_deliveries(&self.target.name, &query) {
+        let Due {
+            deliveries: due,
+            next_due_ms,
+        } = match self.store.due_deliveries(&self.target.name, &query) {
             Ok(found) => found,
             Err(err) => {
                 tracing::error!(target = %self.target.name, error = %err, "cannot read the delivery queue");

@@ -7,28 +7,43 @@ use super::*;
 /// reading them never scans the log.
 #[derive(Debug, Default)]
 pub(super) struct Tallies {
-    pub(super) by_target: std::sync::Mutex<std::collections::HashMap<String, (i64, i64)>>,
+    pub(super) by_target: std::sync::Mutex<std::collections::HashMap<String, Tally>>,
+}
+
+/// One target's tally; a change may land before the count it corrects, so
+/// it can dip below zero for a moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Tally {
+    queued: i64,
+    dead: i64,
 }
 
 impl Tallies {
     pub(super) fn change(&self, target: &str, queued: i64, dead: i64) {
         let mut map = self.by_target.lock().expect("tallies lock");
-        let entry = map.entry(target.to_owned()).or_default();
-        entry.0 += queued;
-        entry.1 += dead;
+        let tally = map.entry(target.to_owned()).or_default();
+        tally.queued += queued;
+        tally.dead += dead;
     }
 
-    pub(super) fn set(&self, target: &str, queued: i64, dead: i64) {
+    pub(super) fn set(&self, target: &str, backlog: Backlog) {
+        let tally = Tally {
+            queued: backlog.queued as i64,
+            dead: backlog.dead as i64,
+        };
         self.by_target
             .lock()
             .expect("tallies lock")
-            .insert(target.to_owned(), (queued, dead));
+            .insert(target.to_owned(), tally);
     }
 
-    pub(super) fn get(&self, target: &str) -> (u64, u64) {
+    pub(super) fn get(&self, target: &str) -> Backlog {
         let map = self.by_target.lock().expect("tallies lock");
-        let (queued, dead) = map.get(target).copied().unwrap_or_default();
-        (queued.max(0) as u64, dead.max(0) as u64)
+        let tally = map.get(target).copied().unwrap_or_default();
+        Backlog {
+            queued: tally.queued.max(0) as u64,
+            dead: tally.dead.max(0) as u64,
+        }
     }
 }
 
@@ -44,21 +59,22 @@ impl Store {
         let saved = self.saved_counts.lock().expect("saved counts lock").take();
         for target in targets {
             let started = Instant::now();
-            let (queued, dead, source) = match saved.as_ref().and_then(|saved| saved.get(target)) {
-                Some(&(queued, dead)) => (queued, dead, "saved at the last clean shutdown"),
+            let (backlog, source) = match saved.as_ref().and_then(|saved| saved.get(target)) {
+                Some(&backlog) => (backlog, "saved at the last clean shutdown"),
                 None => {
                     self.remove_age_leftovers(target)?;
-                    (
-                        self.db.scan_prefix(queue_prefix(target)).count() as i64
-                            + self.implicit_backlog(target, true)?.0 as i64,
-                        self.db.scan_prefix(dead_prefix(target)).count() as i64,
-                        "counted in the log",
-                    )
+                    let backlog = Backlog {
+                        queued: self.db.scan_prefix(queue_prefix(target)).count() as u64
+                            + self.implicit_backlog(target, true)?.0,
+                        dead: self.db.scan_prefix(dead_prefix(target)).count() as u64,
+                    };
+                    (backlog, "counted in the log")
                 }
             };
             let took_ms = started.elapsed().as_millis() as u64;
+            let Backlog { queued, dead } = backlog;
             tracing::info!(target = %target, queued, dead, source, took_ms, "backlog");
-            self.tallies.set(target, queued, dead);
+            self.tallies.set(target, backlog);
         }
         Ok(())
     }
@@ -69,12 +85,9 @@ impl Store {
     /// committer and the dispatchers have stopped): any later change would
     /// make them wrong, which is why every open deletes them first.
     pub fn save_backlog_counts(&self, targets: &[String]) -> Result<(), StoreError> {
-        let counts: Vec<(&str, u64, u64)> = targets
+        let counts: Vec<(&str, Backlog)> = targets
             .iter()
-            .map(|target| {
-                let (queued, dead) = self.tallies.get(target);
-                (target.as_str(), queued, dead)
-            })
+            .map(|target| (target.as_str(), self.tallies.get(target)))
             .collect();
         self.save_watermarks(true)?;
         self.db
@@ -104,7 +117,7 @@ impl Store {
     /// place is due when it was queued, so the queue's first entry was
     /// queued no later than any of them.
     pub fn target_stats(&self, target: &str) -> Result<TargetStats, StoreError> {
-        let (queued, dead) = self.tallies.get(target);
+        let Backlog { queued, dead } = self.tallies.get(target);
         // The first `p` entry is the oldest moved delivery, unless a replay
         // (which waits from its replay, under an old id) is in front of it:
         // the `a` entries have them in the order of their wait. Both count

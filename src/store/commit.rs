@@ -116,6 +116,16 @@ pub(super) struct Request {
     pub(super) reply: oneshot::Sender<Result<EventId, CommitError>>,
 }
 
+/// One group commit as it is built: the sled writes, the write-ahead log
+/// frame, the ids in request order, and how many deliveries each
+/// subscription got.
+pub(super) struct Group {
+    writes: Writes,
+    frame: Frame,
+    ids: Vec<EventId>,
+    enqueued: Vec<i64>,
+}
+
 /// Everything the committer thread owns: it assigns ids, appends each
 /// group commit to the write-ahead log, answers, and hands the sled writes
 /// to the apply thread.
@@ -188,83 +198,130 @@ impl CommitState {
         }
     }
 
+    /// Commits `requests` as one group: ids, one write-ahead log frame and
+    /// its fdatasync, the answers, then the sled writes to the apply thread.
     pub(super) fn commit(&mut self, requests: &mut Vec<Request>) {
         let started = Instant::now();
-        let mut batch = Writes::default();
-        let mut frame = Frame::new();
-        let mut ids = Vec::with_capacity(requests.len());
-        let mut enqueued = vec![0i64; self.subscriptions.len()];
+        let mut group = Group {
+            writes: Writes::default(),
+            frame: Frame::new(),
+            ids: Vec::with_capacity(requests.len()),
+            enqueued: vec![0i64; self.subscriptions.len()],
+        };
         for request in requests.iter() {
             let received_at_ms = crate::clock::ms_since_epoch(request.received);
-            self.last_id = crate::node::next_id(self.last_id, received_at_ms, self.node);
-            let id = self.last_id;
-            let lead_ms = crate::node::id_ms(id).saturating_sub(received_at_ms);
-            if lead_ms > self.id_lead_ms.max(ID_CLOCK_MARGIN_MS) {
-                self.id_lead_ms = lead_ms;
-                batch.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
-            }
+            let id = self.assign_id(received_at_ms, &mut group.writes);
             match &request.entry {
                 Entry::Event { event, body } => {
-                    let value = sled::IVec::from(record::encode_event(received_at_ms, event, body));
-                    let subscribed = self.subscriptions.iter().filter(|s| s.wants(event));
-                    frame.push(
-                        wal::KIND_EVENT,
-                        id,
-                        &value,
-                        subscribed.map(|s| s.target.as_str()),
-                    );
-                    batch.insert(&id_key(EVENT_PREFIX, id), value);
-                    let state = new_delivery_state(received_at_ms);
-                    for (n, subscription) in self.subscriptions.iter().enumerate() {
-                        if !subscription.wants(event) {
-                            continue;
-                        }
-                        // An adopted target reads it above its watermark.
-                        if !self.implicit[n] {
-                            batch.queue_new(
-                                &subscription.target,
-                                received_at_ms,
-                                EventId(id),
-                                &state,
-                            );
-                        }
-                        enqueued[n] += 1;
-                    }
+                    self.add_event(&mut group, id, received_at_ms, event, body);
                 }
                 Entry::Quarantine { reason, body } => {
                     let value = record::encode_quarantine(received_at_ms, reason, body);
-                    frame.push(wal::KIND_QUARANTINE, id, &value, []);
+                    group.frame.push(wal::KIND_QUARANTINE, id, &value, []);
                     let key = sled::IVec::from(&id_key(QUARANTINE_PREFIX, id));
                     self.quarantine.push_back((key.clone(), value.len() as u64));
-                    batch.insert(key, value);
-                    self.evict_quarantine(&mut batch);
+                    group.writes.insert(key, value);
+                    self.evict_quarantine(&mut group.writes);
                 }
             }
-            ids.push(EventId(id));
+            group.ids.push(EventId(id));
         }
-        batch.insert(META_LAST_ID, &self.last_id.to_be_bytes());
+        group
+            .writes
+            .insert(META_LAST_ID, &self.last_id.to_be_bytes());
+        self.metrics
+            .commit_batch_size
+            .observe(requests.len() as f64);
+        if self.log_frame(&mut group.frame, requests, started) {
+            self.acknowledge(requests, group.ids, started);
+            // A full queue (sled far behind) holds the committer back here:
+            // senders then feel it as commit time, never as a lost event.
+            let _ = self.apply_tx.send(ApplyJob::Batch {
+                batch: group.writes,
+                enqueued: group.enqueued,
+                through: self.last_id,
+            });
+            if self.last_checkpoint.elapsed() >= self.checkpoint_interval
+                || self.wal.len() >= CHECKPOINT_WAL_BYTES
+            {
+                self.request_checkpoint();
+            }
+        }
+    }
 
-        self.health.begin();
-        let logged = self.wal.append(&mut frame);
-        self.health.end();
-        let metrics = &self.metrics;
-        metrics.commit_batch_size.observe(requests.len() as f64);
-        if let Err(err) = logged {
-            metrics
-                .commit_duration
-                .observe(started.elapsed().as_secs_f64());
-            metrics.commit_failures.inc();
-            if !self.health.failing.swap(true, Ordering::Relaxed) {
-                tracing::error!(error = %err, "log commit failed (write-ahead log); answering 503 until it recovers");
-            }
-            for request in requests.drain(..) {
-                let _ = request.reply.send(Err(CommitError::Failed));
-            }
-            return;
+    /// The next id, for an entry received at `received_at_ms`; records in
+    /// `writes` how far ids ran ahead of the clock when that is a new high.
+    fn assign_id(&mut self, received_at_ms: u64, writes: &mut Writes) -> u64 {
+        self.last_id = crate::node::next_id(self.last_id, received_at_ms, self.node);
+        let lead_ms = crate::node::id_ms(self.last_id).saturating_sub(received_at_ms);
+        if lead_ms > self.id_lead_ms.max(ID_CLOCK_MARGIN_MS) {
+            self.id_lead_ms = lead_ms;
+            writes.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
         }
-        // Durable: the write-ahead log has it. The senders hear so now; sled
-        // gets it right after (its apply costs tens of µs that no ack waits
-        // for), and until a checkpoint the write-ahead log stands for it.
+        self.last_id
+    }
+
+    /// An event's frame entry (with the targets it is for), its record, and
+    /// a queue entry for each subscribed target that needs one.
+    fn add_event(&self, group: &mut Group, id: u64, received_at_ms: u64, event: &str, body: &[u8]) {
+        let value = sled::IVec::from(record::encode_event(received_at_ms, event, body));
+        let subscribed = self.subscriptions.iter().filter(|s| s.wants(event));
+        group.frame.push(
+            wal::KIND_EVENT,
+            id,
+            &value,
+            subscribed.map(|s| s.target.as_str()),
+        );
+        group.writes.insert(&id_key(EVENT_PREFIX, id), value);
+        let state = new_delivery_state(received_at_ms);
+        for (n, subscription) in self.subscriptions.iter().enumerate() {
+            if !subscription.wants(event) {
+                continue;
+            }
+            let front = self.implicit[n].then_some(subscription.events.as_deref());
+            if needs_queue_entry(front, event) {
+                let target = &subscription.target;
+                group
+                    .writes
+                    .queue_new(target, received_at_ms, EventId(id), &state);
+            }
+            group.enqueued[n] += 1;
+        }
+    }
+
+    /// Appends `frame` to the write-ahead log and fdatasyncs it; on a
+    /// failure answers every request with it and returns false.
+    fn log_frame(
+        &mut self,
+        frame: &mut Frame,
+        requests: &mut Vec<Request>,
+        started: Instant,
+    ) -> bool {
+        self.health.begin();
+        let logged = self.wal.append(frame);
+        self.health.end();
+        let Err(err) = logged else {
+            return true;
+        };
+        let metrics = &self.metrics;
+        metrics
+            .commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        metrics.commit_failures.inc();
+        if !self.health.failing.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %err, "log commit failed (write-ahead log); answering 503 until it recovers");
+        }
+        for request in requests.drain(..) {
+            let _ = request.reply.send(Err(CommitError::Failed));
+        }
+        false
+    }
+
+    /// Durable: the write-ahead log has the group. The senders hear so now;
+    /// sled gets it right after (its apply costs tens of µs that no ack
+    /// waits for), and until a checkpoint the write-ahead log stands for it.
+    fn acknowledge(&mut self, requests: &mut Vec<Request>, ids: Vec<EventId>, started: Instant) {
+        let metrics = &self.metrics;
         metrics.fsyncs.inc();
         metrics.commits.inc();
         crashpoint::reached(crashpoint::COMMIT_LOGGED);
@@ -284,18 +341,6 @@ impl CommitState {
             // Let the 200s reach the senders before dying.
             std::thread::sleep(Duration::from_millis(50));
             crashpoint::crash(crashpoint::COMMIT_ACKNOWLEDGED);
-        }
-        // A full queue (sled far behind) holds the committer back here:
-        // senders then feel it as commit time, never as a lost event.
-        let _ = self.apply_tx.send(ApplyJob::Batch {
-            batch,
-            enqueued,
-            through: self.last_id,
-        });
-        if self.last_checkpoint.elapsed() >= self.checkpoint_interval
-            || self.wal.len() >= CHECKPOINT_WAL_BYTES
-        {
-            self.request_checkpoint();
         }
     }
 

@@ -23,8 +23,13 @@ pub const WINDOW: usize = 16_384;
 /// read of the log serves this many starts instead of one.
 pub const READ_AHEAD: usize = 32;
 
-/// An implicit delivery read ahead: id, receive time, body.
-pub type ReadAhead = (u64, u64, Bytes);
+/// An implicit delivery read ahead of being handed out.
+#[derive(Debug)]
+pub struct ReadAhead {
+    pub id: u64,
+    pub received_at_ms: u64,
+    pub body: Bytes,
+}
 
 #[derive(Debug)]
 pub struct ImplicitQueue {

@@ -152,7 +152,7 @@ impl Store {
         }
         self.db.remove(target_prefix(WATERMARK_PREFIX, target))?;
         self.fronts.lock().expect("implicit lock").remove(target);
-        self.tallies.set(target, 0, 0);
+        self.tallies.set(target, Backlog::default());
         tracing::info!(target = %target, waiting, dead_letters = dead, "forgot a target no longer configured");
         Ok((waiting, dead))
     }

@@ -63,9 +63,11 @@ use backlog::*;
 pub use commit::*;
 pub use health::*;
 use keys::*;
+pub use queue::Due;
+use record::WatermarkRecord;
 use retire::Retired;
 pub use retire::TargetChange;
-use watermark::*;
+use watermark::needs_queue_entry;
 
 /// How far ids may run ahead of the receive clock (bursts above 32 events
 /// per millisecond); time-range scans over ids widen by this much.
@@ -321,8 +323,15 @@ pub struct TargetStats {
     pub oldest_enqueued_ms: Option<u64>,
 }
 
-/// Queued and dead-lettered deliveries by target.
-pub type BacklogCounts = std::collections::HashMap<String, (i64, i64)>;
+/// A target's waiting deliveries and dead letters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub queued: u64,
+    pub dead: u64,
+}
+
+/// Backlogs by target.
+pub type BacklogCounts = std::collections::HashMap<String, Backlog>;
 
 /// A handle on the open store. Cheap to clone; all clones share one
 /// [`Shared`].

@@ -3,24 +3,33 @@
 
 use super::*;
 
+/// What [`Store::due_deliveries`] found.
+#[derive(Debug, Default)]
+pub struct Due {
+    pub deliveries: Vec<Delivery>,
+    /// When the first explicit entry left out for not being due yet falls
+    /// due, so the caller knows when to look again.
+    pub next_due_ms: Option<u64>,
+}
+
+/// How one read of the explicit queue ended.
+enum Pass {
+    /// It took `limit` deliveries.
+    Full,
+    /// The queue ended, or its next entry falls due then.
+    Ended(Option<u64>),
+}
+
 impl Store {
     /// Up to `limit` deliveries of `target` in queue order that are due at
     /// `query.now_ms` (all of them, due or not, with `ignore_due`), starting
     /// after `query.after` (from the front when `None`) and skipping those
-    /// `skip` names. Also returns the due time of the first entry left out
-    /// for not being due yet, so the caller knows when to look again.
-    pub fn due_deliveries(
-        &self,
-        target: &str,
-        query: &DueQuery<'_>,
-    ) -> Result<(Vec<Delivery>, Option<u64>), StoreError> {
-        let mut due = Vec::new();
+    /// `skip` names: explicit entries first, then implicit deliveries.
+    pub fn due_deliveries(&self, target: &str, query: &DueQuery<'_>) -> Result<Due, StoreError> {
+        let mut due = Due::default();
         if query.limit == 0 {
-            return Ok((due, None));
+            return Ok(due);
         }
-        let prefix = queue_prefix(target);
-        let mut end = prefix.clone();
-        *end.last_mut().expect("prefix ends in a separator") = 1;
         // Nothing explicit due before `quiet_until`: the explicit queue is
         // not read again until then (see `ImplicitQueue::explicit_quiet_until`).
         // `writes` tells whether an entry was written or released while
@@ -32,69 +41,95 @@ impl Store {
             .get(target)
             .map(|q| (q.explicit_quiet_until, q.explicit_writes))
             .unzip();
-        let mut next_due;
-        if query.ignore_due || quiet_until.is_none_or(|until| query.now_ms >= until) {
-            let mut after = query.after;
-            loop {
-                let start = match after {
-                    Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
-                    None => Bound::Included(prefix.clone()),
-                };
-                next_due = None;
-                for item in self
-                    .db
-                    .range::<Vec<u8>, _>((start, Bound::Excluded(end.clone())))
-                {
-                    let (key, value) = item?;
-                    let corrupt = |reason| StoreError::Corrupt {
-                        key: key.to_vec(),
-                        reason,
-                    };
-                    let (due_ms, id) =
-                        parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
-                    let state = record::decode_state(&value).map_err(corrupt)?;
-                    // `ignore_due` overrides backoff times, not a delivery
-                    // never attempted yet that is due later on purpose (a
-                    // replay spaced by `--rate`): it waits for its time.
-                    if due_ms > query.now_ms && (!query.ignore_due || state.attempts == 0) {
-                        next_due = Some(due_ms);
-                        break;
-                    }
-                    if (query.skip)(id) {
-                        continue;
-                    }
-                    due.push(Delivery {
-                        id,
-                        due_ms,
-                        state,
-                        source: Source::Explicit,
-                        body: None,
-                    });
-                    if due.len() >= query.limit {
-                        return Ok((due, None));
-                    }
-                }
-                if !due.is_empty() {
-                    break;
-                }
-                // Nothing after the cursor: entries written (rescheduled,
-                // released) before it since are found from the front, at
-                // once rather than at the next pass.
-                if after.take().is_some() {
-                    continue;
-                }
-                // Read from the front and found nothing due: quiet until the
-                // first entry that is not due yet.
-                if !query.ignore_due {
-                    self.explicit_quiet(target, next_due.unwrap_or(u64::MAX), writes);
-                }
-                break;
+        due.next_due_ms =
+            if query.ignore_due || quiet_until.is_none_or(|until| query.now_ms >= until) {
+                self.take_explicit(target, query, writes, &mut due.deliveries)?
+            } else {
+                quiet_until.filter(|&until| until < u64::MAX)
+            };
+        self.take_implicit(target, query.limit, &mut due.deliveries)?;
+        Ok(due)
+    }
+
+    /// Takes the due explicit entries into `due`; returns when the first
+    /// one left out falls due.
+    fn take_explicit(
+        &self,
+        target: &str,
+        query: &DueQuery<'_>,
+        writes: Option<u64>,
+        due: &mut Vec<Delivery>,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut after = query.after;
+        loop {
+            let next_due = match self.read_explicit(target, query, after, due)? {
+                Pass::Full => return Ok(None),
+                Pass::Ended(next_due) => next_due,
+            };
+            if !due.is_empty() {
+                return Ok(next_due);
             }
-        } else {
-            next_due = quiet_until.filter(|&until| until < u64::MAX);
+            // Nothing after the cursor: entries written (rescheduled,
+            // released) before it since are found from the front, at once
+            // rather than at the next pass.
+            if after.take().is_some() {
+                continue;
+            }
+            // Read from the front and found nothing due: quiet until the
+            // first entry that is not due yet.
+            if !query.ignore_due {
+                self.explicit_quiet(target, next_due.unwrap_or(u64::MAX), writes);
+            }
+            return Ok(next_due);
         }
-        self.take_implicit(target, query.limit, &mut due)?;
-        Ok((due, next_due))
+    }
+
+    /// One read of `target`'s explicit entries after `after` (from the
+    /// front when `None`), up to the first not due yet.
+    fn read_explicit(
+        &self,
+        target: &str,
+        query: &DueQuery<'_>,
+        after: Option<(u64, EventId)>,
+        due: &mut Vec<Delivery>,
+    ) -> Result<Pass, StoreError> {
+        let prefix = queue_prefix(target);
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends in a separator") = 1;
+        let start = match after {
+            Some((due_ms, id)) => Bound::Excluded(queue_key(target, due_ms, id)),
+            None => Bound::Included(prefix),
+        };
+        for item in self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))) {
+            let (key, value) = item?;
+            let corrupt = |reason| StoreError::Corrupt {
+                key: key.to_vec(),
+                reason,
+            };
+            let (due_ms, id) =
+                parse_queue_key(&key).ok_or(corrupt(record::DecodeError::Truncated))?;
+            let state = record::decode_state(&value).map_err(corrupt)?;
+            // `ignore_due` overrides backoff times, not a delivery never
+            // attempted yet that is due later on purpose (a replay spaced
+            // by `--rate`): it waits for its time.
+            if due_ms > query.now_ms && (!query.ignore_due || state.attempts == 0) {
+                return Ok(Pass::Ended(Some(due_ms)));
+            }
+            if (query.skip)(id) {
+                continue;
+            }
+            due.push(Delivery {
+                id,
+                due_ms,
+                state,
+                source: Source::Explicit,
+                body: None,
+            });
+            if due.len() >= query.limit {
+                return Ok(Pass::Full);
+            }
+        }
+        Ok(Pass::Ended(None))
     }
 
     /// No explicit entry of `target` is due before `until` (a read from
@@ -129,15 +164,15 @@ impl Store {
         let Some(q) = fronts.get_mut(target) else {
             return Ok(());
         };
-        let delivery = |(id, received_at_ms, body): implicit::ReadAhead| Delivery {
-            id: EventId(id),
-            due_ms: received_at_ms,
+        let delivery = |read: implicit::ReadAhead| Delivery {
+            id: EventId(read.id),
+            due_ms: read.received_at_ms,
             state: DeliveryState {
-                enqueued_ms: received_at_ms,
+                enqueued_ms: read.received_at_ms,
                 ..Default::default()
             },
             source: Source::Implicit,
-            body: Some(body),
+            body: Some(read.body),
         };
         while due.len() < limit
             && let Some(ahead) = q.ahead.pop_front()
@@ -163,14 +198,13 @@ impl Store {
             }
             q.take(id);
             // The body without a copy: it stays in sled's buffer for the
-            // value (one per value, not the node's).
-            let offset = event.body.as_ptr() as usize - value.as_ptr() as usize;
-            let range = offset..offset + event.body.len();
-            let read = (
+            // value (one per value, not the node's); it ends the record.
+            let body = value.len() - event.body.len()..value.len();
+            let read = implicit::ReadAhead {
                 id,
-                event.received_at_ms,
-                Bytes::from_owner(value).slice(range),
-            );
+                received_at_ms: event.received_at_ms,
+                body: Bytes::from_owner(value).slice(body),
+            };
             if due.len() < limit {
                 due.push(delivery(read));
             } else {

@@ -142,10 +142,10 @@ pub fn decode_dead(
     })
 }
 
-/// Encodes backlog counts: (target, queued, dead) for each target.
-pub fn encode_counts(counts: &[(&str, u64, u64)]) -> Vec<u8> {
+/// Encodes backlog counts: target, queued, dead for each target.
+pub fn encode_counts(counts: &[(&str, super::Backlog)]) -> Vec<u8> {
     let mut out = vec![VERSION];
-    for (target, queued, dead) in counts {
+    for (target, super::Backlog { queued, dead }) in counts {
         let target = truncate_utf8(target, u16::MAX as usize);
         out.extend_from_slice(&(target.len() as u16).to_be_bytes());
         out.extend_from_slice(target.as_bytes());
@@ -162,7 +162,7 @@ pub fn decode_counts(bytes: &[u8]) -> Result<super::BacklogCounts, DecodeError> 
         let len = r.u16()? as usize;
         let target = r.text(len)?;
         let (queued, dead) = (r.u64()?, r.u64()?);
-        counts.insert(target.to_owned(), (queued as i64, dead as i64));
+        counts.insert(target.to_owned(), super::Backlog { queued, dead });
     }
     Ok(counts)
 }
@@ -184,11 +184,22 @@ pub fn encode_watermark(watermark: u64, events: Option<&[String]>) -> Vec<u8> {
     out
 }
 
-pub fn decode_watermark(bytes: &[u8]) -> Result<super::StoredWatermark, DecodeError> {
+/// A decoded watermark record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatermarkRecord {
+    pub watermark: u64,
+    /// The event types the target took (`None`: all).
+    pub events: Option<Vec<String>>,
+}
+
+pub fn decode_watermark(bytes: &[u8]) -> Result<WatermarkRecord, DecodeError> {
     let mut r = Reader::versioned(bytes)?;
     let watermark = r.u64()?;
     if r.0.is_empty() {
-        return Ok((watermark, None));
+        return Ok(WatermarkRecord {
+            watermark,
+            events: None,
+        });
     }
     let [_] = r.take::<1>()?;
     let mut events = Vec::new();
@@ -196,7 +207,10 @@ pub fn decode_watermark(bytes: &[u8]) -> Result<super::StoredWatermark, DecodeEr
         let len = r.u16()? as usize;
         events.push(r.text(len)?.to_owned());
     }
-    Ok((watermark, Some(events)))
+    Ok(WatermarkRecord {
+        watermark,
+        events: Some(events),
+    })
 }
 
 /// Reads fixed-width big-endian fields off the front of a record.
@@ -318,11 +332,16 @@ mod tests {
 
     #[test]
     fn backlog_counts_round_trip_and_reject_damage() {
-        let bytes = encode_counts(&[("crm", 1_000_000, 3), ("zoë-archive", 0, 0)]);
+        let crm = crate::store::Backlog {
+            queued: 1_000_000,
+            dead: 3,
+        };
+        let none = crate::store::Backlog::default();
+        let bytes = encode_counts(&[("crm", crm), ("zoë-archive", none)]);
         let counts = decode_counts(&bytes).unwrap();
         assert_eq!(counts.len(), 2);
-        assert_eq!(counts["crm"], (1_000_000, 3));
-        assert_eq!(counts["zoë-archive"], (0, 0));
+        assert_eq!(counts["crm"], crm);
+        assert_eq!(counts["zoë-archive"], none);
         assert_eq!(decode_counts(&encode_counts(&[])).unwrap().len(), 0);
         assert!(decode_counts(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_counts(&[]).is_err());

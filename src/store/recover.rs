@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// What replaying the write-ahead log builds up.
+struct Replay {
+    writes: Writes,
+    /// The highest id seen.
+    last: u64,
+    replayed: usize,
+    /// The most an id ran ahead of its receive time.
+    lead_ms: u64,
+    /// Each target's watermark event types as stored (`None`: no
+    /// watermark; `Some(None)`: every type), read once.
+    fronts: std::collections::HashMap<String, Option<Option<Vec<String>>>>,
+}
+
 impl Store {
     /// Puts what the write-ahead log holds beyond sled's highest id into
     /// sled (a crash came before the checkpoint), makes sled durable, and
@@ -24,55 +37,39 @@ impl Store {
         // event's blob from under them. A log from before the mark existed
         // replays every frame.
         let durable = self.durable_through()?;
-        let mut batch = Writes::default();
-        let mut last = self.recover_last_id()?;
-        let mut replayed = 0;
-        let mut adopted = std::collections::HashMap::new();
-        let mut lead_ms = self.id_lead_ms()?;
+        let mut replay = Replay {
+            writes: Writes::default(),
+            last: self.recover_last_id()?,
+            replayed: 0,
+            lead_ms: self.id_lead_ms()?,
+            fronts: std::collections::HashMap::new(),
+        };
         for entry in entries.iter().filter(|e| e.id > durable) {
-            let id = entry.id;
             match entry.kind {
-                wal::KIND_EVENT => {
-                    let received_at_ms = received_at(&id_key(EVENT_PREFIX, id), &entry.value)?;
-                    lead_ms = lead_ms.max(crate::node::id_ms(id).saturating_sub(received_at_ms));
-                    batch.insert(&id_key(EVENT_PREFIX, id), entry.value.as_slice());
-                    let state = new_delivery_state(received_at_ms);
-                    let event = decode_event_record(&id_key(EVENT_PREFIX, id), &entry.value)?.event;
-                    for target in &entry.targets {
-                        // A target whose watermark takes this type reads
-                        // it above the watermark: no queue entry. One whose
-                        // types a reload changed, and which crashed before
-                        // the new watermark was written, still has the old.
-                        let stored = match adopted.get(target) {
-                            Some(stored) => stored,
-                            None => {
-                                let stored =
-                                    self.stored_watermark(target)?.map(|(_, events)| events);
-                                adopted.entry(target.clone()).or_insert(stored)
-                            }
-                        };
-                        let implicit = stored
-                            .as_ref()
-                            .is_some_and(|events| takes(events.as_deref(), event));
-                        if !implicit {
-                            batch.queue_new(target, received_at_ms, EventId(id), &state);
-                        }
-                    }
-                }
-                _ => batch.insert(&id_key(QUARANTINE_PREFIX, id), entry.value.as_slice()),
+                wal::KIND_EVENT => self.replay_event(&mut replay, entry)?,
+                _ => replay
+                    .writes
+                    .insert(&id_key(QUARANTINE_PREFIX, entry.id), entry.value.as_slice()),
             }
-            last = last.max(id);
-            replayed += 1;
+            replay.last = replay.last.max(entry.id);
+            replay.replayed += 1;
         }
-        batch.insert(META_LAST_ID, &last.to_be_bytes());
+        let Replay {
+            mut writes,
+            last,
+            replayed,
+            lead_ms,
+            ..
+        } = replay;
+        writes.insert(META_LAST_ID, &last.to_be_bytes());
         if lead_ms > ID_CLOCK_MARGIN_MS {
-            batch.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
+            writes.insert(META_ID_LEAD, &lead_ms.to_be_bytes());
         }
         let io = |source: std::io::Error| StoreError::DataFile {
             path: self.dir.clone(),
             source,
         };
-        self.db.apply_batch(batch.into_batch())?;
+        self.db.apply_batch(writes.into_batch())?;
         self.db.flush()?;
         File::open(self.dir.join("db"))
             .and_then(|f| f.sync_data())
@@ -88,6 +85,32 @@ impl Store {
                 replayed,
                 "recovered acknowledged events from the write-ahead log"
             );
+        }
+        Ok(())
+    }
+
+    /// An event's record again, and a queue entry for each of its targets
+    /// that needs one.
+    fn replay_event(&self, replay: &mut Replay, entry: &wal::Entry) -> Result<(), StoreError> {
+        let key = id_key(EVENT_PREFIX, entry.id);
+        let record = decode_event_record(&key, &entry.value)?;
+        let received_at_ms = record.received_at_ms;
+        let lead_ms = crate::node::id_ms(entry.id).saturating_sub(received_at_ms);
+        replay.lead_ms = replay.lead_ms.max(lead_ms);
+        replay.writes.insert(&key, entry.value.as_slice());
+        let state = new_delivery_state(received_at_ms);
+        for target in &entry.targets {
+            // A target whose types a reload changed, and which crashed
+            // before the new watermark was written, still has the old one.
+            if !replay.fronts.contains_key(target) {
+                let stored = self.stored_watermark(target)?.map(|stored| stored.events);
+                replay.fronts.insert(target.clone(), stored);
+            }
+            let front = replay.fronts[target].as_ref().map(Option::as_deref);
+            if needs_queue_entry(front, record.event) {
+                let id = EventId(entry.id);
+                replay.writes.queue_new(target, received_at_ms, id, &state);
+            }
         }
         Ok(())
     }

@@ -44,8 +44,7 @@ pub(super) struct Retired {
 struct StoredRetired {
     target: String,
     cut: u64,
-    watermark: u64,
-    events: Option<Vec<String>>,
+    record: WatermarkRecord,
 }
 
 impl Retired {
@@ -182,8 +181,8 @@ impl Store {
     pub(super) fn queue_stored_retired(&self) -> Result<bool, StoreError> {
         let mut any = false;
         for r in self.stored_retired()? {
-            let queued = self.queue_waiting(&r.target, r.watermark, r.cut, |_, event| {
-                takes(r.events.as_deref(), event)
+            let queued = self.queue_waiting(&r.target, r.record.watermark, r.cut, |_, event| {
+                takes(r.record.events.as_deref(), event)
             })?;
             tracing::info!(target = %r.target, queued, "deliveries waiting for a target a reload removed or changed now have queue entries");
             self.db.remove(retired_key(&r.target, r.cut))?;
@@ -197,7 +196,7 @@ impl Store {
     pub(super) fn load_retired(&self) -> Result<(), StoreError> {
         let mut loaded = Vec::new();
         for r in self.stored_retired()? {
-            let q = self.implicit_queue(&r.target, r.watermark, r.events)?;
+            let q = self.implicit_queue(&r.target, r.record.watermark, r.record.events)?;
             loaded.push(Retired {
                 target: r.target,
                 cut: Some(r.cut),
@@ -219,12 +218,11 @@ impl Store {
             };
             let (target, cut) =
                 parse_target_key(&key).ok_or_else(|| corrupt(record::DecodeError::Truncated))?;
-            let (watermark, events) = record::decode_watermark(&value).map_err(corrupt)?;
+            let record = record::decode_watermark(&value).map_err(corrupt)?;
             stored.push(StoredRetired {
                 target: target.to_owned(),
                 cut: cut.0,
-                watermark,
-                events,
+                record,
             });
         }
         Ok(stored)

@@ -142,13 +142,13 @@ fn purging_a_letter_named_twice_counts_it_once() {
             .unwrap();
     }
     store.count_backlogs(&["crm".to_owned()]).unwrap();
-    assert_eq!(store.tallies.get("crm"), (0, 2));
+    assert_eq!(store.tallies.get("crm"), Backlog { queued: 0, dead: 2 });
     let twice = [
         ("crm".to_owned(), EventId(1)),
         ("crm".to_owned(), EventId(1)),
     ];
     assert_eq!(store.purge_dead_letters(&twice).unwrap(), 1);
-    assert_eq!(store.tallies.get("crm"), (0, 1));
+    assert_eq!(store.tallies.get("crm"), Backlog { queued: 0, dead: 1 });
     assert_eq!(store.dead_letters("crm").unwrap().len(), 1);
 }
 

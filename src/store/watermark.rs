@@ -4,8 +4,14 @@
 
 use super::*;
 
-/// A target's watermark and the event types it took then (`None`: all).
-pub(super) type StoredWatermark = (u64, Option<Vec<String>>);
+/// Whether a new event of type `event` gets an explicit queue entry for a
+/// subscribed target whose implicit queue takes `front` (`None`: it has
+/// none; `Some(None)`: every type). The one place that decides it, for a
+/// commit and for a replay of the write-ahead log: an event the target's
+/// watermark takes is read above it, any other needs an entry.
+pub(super) fn needs_queue_entry(front: Option<Option<&[String]>>, event: &str) -> bool {
+    !front.is_some_and(|types| takes(types, event))
+}
 
 impl Store {
     /// Makes `subscriptions`' targets take new events from above a watermark
@@ -30,10 +36,10 @@ impl Store {
             let key = target_prefix(WATERMARK_PREFIX, target);
             let events = subscription.events.as_deref();
             let watermark = match self.stored_watermark(target)? {
-                Some((watermark, stored)) if stored.as_deref() == events => watermark,
+                Some(stored) if stored.events.as_deref() == events => stored.watermark,
                 stored => {
-                    if let Some((watermark, stored)) = stored {
-                        self.materialize(target, watermark, stored)?;
+                    if let Some(stored) = stored {
+                        self.materialize(target, stored)?;
                     }
                     self.db
                         .insert(key, record::encode_watermark(last, events))?;
@@ -50,8 +56,8 @@ impl Store {
             if configured.contains(&target) {
                 continue;
             }
-            if let Some((watermark, stored)) = self.stored_watermark(&target)? {
-                self.materialize(&target, watermark, stored)?;
+            if let Some(stored) = self.stored_watermark(&target)? {
+                self.materialize(&target, stored)?;
             }
             self.db.remove(key)?;
             changed = true;
@@ -71,12 +77,12 @@ impl Store {
         for item in self.db.scan_prefix([WATERMARK_PREFIX]) {
             let (key, value) = item?;
             let target = String::from_utf8_lossy(&key[1..key.len() - 1]).into_owned();
-            let (watermark, events) =
+            let stored =
                 record::decode_watermark(&value).map_err(|reason| StoreError::Corrupt {
                     key: key.to_vec(),
                     reason,
                 })?;
-            let q = self.implicit_queue(&target, watermark, events)?;
+            let q = self.implicit_queue(&target, stored.watermark, stored.events)?;
             fronts.insert(target, q);
         }
         *self.fronts.lock().expect("implicit lock") = fronts;
@@ -125,13 +131,13 @@ impl Store {
     pub fn stored_event_types(&self, target: &str) -> Result<Option<Vec<String>>, StoreError> {
         Ok(self
             .stored_watermark(target)?
-            .and_then(|(_, events)| events))
+            .and_then(|stored| stored.events))
     }
 
     pub(super) fn stored_watermark(
         &self,
         target: &str,
-    ) -> Result<Option<StoredWatermark>, StoreError> {
+    ) -> Result<Option<WatermarkRecord>, StoreError> {
         let key = target_prefix(WATERMARK_PREFIX, target);
         match self.db.get(&key)? {
             Some(value) => record::decode_watermark(&value)
@@ -141,16 +147,15 @@ impl Store {
         }
     }
 
-    /// Gives each event above `watermark` that `events` selects an explicit
-    /// queue entry for `target`, at its first place.
+    /// Gives each event above the `stored` watermark that its event types
+    /// select an explicit queue entry for `target`, at its first place.
     pub(super) fn materialize(
         &self,
         target: &str,
-        watermark: u64,
-        events: Option<Vec<String>>,
+        stored: WatermarkRecord,
     ) -> Result<(), StoreError> {
-        let queued = self.queue_waiting(target, watermark, u64::MAX, |_, event| {
-            takes(events.as_deref(), event)
+        let queued = self.queue_waiting(target, stored.watermark, u64::MAX, |_, event| {
+            takes(stored.events.as_deref(), event)
         })?;
         tracing::info!(target = %target, queued, "new events waiting for a target whose settings changed now have queue entries");
         Ok(())

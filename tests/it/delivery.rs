@@ -536,7 +536,7 @@ async fn a_restart_keeps_the_retry_schedule() {
 
     crm.set_behaviour(|_, _| Reply::ok());
     let relay = TestRelay::start_in(dir, with_target).await;
-    let (queued, _) = relay
+    let queued = relay
         .store
         .due_deliveries(
             "crm",
@@ -548,7 +548,8 @@ async fn a_restart_keeps_the_retry_schedule() {
                 skip: &|_| false,
             },
         )
-        .unwrap();
+        .unwrap()
+        .deliveries;
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].id, first);
     assert!(

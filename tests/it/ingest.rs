@@ -732,7 +732,7 @@ async fn deliveries_are_found_at_their_first_place_and_after_a_move() {
             after: None,
             skip: &|_| false,
         };
-        store.due_deliveries(target, &query).unwrap().0
+        store.due_deliveries(target, &query).unwrap().deliveries
     };
     let everything_received = received[2] + 1;
     let targets = vec!["crm".to_string(), "archive".to_string()];
@@ -873,7 +873,7 @@ mod front {
             after: None,
             skip: &|_| false,
         };
-        store.due_deliveries(target, &query).unwrap().0
+        store.due_deliveries(target, &query).unwrap().deliveries
     }
 
     /// Opens the log in `dir`, adopts `subscriptions`, appends `events`
@@ -1180,7 +1180,7 @@ fn explicit_read(
         after,
         skip,
     };
-    let (due, _) = store.due_deliveries("crm", &query).unwrap();
+    let due = store.due_deliveries("crm", &query).unwrap().deliveries;
     due.iter().map(|d| d.id).collect()
 }
 

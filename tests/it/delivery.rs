@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::common::receiver::{Receiver, Reply};
+use crate::common::receiver::{Received, Receiver, Reply, first_then, wait_for_requests};
 use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 use leadflo_relay::store::EventId;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A target with quick retries, so tests see several attempts in seconds.
 fn target(name: &str, url: &str) -> TargetConfig {
@@ -30,17 +28,65 @@ fn visitor(n: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn send(relay: &TestRelay, body: Vec<u8>) -> EventId {
-    let (status, json) = post(&client(), &relay.url(), Some(SECRET), body).await;
-    assert_eq!(status, 200, "{json}");
-    json["id"].as_str().unwrap().parse().unwrap()
+/// 1 while crm's circuit is open, else 0.
+const CRM_CIRCUIT_OPEN: &str = r#"leadflo_relay_circuit_open{target="crm"}"#;
+
+/// A target that answers its first request 429 with `Retry-After: 2`, and
+/// 200 to every later one.
+async fn crm_asking_once_for_two_seconds() -> Receiver {
+    Receiver::start(first_then(
+        1,
+        Reply::status(429).header("retry-after", "2"),
+        Reply::ok(),
+    ))
+    .await
 }
 
-async fn wait_for_requests(receiver: &Receiver, count: usize, what: &str) {
-    eventually(what, WAIT, async || {
-        (receiver.count() >= count).then_some(())
+/// Brings crm back on the port `down` held, waits (`what`) for its queue
+/// to drain, and checks that each of `ids` reached it.
+async fn crm_back_gets_every_event(
+    relay: &TestRelay,
+    down: &mut RefusingPort,
+    ids: &[EventId],
+    what: &str,
+) {
+    let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
+    wait_for_empty_queue(&relay.store, "crm", what).await;
+    let got = crm.idempotency_keys();
+    for id in ids {
+        assert!(
+            got.contains(&id.to_string()),
+            "event {id} never reached the target once it was back"
+        );
+    }
+}
+
+/// A target that answers 401, as the handler in LeadFloAgent's docs does,
+/// unless the request's `header` is `value`.
+fn unauthorized_unless(
+    header: &'static str,
+    value: &'static str,
+) -> impl Fn(usize, &Received) -> Reply + Send + Sync + 'static {
+    move |_, r| {
+        if r.header(header) == value {
+            Reply::ok()
+        } else {
+            Reply::status(401).body(r#"{"error":"Unauthorized"}"#)
+        }
+    }
+}
+
+/// Waits for the one event sent to be delivered to crm; a dead letter
+/// instead means the target refused it, as `refused` says.
+async fn delivered_to_crm(relay: &TestRelay, refused: &str) {
+    eventually("the delivery to succeed", WAIT, async || {
+        (relay.metrics.attempts("crm", "success") == 1).then_some(())
     })
     .await;
+    assert!(
+        relay.store.dead_letters("crm").unwrap().is_empty(),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
@@ -115,21 +161,11 @@ async fn fans_out_by_event_filter_with_exact_bodies_and_headers() {
 
 #[tokio::test]
 async fn retries_until_success_with_the_same_idempotency_key() {
-    let crm = Receiver::start(|n, _| {
-        if n < 2 {
-            Reply::status(503)
-        } else {
-            Reply::ok()
-        }
-    })
-    .await;
+    let crm = Receiver::start(first_then(2, Reply::status(503), Reply::ok())).await;
     let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url())]).await;
     let id = send(&relay, visitor(1)).await;
     wait_for_requests(&crm, 3, "three attempts").await;
-    eventually("the delivery to leave the queue", WAIT, async || {
-        (relay.store.queued_count("crm") == 0).then_some(())
-    })
-    .await;
+    wait_for_empty_queue(&relay.store, "crm", "the delivery to leave the queue").await;
     let requests = crm.requests();
     assert_eq!(requests.len(), 3, "a delivered event was sent again");
     for (n, request) in requests.iter().enumerate() {
@@ -149,14 +185,7 @@ async fn retries_until_success_with_the_same_idempotency_key() {
 
 #[tokio::test]
 async fn retry_after_is_honoured() {
-    let crm = Receiver::start(|n, _| {
-        if n == 0 {
-            Reply::status(429).header("retry-after", "2")
-        } else {
-            Reply::ok()
-        }
-    })
-    .await;
+    let crm = crm_asking_once_for_two_seconds().await;
     let relay = TestRelay::start_with(|c| {
         let mut t = target("crm", &crm.url());
         t.retry.max_interval = "1m".parse().unwrap();
@@ -187,11 +216,7 @@ async fn client_errors_and_redirects_are_dead_lettered_at_once() {
     let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url())]).await;
     let rejected = send(&relay, visitor(1)).await;
     let redirected = send(&relay, visitor(2)).await;
-    let dead = eventually("two dead letters", WAIT, async || {
-        let dead = relay.store.dead_letters("crm").unwrap();
-        (dead.len() == 2).then_some(dead)
-    })
-    .await;
+    let dead = wait_for_dead_letters(&relay.store, "crm", 2).await;
     let by_id: HashMap<EventId, _> = dead.into_iter().map(|d| (d.id, d)).collect();
     let d400 = &by_id[&rejected];
     assert_eq!((d400.last_status, d400.attempts), (400, 1));
@@ -221,9 +246,7 @@ async fn client_errors_and_redirects_are_dead_lettered_at_once() {
 async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
     // Connections are refused until the target comes back on this port.
     let mut down = RefusingPort::new();
-    let port = down.addr;
-    let url = format!("http://{port}/hook");
-    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &url)]).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &down.url())]).await;
     let mut ids = Vec::new();
     for n in 0..20 {
         ids.push(send(&relay, visitor(n)).await);
@@ -234,22 +257,7 @@ async fn a_target_that_is_down_gets_everything_when_it_comes_back() {
         async || (relay.metrics.attempts("crm", "retry") >= 5).then_some(()),
     )
     .await;
-    let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
-    eventually("every event at the target", WAIT, async || {
-        (relay.store.queued_count("crm") == 0).then_some(())
-    })
-    .await;
-    let got: std::collections::HashSet<String> = crm
-        .requests()
-        .iter()
-        .map(|r| r.header("idempotency-key").to_owned())
-        .collect();
-    for id in ids {
-        assert!(
-            got.contains(&id.to_string()),
-            "event {id} never reached the target"
-        );
-    }
+    crm_back_gets_every_event(&relay, &mut down, &ids, "every event at the target").await;
     assert!(relay.store.dead_letters("crm").unwrap().is_empty());
     relay.stop().await;
 }
@@ -329,15 +337,7 @@ async fn a_hanging_target_does_not_slow_a_healthy_one() {
 #[tokio::test]
 async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
     const CRM_SECRET: &str = "crm-side-secret";
-    // The handler from LeadFloAgent's docs: 401 unless the secret matches.
-    let express_like = |_: usize, r: &crate::common::receiver::Received| {
-        if r.header("x-webhook-secret") == CRM_SECRET {
-            Reply::ok()
-        } else {
-            Reply::status(401).body(r#"{"error":"Unauthorized"}"#)
-        }
-    };
-    let crm = Receiver::start(express_like).await;
+    let crm = Receiver::start(unauthorized_unless("x-webhook-secret", CRM_SECRET)).await;
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("crm-secret");
     std::fs::write(&secret_file, format!("{CRM_SECRET}\n")).unwrap();
@@ -348,14 +348,7 @@ async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
     })
     .await;
     send(&relay, fixture("visitor_created.json")).await;
-    eventually("the delivery to succeed", WAIT, async || {
-        (relay.metrics.attempts("crm", "success") == 1).then_some(())
-    })
-    .await;
-    assert!(
-        relay.store.dead_letters("crm").unwrap().is_empty(),
-        "the handler refused the secret"
-    );
+    delivered_to_crm(&relay, "the handler refused the secret").await;
     assert_eq!(crm.requests()[0].header("x-webhook-secret"), CRM_SECRET);
     relay.stop().await;
 }
@@ -367,27 +360,13 @@ async fn the_targets_own_secret_is_sent_like_leadfloagent_sends_it() {
 async fn credentials_in_a_target_url_are_sent_as_basic_auth() {
     // "zap@user" : "p:ss w", percent-encoded in the URL.
     const EXPECTED: &str = "Basic emFwQHVzZXI6cDpzcyB3";
-    let guarded = |_: usize, r: &crate::common::receiver::Received| {
-        if r.header("authorization") == EXPECTED {
-            Reply::ok()
-        } else {
-            Reply::status(401).body(r#"{"error":"Unauthorized"}"#)
-        }
-    };
-    let crm = Receiver::start(guarded).await;
+    let crm = Receiver::start(unauthorized_unless("authorization", EXPECTED)).await;
     let url = crm
         .url()
         .replacen("http://", "http://zap%40user:p%3Ass%20w@", 1);
     let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &url)]).await;
     send(&relay, visitor(1)).await;
-    eventually("the delivery to succeed", WAIT, async || {
-        (relay.metrics.attempts("crm", "success") == 1).then_some(())
-    })
-    .await;
-    assert!(
-        relay.store.dead_letters("crm").unwrap().is_empty(),
-        "the target refused the credentials"
-    );
+    delivered_to_crm(&relay, "the target refused the credentials").await;
     let request = &crm.requests()[0];
     assert_eq!(request.header("authorization"), EXPECTED);
     // The host header names the host alone, never the credentials.
@@ -419,11 +398,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
     for n in 0..20 {
         send(&relay, visitor(n)).await;
     }
-    eventually("the circuit to open", WAIT, async || {
-        (scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await == 1.0)
-            .then_some(())
-    })
-    .await;
+    wait_for_metric(relay.admin, CRM_CIRCUIT_OPEN, 1.0, "the circuit to open").await;
     assert_eq!(
         crm.max_in_flight(),
         4,
@@ -448,16 +423,13 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_on_success() {
         "an open circuit sent parallel attempts"
     );
     crm.set_behaviour(|_, _| Reply::ok());
-    eventually(
+    wait_for_empty_queue(
+        &relay.store,
+        "crm",
         "the backlog to drain after the first success",
-        WAIT,
-        async || (relay.store.queued_count("crm") == 0).then_some(()),
     )
     .await;
-    assert_eq!(
-        scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await,
-        0.0
-    );
+    assert_eq!(scrape(relay.admin, CRM_CIRCUIT_OPEN).await, 0.0);
     relay.stop().await;
 }
 
@@ -470,10 +442,7 @@ async fn a_target_added_later_does_not_get_history() {
     let relay = TestRelay::start_in(dir, |c| c.targets = vec![target("crm", &crm.url())]).await;
     let id = send(&relay, visitor(2)).await;
     wait_for_requests(&crm, 1, "the new event").await;
-    eventually("the queue to drain", WAIT, async || {
-        (relay.store.queued_count("crm") == 0).then_some(())
-    })
-    .await;
+    wait_for_empty_queue(&relay.store, "crm", "the queue to drain").await;
     let requests = crm.requests();
     assert_eq!(requests.len(), 1, "history was resent to a new target");
     assert_eq!(requests[0].header("idempotency-key"), id.to_string());
@@ -593,10 +562,7 @@ async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
 
     crm.set_behaviour(|_, _| Reply::ok());
     let relay = TestRelay::start_in(dir, with_target).await;
-    eventually("the delivery after restart", WAIT, async || {
-        (relay.store.queued_count("crm") == 0).then_some(())
-    })
-    .await;
+    wait_for_empty_queue(&relay.store, "crm", "the delivery after restart").await;
     assert_eq!(
         crm.requests().last().unwrap().header("idempotency-key"),
         id.to_string()
@@ -608,10 +574,8 @@ async fn shutdown_leaves_unfinished_attempts_queued_for_the_next_start() {
 async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() {
     // Backoff so long that, uncapped, the next probe would be ten minutes away.
     let mut down = RefusingPort::new();
-    let port = down.addr;
-    let url = format!("http://{port}/hook");
     let relay = TestRelay::start_with(|c| {
-        let mut t = target("crm", &url);
+        let mut t = target("crm", &down.url());
         t.circuit_failures = 1;
         t.retry.initial = "10m".parse().unwrap();
         t.retry.max_interval = "1h".parse().unwrap();
@@ -623,27 +587,14 @@ async fn a_target_back_from_a_long_outage_is_probed_within_probe_max_interval() 
         send(&relay, visitor(1)).await,
         send(&relay, visitor(2)).await,
     ];
-    eventually("the circuit to open", WAIT, async || {
-        (scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await == 1.0)
-            .then_some(())
-    })
+    wait_for_metric(relay.admin, CRM_CIRCUIT_OPEN, 1.0, "the circuit to open").await;
+    crm_back_gets_every_event(
+        &relay,
+        &mut down,
+        &ids,
+        "the backlog after the target's return",
+    )
     .await;
-    let crm = Receiver::start_on(down.release(), |_, _| Reply::ok()).await;
-    eventually("the backlog after the target's return", WAIT, async || {
-        (relay.store.queued_count("crm") == 0).then_some(())
-    })
-    .await;
-    let got: Vec<String> = crm
-        .requests()
-        .iter()
-        .map(|r| r.header("idempotency-key").to_owned())
-        .collect();
-    for id in ids {
-        assert!(
-            got.contains(&id.to_string()),
-            "event {id} not delivered after the outage"
-        );
-    }
     relay.stop().await;
 }
 
@@ -844,14 +795,7 @@ async fn an_open_circuit_waits_for_its_probe_without_spinning() {
 /// the second event cannot start before the first one's answer is counted.
 #[tokio::test]
 async fn retry_after_holds_every_delivery_of_the_target() {
-    let crm = Receiver::start(|n, _| {
-        if n == 0 {
-            Reply::status(429).header("retry-after", "2")
-        } else {
-            Reply::ok()
-        }
-    })
-    .await;
+    let crm = crm_asking_once_for_two_seconds().await;
     let relay = TestRelay::start_with(|c| {
         let mut t = target("crm", &crm.url());
         t.concurrency = 1;
@@ -893,11 +837,7 @@ async fn an_open_circuit_still_honours_retry_after() {
     for n in 0..2 {
         send(&relay, visitor(n)).await;
     }
-    eventually("the circuit to open", WAIT, async || {
-        (scrape(relay.admin, r#"leadflo_relay_circuit_open{target="crm"}"#).await == 1.0)
-            .then_some(())
-    })
-    .await;
+    wait_for_metric(relay.admin, CRM_CIRCUIT_OPEN, 1.0, "the circuit to open").await;
     // The probe (the third request) takes the first event again: not
     // before the 3 s it was asked to wait (it came after `initial`,
     // 100 ms).

@@ -5,13 +5,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::common::receiver::{Receiver, Reply};
+use crate::common::receiver::{Receiver, Reply, first_then};
 use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// What a misbehaving raw-TCP target does with each connection.
 #[derive(Clone, Copy)]
@@ -122,14 +120,7 @@ async fn with_faulty_url(url: &str, timeout: &str, check: impl AsyncFnOnce(&Test
     })
     .await;
     for _ in 0..3 {
-        let (status, _) = post(
-            &client(),
-            &relay.url(),
-            Some(SECRET),
-            fixture("visitor_created.json"),
-        )
-        .await;
-        assert_eq!(status, 200);
+        send(&relay, fixture("visitor_created.json")).await;
     }
     eventually("the healthy target to get everything", WAIT, async || {
         (healthy.count() == 3).then_some(())
@@ -202,11 +193,7 @@ async fn a_rejection_with_a_stalled_body_is_dead_lettered_within_the_timeout() {
         Misbehaviour::HeadersThenStall(422),
         "300ms",
         async |relay| {
-            let dead = eventually("dead letters", WAIT, async || {
-                let dead = relay.store.dead_letters("bad").unwrap();
-                (dead.len() == 3).then_some(dead)
-            })
-            .await;
+            let dead = wait_for_dead_letters(&relay.store, "bad", 3).await;
             assert!(dead.iter().all(|d| d.last_status == 422), "{dead:?}");
         },
     )
@@ -216,11 +203,7 @@ async fn a_rejection_with_a_stalled_body_is_dead_lettered_within_the_timeout() {
 #[tokio::test]
 async fn a_huge_rejection_body_is_cut_not_buffered() {
     with_fault(Misbehaviour::HugeBody, "5s", async |relay| {
-        let dead = eventually("dead letters", WAIT, async || {
-            let dead = relay.store.dead_letters("bad").unwrap();
-            (dead.len() == 3).then_some(dead)
-        })
-        .await;
+        let dead = wait_for_dead_letters(&relay.store, "bad", 3).await;
         for letter in dead {
             assert_eq!(letter.last_status, 400);
             assert!(
@@ -258,25 +241,16 @@ async fn a_name_that_resolves_nowhere_is_retried() {
 
 #[tokio::test]
 async fn a_2xx_after_the_timeout_is_a_timeout_and_retried() {
-    let slow = Receiver::start(|n, _| {
-        if n == 0 {
-            Reply::ok().after(Duration::from_millis(1500))
-        } else {
-            Reply::ok()
-        }
-    })
+    let slow = Receiver::start(first_then(
+        1,
+        Reply::ok().after(Duration::from_millis(1500)),
+        Reply::ok(),
+    ))
     .await;
     let relay =
         TestRelay::start_with(|c| c.targets = vec![fault_target("bad", &slow.url(), "300ms")])
             .await;
-    let (status, _) = post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
-    )
-    .await;
-    assert_eq!(status, 200);
+    send(&relay, fixture("visitor_created.json")).await;
     eventually("the retry to succeed", WAIT, async || {
         (relay.metrics.attempts("bad", "success") == 1).then_some(())
     })
@@ -310,20 +284,9 @@ async fn a_rejection_with_a_stalled_body_is_never_retried() {
     })
     .await;
     for _ in 0..EVENTS {
-        let (status, _) = post(
-            &client(),
-            &relay.url(),
-            Some(SECRET),
-            fixture("visitor_created.json"),
-        )
-        .await;
-        assert_eq!(status, 200);
+        send(&relay, fixture("visitor_created.json")).await;
     }
-    let dead = eventually("dead letters", WAIT, async || {
-        let dead = relay.store.dead_letters("bad").unwrap();
-        (dead.len() == EVENTS).then_some(dead)
-    })
-    .await;
+    let dead = wait_for_dead_letters(&relay.store, "bad", EVENTS).await;
     let retried: Vec<_> = dead.iter().filter(|d| d.attempts != 1).collect();
     assert!(
         retried.is_empty() && relay.metrics.attempts("bad", "retry") == 0,

@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::receiver::{Receiver, Reply};
+use crate::common::receiver::{Receiver, Reply, first_then};
 use crate::common::*;
 use leadflo_relay::config::TargetConfig;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn quick_target(name: &str, url: &str) -> TargetConfig {
     let mut target = TargetConfig::new(name, url);
@@ -63,14 +61,7 @@ async fn counters_and_gauges_follow_what_happens() {
     );
 
     for _ in 0..3 {
-        let (status, _) = post(
-            &client(),
-            &relay.url(),
-            Some(SECRET),
-            fixture("visitor_created.json"),
-        )
-        .await;
-        assert_eq!(status, 200);
+        send(&relay, fixture("visitor_created.json")).await;
     }
     // The failing target's backlog holds all three and retries accumulate.
     eventually("retries at the failing target", WAIT, async || {
@@ -97,9 +88,12 @@ async fn counters_and_gauges_follow_what_happens() {
     })
     .await;
     // The strict target dead-letters all three.
-    eventually("dead letters at the strict target", WAIT, async || {
-        (scrape(admin, r#"leadflo_relay_dead_letters{target="strict"}"#).await == 3.0).then_some(())
-    })
+    wait_for_metric(
+        admin,
+        r#"leadflo_relay_dead_letters{target="strict"}"#,
+        3.0,
+        "dead letters at the strict target",
+    )
     .await;
     assert_eq!(
         scrape(admin, r#"leadflo_relay_backlog_events{target="strict"}"#).await,
@@ -115,9 +109,12 @@ async fn counters_and_gauges_follow_what_happens() {
     );
     // The failing target recovers: its backlog drains to 0.
     crm.set_behaviour(|_, _| Reply::ok());
-    eventually("the backlog to drain", WAIT, async || {
-        (scrape(admin, r#"leadflo_relay_backlog_events{target="crm"}"#).await == 0.0).then_some(())
-    })
+    wait_for_metric(
+        admin,
+        r#"leadflo_relay_backlog_events{target="crm"}"#,
+        0.0,
+        "the backlog to drain",
+    )
     .await;
     assert_eq!(
         scrape(
@@ -164,16 +161,10 @@ async fn counters_and_gauges_follow_what_happens() {
 #[tokio::test]
 async fn backlog_figures_are_rebuilt_at_start() {
     let port = RefusingPort::new();
-    let down = format!("http://{}/hook", port.addr);
+    let down = port.url();
     let relay = TestRelay::start_with(|c| c.targets = vec![quick_target("crm", &down)]).await;
     for _ in 0..4 {
-        post(
-            &client(),
-            &relay.url(),
-            Some(SECRET),
-            fixture("conversation_ended.json"),
-        )
-        .await;
+        send(&relay, fixture("conversation_ended.json")).await;
     }
     let dir = relay.stop().await;
     let relay = TestRelay::start_in(dir, |c| c.targets = vec![quick_target("crm", &down)]).await;
@@ -184,9 +175,9 @@ async fn backlog_figures_are_rebuilt_at_start() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn below_the_disk_floor_ingest_answers_503_and_readyz_fails() {
-    let relay = TestRelay::start_with(|c| c.storage.min_free_bytes = Some(u64::MAX)).await;
+/// Posts a lead, which `relay` must refuse with 503 and an error saying
+/// `why`.
+async fn refused_as_unavailable(relay: &TestRelay, why: &str) {
     let (status, json) = post(
         &client(),
         &relay.url(),
@@ -195,13 +186,13 @@ async fn below_the_disk_floor_ingest_answers_503_and_readyz_fails() {
     )
     .await;
     assert_eq!(status, 503, "{json}");
-    assert!(
-        json["error"]
-            .as_str()
-            .unwrap()
-            .contains("low on disk space"),
-        "{json}"
-    );
+    assert!(json["error"].as_str().unwrap().contains(why), "{json}");
+}
+
+#[tokio::test]
+async fn below_the_disk_floor_ingest_answers_503_and_readyz_fails() {
+    let relay = TestRelay::start_with(|c| c.storage.min_free_bytes = Some(u64::MAX)).await;
+    refused_as_unavailable(&relay, "low on disk space").await;
     assert_eq!(relay.store.events().count(), 0);
     let ready = client()
         .get(format!("http://{}/readyz", relay.admin))
@@ -228,21 +219,7 @@ async fn below_the_disk_floor_ingest_answers_503_and_readyz_fails() {
     relay.stop().await;
 
     let relay = TestRelay::start_with(|c| c.storage.max_bytes = Some(1)).await;
-    let (status, json) = post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
-    )
-    .await;
-    assert_eq!(status, 503, "{json}");
-    assert!(
-        json["error"]
-            .as_str()
-            .unwrap()
-            .contains("storage.max_bytes"),
-        "{json}"
-    );
+    refused_as_unavailable(&relay, "storage.max_bytes").await;
     relay.stop().await;
 }
 
@@ -309,13 +286,7 @@ async fn exported_names() -> BTreeSet<String> {
     let target = Receiver::start(|_, _| Reply::ok()).await;
     let relay =
         TestRelay::start_with(|c| c.targets = vec![quick_target("crm", &target.url())]).await;
-    post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
-    )
-    .await;
+    send(&relay, fixture("visitor_created.json")).await;
     eventually("a delivery", WAIT, async || {
         (target.count() == 1).then_some(())
     })
@@ -613,18 +584,15 @@ async fn replaying_a_repeated_id_keeps_backlog_and_dead_letter_gauges_exact() {
     let relay =
         TestRelay::start_with(|c| c.targets = vec![quick_target("strict", &strict.url())]).await;
     let admin = relay.admin;
-    let (status, json) = post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
+    let id = send(&relay, fixture("visitor_created.json"))
+        .await
+        .to_string();
+    wait_for_metric(
+        admin,
+        r#"leadflo_relay_dead_letters{target="strict"}"#,
+        1.0,
+        "the dead letter",
     )
-    .await;
-    assert_eq!(status, 200);
-    let id = json["id"].as_str().unwrap().to_owned();
-    eventually("the dead letter", WAIT, async || {
-        (scrape(admin, r#"leadflo_relay_dead_letters{target="strict"}"#).await == 1.0).then_some(())
-    })
     .await;
 
     let report = admin_post(
@@ -689,22 +657,13 @@ async fn delivery_latency_buckets_cover_the_target_timeout() {
     })
     .await;
     let admin = relay.admin;
-    post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
+    send(&relay, fixture("visitor_created.json")).await;
+    wait_for_metric(
+        admin,
+        r#"leadflo_relay_delivery_attempts_total{outcome="success",target="slow"}"#,
+        1.0,
+        "the slow delivery",
     )
-    .await;
-    eventually("the slow delivery", WAIT, async || {
-        (scrape(
-            admin,
-            r#"leadflo_relay_delivery_attempts_total{outcome="success",target="slow"}"#,
-        )
-        .await
-            == 1.0)
-            .then_some(())
-    })
     .await;
     let text = metrics_text(admin).await;
     let mut finite: Vec<(f64, f64)> = text
@@ -741,13 +700,11 @@ async fn delivery_latency_buckets_cover_the_target_timeout() {
 async fn a_replay_does_not_hide_the_oldest_waiting_delivery() {
     // The first event is delivered; the next lead is refused: come back
     // in a minute.
-    let crm = Receiver::start(|n, _| {
-        if n == 0 {
-            Reply::ok()
-        } else {
-            Reply::status(503).header("retry-after", "60")
-        }
-    })
+    let crm = Receiver::start(first_then(
+        1,
+        Reply::ok(),
+        Reply::status(503).header("retry-after", "60"),
+    ))
     .await;
     let relay = TestRelay::start_with(|c| {
         let mut target = quick_target("crm", &crm.url());
@@ -757,25 +714,13 @@ async fn a_replay_does_not_hide_the_oldest_waiting_delivery() {
     })
     .await;
     let admin = relay.admin;
-    let (_, older) = post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("visitor_created.json"),
-    )
-    .await;
+    let older = send(&relay, fixture("visitor_created.json")).await;
     eventually("the first delivery", WAIT, async || {
         (crm.count() == 1).then_some(())
     })
     .await;
     let waiting_since = std::time::Instant::now();
-    post(
-        &client(),
-        &relay.url(),
-        Some(SECRET),
-        fixture("conversation_ended.json"),
-    )
-    .await;
+    send(&relay, fixture("conversation_ended.json")).await;
     eventually("the lead to be refused", WAIT, async || {
         (crm.count() == 2).then_some(())
     })
@@ -793,7 +738,7 @@ async fn a_replay_does_not_hide_the_oldest_waiting_delivery() {
     admin_post(
         admin,
         "/api/replay",
-        serde_json::json!({ "target": "crm", "ids": [older["id"]] }),
+        serde_json::json!({ "target": "crm", "ids": [older.to_string()] }),
     )
     .await;
     // The replayed event waits from now, under the older id; the lead's

@@ -9,13 +9,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::cli::*;
-use crate::common::receiver::{Receiver, Reply};
+use crate::common::load::lead;
+use crate::common::receiver::{Receiver, Reply, wait_for_requests};
 use crate::common::*;
 use leadflo_relay::config::TargetConfig;
 use leadflo_relay::ops;
 use leadflo_relay::store::EventId;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn target(name: &str, url: &str, events: Option<&[&str]>) -> TargetConfig {
     let mut target = TargetConfig::new(name, url);
@@ -69,14 +68,66 @@ async fn dry_run_window(admin: &str, from: &str, to: &str) -> serde_json::Value 
     )
 }
 
-async fn send(relay: &TestRelay, body: Vec<u8>) -> EventId {
-    let (status, answer) = post(&client(), &relay.url(), Some(SECRET), body).await;
-    assert_eq!(status, 200, "{answer}");
-    answer["id"].as_str().unwrap().parse().unwrap()
+/// The entry for target `name` in the JSON of `stats --json`.
+fn target_stats<'a>(stats: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
 }
 
-fn lead(n: usize) -> Vec<u8> {
-    format!(r#"{{"event":"visitor_created","data":{{"visitor":{{"id":"vis_{n}"}}}}}}"#).into_bytes()
+/// A target crm that accepts everything, and a relay delivering every
+/// event to it, with `adjust` applied to crm's settings.
+async fn relay_with_healthy_crm(adjust: impl FnOnce(&mut TargetConfig)) -> (Receiver, TestRelay) {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let mut settings = target("crm", &crm.url(), None);
+    adjust(&mut settings);
+    let relay = TestRelay::start_with(|c| c.targets = vec![settings]).await;
+    (crm, relay)
+}
+
+/// `forget-target crm --yes --json`, reaching the relay or its data as
+/// `access` says (`--admin URL`, `--config FILE`).
+async fn forget_crm(access: &[&str]) -> serde_json::Value {
+    let mut all = args(&["forget-target", "crm", "--yes", "--json"]);
+    all.extend(args(access));
+    json(cli(all).await)
+}
+
+/// The ids of `target`'s dead letters.
+fn dead_letter_ids(relay: &TestRelay, target: &str) -> Vec<EventId> {
+    let dead = relay.store.dead_letters(target).unwrap();
+    dead.into_iter().map(|d| d.id).collect()
+}
+
+/// A relay whose one target, slack, takes only `visitor_created`, after a
+/// lead and a `conversation_ended` were sent to it and the lead delivered.
+/// Returns slack, the relay, and the two events' ids.
+async fn slack_after_a_lead_and_a_chat() -> (Receiver, TestRelay, EventId, EventId) {
+    let slack = Receiver::start(|_, _| Reply::ok()).await;
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![target("slack", &slack.url(), Some(&["visitor_created"]))]
+    })
+    .await;
+    let lead_id = send(&relay, fixture("visitor_created.json")).await;
+    let ended_id = send(&relay, fixture("conversation_ended.json")).await;
+    wait_for_requests(&slack, 1, "deliveries").await;
+    (slack, relay, lead_id, ended_id)
+}
+
+/// A relay with a target crm that answers every delivery with `reply` (a
+/// rejection), after three leads became dead letters there. Returns crm,
+/// the relay and the leads' ids.
+async fn three_dead_letters_at_crm(reply: Reply) -> (Receiver, TestRelay, Vec<EventId>) {
+    let crm = Receiver::start(move |_, _| reply.clone()).await;
+    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(send(&relay, lead(n)).await);
+    }
+    wait_for_dead_letters(&relay.store, "crm", 3).await;
+    (crm, relay, ids)
 }
 
 /// Every command, online then offline, as text and as JSON.
@@ -141,12 +192,7 @@ async fn every_command_works_online_and_offline_as_text_and_json() {
     .await);
     assert!(text.contains("1 of 1"), "{text}");
     let stats = json(cli(with_config(&["stats", "--json"])).await);
-    let strict_stats = stats["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "strict")
-        .unwrap();
+    let strict_stats = target_stats(&stats, "strict").unwrap();
     assert_eq!(
         (
             strict_stats["backlog"].as_u64(),
@@ -182,22 +228,12 @@ async fn check_commands(mode: &str, access: &[&str], lead: &str, lead_body: &[u8
     );
     let stats = json(cli(with(&["stats", "--json"])).await);
     assert_eq!(stats["online"], mode == "online", "{mode}: {stats}");
-    let strict = stats["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "strict")
-        .unwrap();
+    let strict = target_stats(&stats, "strict").unwrap();
     assert_eq!(strict["dead_letters"], 1, "{mode}: {stats}");
     assert_eq!(strict["backlog"], 0, "{mode}: {stats}");
     if mode == "online" {
         assert_eq!(strict["circuit"], "closed");
-        let crm = stats["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "crm")
-            .unwrap();
+        let crm = target_stats(&stats, "crm").unwrap();
         assert!(crm["last_success_at"].is_string(), "{stats}");
     }
 
@@ -258,31 +294,13 @@ async fn check_commands(mode: &str, access: &[&str], lead: &str, lead_body: &[u8
     assert_eq!(dead[0]["last_status"], 400);
 
     // replay --dry-run changes nothing
-    let text = ok(cli(with(&[
-        "replay",
-        "--target",
-        "crm",
-        "--ids",
-        lead,
-        "--dry-run",
-    ]))
-    .await);
+    let dry_run = ["replay", "--target", "crm", "--ids", lead, "--dry-run"];
+    let text = ok(cli(with(&dry_run)).await);
     assert!(
         text.contains("dry run: 1 events match"),
         "{mode} replay:\n{text}"
     );
-    let report = json(
-        cli(with(&[
-            "replay",
-            "--target",
-            "crm",
-            "--ids",
-            lead,
-            "--dry-run",
-            "--json",
-        ]))
-        .await,
-    );
+    let report = json(cli(with(&[&dry_run[..], &["--json"]].concat())).await);
     assert_eq!(
         (report["matched"].as_u64(), report["enqueued"].as_u64()),
         (Some(1), Some(0))
@@ -328,12 +346,11 @@ async fn wrong_flags_exit_2_with_a_clear_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
-    let crm = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let (crm, relay) = relay_with_healthy_crm(|_| {}).await;
     for n in 0..5 {
         send(&relay, lead(n)).await;
     }
-    wait_until_delivered(&crm, 5).await;
+    wait_for_requests(&crm, 5, "deliveries").await;
     // The clock moves between the batches (ids are microsecond times).
     let from = ops::rfc3339(leadflo_relay::clock::now_ms() + 5);
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -348,7 +365,7 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
     for n in 10..13 {
         send(&relay, lead(n)).await;
     }
-    wait_until_delivered(&crm, 13).await;
+    wait_for_requests(&crm, 13, "deliveries").await;
 
     let admin = format!("http://{}", relay.admin);
     let dry = dry_run_window(&admin, &from, &to).await;
@@ -370,7 +387,7 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
         (Some(5), Some(5)),
         "{report}"
     );
-    wait_until_delivered(&crm, 18).await;
+    wait_for_requests(&crm, 18, "deliveries").await;
     let resent: Vec<_> = crm.requests()[13..].to_vec();
     let keys: HashSet<String> = resent
         .iter()
@@ -389,35 +406,19 @@ async fn replay_of_a_time_range_resends_exactly_those_events_with_their_keys() {
             .expect("body is one of the range's events");
         let _ = n;
     }
-    eventually("the queue to drain", WAIT, async || {
-        (relay.store.queued_count("crm") == 0).then_some(())
-    })
-    .await;
+    wait_for_empty_queue(&relay.store, "crm", "the queue to drain").await;
     assert_eq!(crm.count(), 18, "replay sent more than the range");
     relay.stop().await;
 }
 
-async fn wait_until_delivered(receiver: &Receiver, count: usize) {
-    eventually("deliveries", WAIT, async || {
-        (receiver.count() >= count).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_while_ingest_runs_under_load_loses_nothing() {
-    let crm = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| {
-        let mut t = target("crm", &crm.url(), None);
-        t.concurrency = 8;
-        c.targets = vec![t];
-    })
-    .await;
+    let (crm, relay) = relay_with_healthy_crm(|t| t.concurrency = 8).await;
     let mut earlier = Vec::new();
     for n in 0..50 {
         earlier.push(send(&relay, lead(n)).await);
     }
-    wait_until_delivered(&crm, 50).await;
+    wait_for_requests(&crm, 50, "deliveries").await;
 
     let url = relay.url();
     let load = tokio::spawn(async move {
@@ -471,16 +472,8 @@ async fn replay_while_ingest_runs_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_retry_after_fixing_the_target_delivers_and_empties_the_store() {
-    let crm = Receiver::start(|_, _| Reply::status(422).body("missing field")).await;
-    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
-    let mut ids = Vec::new();
-    for n in 0..3 {
-        ids.push(send(&relay, lead(n)).await);
-    }
-    eventually("three dead letters", WAIT, async || {
-        (relay.store.dead_letters("crm").unwrap().len() == 3).then_some(())
-    })
-    .await;
+    let (crm, relay, ids) =
+        three_dead_letters_at_crm(Reply::status(422).body("missing field")).await;
     crm.set_behaviour(|_, _| Reply::ok());
     let admin = format!("http://{}", relay.admin);
     let text = ok(cli(args(&[
@@ -496,10 +489,7 @@ async fn dlq_retry_after_fixing_the_target_delivers_and_empties_the_store() {
         relay.store.dead_letters("crm").unwrap().is_empty(),
         "the dead-letter store is not empty"
     );
-    let delivered: Vec<String> = crm.requests()[3..]
-        .iter()
-        .map(|r| r.header("idempotency-key").to_owned())
-        .collect();
+    let delivered = &crm.idempotency_keys()[3..];
     for id in &ids {
         assert!(
             delivered.contains(&id.to_string()),
@@ -515,16 +505,7 @@ async fn dlq_retry_after_fixing_the_target_delivers_and_empties_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_only_what_was_asked_and_asks_first() {
-    let crm = Receiver::start(|_, _| Reply::status(400)).await;
-    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
-    let mut ids = Vec::new();
-    for n in 0..3 {
-        ids.push(send(&relay, lead(n)).await);
-    }
-    eventually("three dead letters", WAIT, async || {
-        (relay.store.dead_letters("crm").unwrap().len() == 3).then_some(())
-    })
-    .await;
+    let (_crm, relay, ids) = three_dead_letters_at_crm(Reply::status(400)).await;
     let admin = format!("http://{}", relay.admin);
     // Without --yes and without a terminal: refused, nothing removed.
     let refused = cli(args(&["dlq", "purge", "--all", "--admin", &admin])).await;
@@ -546,13 +527,7 @@ async fn purge_removes_only_what_was_asked_and_asks_first() {
         .await,
     );
     assert_eq!(report["changed"], 1, "{report}");
-    let left: Vec<EventId> = relay
-        .store
-        .dead_letters("crm")
-        .unwrap()
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
+    let left = dead_letter_ids(&relay, "crm");
     assert_eq!(
         left,
         vec![ids[0], ids[2]],
@@ -623,26 +598,16 @@ async fn a_non_loopback_admin_api_needs_a_token() {
     );
     let admin = format!("http://127.0.0.1:{}", relay.admin.port());
     let client = client();
-    let denied = client
-        .get(format!("{admin}/api/stats"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(denied.status(), 401);
-    let wrong = client
-        .get(format!("{admin}/api/stats"))
-        .bearer_auth("admin-token-2")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(wrong.status(), 401);
-    let allowed = client
-        .get(format!("{admin}/api/stats"))
-        .bearer_auth("admin-token-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(allowed.status(), 200);
+    let stats_with = async |token: Option<&str>| {
+        let mut request = client.get(format!("{admin}/api/stats"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().status()
+    };
+    assert_eq!(stats_with(None).await, 401);
+    assert_eq!(stats_with(Some("admin-token-2")).await, 401);
+    assert_eq!(stats_with(Some("admin-token-1")).await, 200);
     // Probes stay open for load balancers and Prometheus.
     assert_eq!(
         client
@@ -688,8 +653,7 @@ async fn a_locked_data_dir_with_no_reachable_admin_api_is_explained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_test_sends_the_example_lead_and_reports_each_target() {
-    let crm = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let (crm, relay) = relay_with_healthy_crm(|_| {}).await;
     let work = tempfile::tempdir().unwrap();
     let mut config = leadflo_relay::config::Config::default();
     config.server.listen = relay.ingest;
@@ -728,11 +692,7 @@ async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_on
         c.targets = vec![
             target("chats", &ok_target.url(), Some(&["conversation_ended"])),
             target("strict", &rejecting.url(), Some(&["visitor_created"])),
-            target(
-                "down",
-                &format!("http://{}/hook", down.addr),
-                Some(&["other_event"]),
-            ),
+            target("down", &down.url(), Some(&["other_event"])),
         ];
     })
     .await;
@@ -764,14 +724,7 @@ async fn retention_prunes_delivered_events_and_keeps_dead_letters_and_pending_on
 /// not subscribe to was never sent to it, and must not be "sent again".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_sends_only_the_event_types_the_target_takes() {
-    let slack = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| {
-        c.targets = vec![target("slack", &slack.url(), Some(&["visitor_created"]))]
-    })
-    .await;
-    let lead_id = send(&relay, fixture("visitor_created.json")).await;
-    let ended_id = send(&relay, fixture("conversation_ended.json")).await;
-    wait_until_delivered(&slack, 1).await;
+    let (slack, relay, lead_id, ended_id) = slack_after_a_lead_and_a_chat().await;
     let admin = format!("http://{}", relay.admin);
     let replay = |extra: &[&str]| {
         let mut all = args(&[
@@ -793,11 +746,7 @@ async fn replay_sends_only_the_event_types_the_target_takes() {
         (relay.store.queued_count("slack") == 0 && slack.count() >= 2).then_some(())
     })
     .await;
-    let keys: Vec<String> = slack
-        .requests()
-        .iter()
-        .map(|r| r.header("idempotency-key").to_owned())
-        .collect();
+    let keys = slack.idempotency_keys();
     assert!(
         !keys.contains(&ended_id.to_string()),
         "slack takes only visitor_created but was sent conversation_ended {ended_id}: {keys:?}"
@@ -810,16 +759,8 @@ async fn replay_sends_only_the_event_types_the_target_takes() {
 /// event types are stored there too. Same answers as online.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_with_only_the_data_dir_answers_as_online() {
-    let slack = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| {
-        c.targets = vec![target("slack", &slack.url(), Some(&["visitor_created"]))]
-    })
-    .await;
-    send(&relay, fixture("visitor_created.json")).await;
-    let ended = send(&relay, fixture("conversation_ended.json"))
-        .await
-        .to_string();
-    wait_until_delivered(&slack, 1).await;
+    let (_slack, relay, _, ended) = slack_after_a_lead_and_a_chat().await;
+    let ended = ended.to_string();
     let admin = format!("http://{}", relay.admin);
     let online = json(
         cli(args(&[
@@ -853,10 +794,9 @@ async fn offline_with_only_the_data_dir_answers_as_online() {
 /// An id named twice in `--ids` is one event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_counts_an_id_named_twice_once() {
-    let crm = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| c.targets = vec![target("crm", &crm.url(), None)]).await;
+    let (crm, relay) = relay_with_healthy_crm(|_| {}).await;
     let id = send(&relay, lead(0)).await;
-    wait_until_delivered(&crm, 1).await;
+    wait_for_requests(&crm, 1, "deliveries").await;
     eventually("the delivery to settle", WAIT, async || {
         (!relay.store.is_queued("crm", id).unwrap()).then_some(())
     })
@@ -915,10 +855,7 @@ async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
     })
     .await;
     let id = send(&relay, lead(0)).await;
-    eventually("a dead letter", WAIT, async || {
-        (relay.store.dead_letters("crm").unwrap().len() == 1).then_some(())
-    })
-    .await;
+    wait_for_dead_letters(&relay.store, "crm", 1).await;
     let dir = relay.stop().await;
     // crm is removed from the configuration.
     let relay = TestRelay::start_in(dir, |c| {
@@ -926,13 +863,10 @@ async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
     })
     .await;
     let admin = format!("http://{}", relay.admin);
-    let named = cli(args(&[
+    let named = [
         "dlq", "retry", "--target", "crm", "--all", "--admin", &admin,
-    ]))
-    .await;
-    let stderr = String::from_utf8_lossy(&named.stderr).into_owned();
-    assert_eq!(named.status.code(), Some(1), "stdout: {}", stdout(&named));
-    assert!(stderr.contains("crm"), "{stderr}");
+    ];
+    fails_saying(&named, "crm").await;
     let report = json(
         cli(args(&[
             "dlq", "retry", "--all", "--json", "--admin", &admin,
@@ -940,13 +874,7 @@ async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
         .await,
     );
     assert_eq!(report["changed"], 0, "{report}");
-    let left: Vec<EventId> = relay
-        .store
-        .dead_letters("crm")
-        .unwrap()
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
+    let left = dead_letter_ids(&relay, "crm");
     assert_eq!(left, vec![id], "the dead letter left the store");
     relay.stop().await;
 }
@@ -956,26 +884,17 @@ async fn dlq_retry_leaves_dead_letters_of_unconfigured_targets_alone() {
 /// (the circuit closed and the backlog was caught up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_rate_spaces_deliveries_also_after_an_outage() {
-    let crm = Receiver::start(|_, _| Reply::ok()).await;
-    let relay = TestRelay::start_with(|c| {
-        let mut t = target("crm", &crm.url(), None);
-        t.circuit_failures = 1;
-        c.targets = vec![t];
-    })
-    .await;
+    let (crm, relay) = relay_with_healthy_crm(|t| t.circuit_failures = 1).await;
     let admin = format!("http://{}", relay.admin);
     let circuit = r#"leadflo_relay_circuit_open{target="crm"}"#;
     let mut ids = Vec::new();
     for n in 0..4 {
         ids.push(send(&relay, lead(n)).await.to_string());
     }
-    wait_until_delivered(&crm, 4).await;
+    wait_for_requests(&crm, 4, "deliveries").await;
     let ids = ids.join(",");
     let spaced = async |phase: &str| {
-        eventually("an empty queue", WAIT, async || {
-            (relay.store.queued_count("crm") == 0).then_some(())
-        })
-        .await;
+        wait_for_empty_queue(&relay.store, "crm", "an empty queue").await;
         let before = crm.count();
         let report = json(
             cli(args(&[
@@ -985,7 +904,7 @@ async fn replay_rate_spaces_deliveries_also_after_an_outage() {
             .await,
         );
         assert_eq!(report["enqueued"], 4, "{phase}: {report}");
-        wait_until_delivered(&crm, before + 4).await;
+        wait_for_requests(&crm, before + 4, "deliveries").await;
         let times: Vec<_> = crm.requests()[before..].iter().map(|r| r.at).collect();
         let span = times[3] - times[0];
         assert!(
@@ -998,15 +917,9 @@ async fn replay_rate_spaces_deliveries_also_after_an_outage() {
     // An outage: the circuit opens, then the target answers again.
     crm.set_behaviour(|_, _| Reply::status(503));
     send(&relay, lead(9)).await;
-    eventually("the circuit to open", WAIT, async || {
-        (scrape(relay.admin, circuit).await == 1.0).then_some(())
-    })
-    .await;
+    wait_for_metric(relay.admin, circuit, 1.0, "the circuit to open").await;
     crm.set_behaviour(|_, _| Reply::ok());
-    eventually("the circuit to close", WAIT, async || {
-        (scrape(relay.admin, circuit).await == 0.0).then_some(())
-    })
-    .await;
+    wait_for_metric(relay.admin, circuit, 0.0, "the circuit to close").await;
     spaced("after the circuit closed").await;
     relay.stop().await;
 }
@@ -1021,7 +934,7 @@ async fn time_ranges_find_events_received_after_the_clock_was_set_back() {
     let targets = vec![target("crm", &crm.url(), None)];
     let relay = TestRelay::start_with(|c| c.targets = targets.clone()).await;
     send(&relay, lead(0)).await;
-    wait_until_delivered(&crm, 1).await;
+    wait_for_requests(&crm, 1, "deliveries").await;
     let dir = relay.stop().await;
     // The highest id as a relay whose clock ran ten minutes ahead left it.
     let mut tries = 0;
@@ -1045,7 +958,7 @@ async fn time_ranges_find_events_received_after_the_clock_was_set_back() {
     let from = ops::rfc3339(leadflo_relay::clock::now_ms());
     tokio::time::sleep(Duration::from_millis(5)).await;
     let id = send(&relay, lead(1)).await;
-    wait_until_delivered(&crm, 2).await;
+    wait_for_requests(&crm, 2, "deliveries").await;
     let to = ops::rfc3339(leadflo_relay::clock::now_ms());
     let admin = format!("http://{}", relay.admin);
     let listed = json(
@@ -1181,13 +1094,13 @@ async fn ingest_resumes_once_pruning_has_emptied_a_store_at_max_bytes() {
 async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     let down = RefusingPort::new();
     let other = Receiver::start(|_, _| Reply::ok()).await;
-    let crm = || target("crm", &format!("http://{}/hook", down.addr), None);
+    let crm = || target("crm", &down.url(), None);
     let relay = TestRelay::start_with(|c| {
         c.targets = vec![crm(), target("other", &other.url(), None)];
     })
     .await;
     let held = [send(&relay, lead(0)).await, send(&relay, lead(1)).await];
-    wait_until_delivered(&other, 2).await;
+    wait_for_requests(&other, 2, "deliveries").await;
     let dir = relay.stop().await;
 
     // crm is removed from the configuration; retention is short.
@@ -1198,15 +1111,7 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     .await;
     let admin = format!("http://{}", relay.admin);
     let stats = json(cli(args(&["stats", "--json", "--admin", &admin])).await);
-    let listed = |stats: &serde_json::Value, name: &str| {
-        stats["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == name)
-            .cloned()
-    };
-    let removed = listed(&stats, "crm").expect("crm listed");
+    let removed = target_stats(&stats, "crm").expect("crm listed");
     assert_eq!(removed["configured"], false, "{stats}");
     assert_eq!(removed["circuit"], "none", "{stats}");
     let metrics = metrics_text(relay.admin).await;
@@ -1215,7 +1120,7 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
         "a series for the removed target: {metrics}"
     );
     assert_eq!(removed["backlog"], 2, "{stats}");
-    assert_eq!(listed(&stats, "other").unwrap()["configured"], true);
+    assert_eq!(target_stats(&stats, "other").unwrap()["configured"], true);
     let text = ok(cli(args(&["stats", "--admin", &admin])).await);
     assert!(text.contains("crm (not configured)"), "{text}");
     assert!(text.contains("forget-target crm"), "{text}");
@@ -1244,27 +1149,14 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     let configured = ["forget-target", "other", "--yes", "--admin", &admin];
     fails_saying(&configured, "is configured").await;
     fails_saying(&["forget-target", "crm", "--admin", &admin], "--yes").await;
+    let stats = json(cli(args(&["stats", "--json", "--admin", &admin])).await);
     assert_eq!(
-        listed(
-            &json(cli(args(&["stats", "--json", "--admin", &admin])).await),
-            "crm"
-        )
-        .unwrap()["backlog"],
+        target_stats(&stats, "crm").unwrap()["backlog"],
         2,
         "unconfirmed, nothing was dropped"
     );
 
-    let report = json(
-        cli(args(&[
-            "forget-target",
-            "crm",
-            "--yes",
-            "--json",
-            "--admin",
-            &admin,
-        ]))
-        .await,
-    );
+    let report = forget_crm(&["--admin", &admin]).await;
     assert_eq!(report["waiting"], 2, "{report}");
     assert_eq!(report["dead_letters"], 0, "{report}");
     eventually("crm's events to be pruned", WAIT, async || {
@@ -1274,7 +1166,7 @@ async fn a_removed_target_is_listed_and_once_forgotten_its_events_are_pruned() {
     })
     .await;
     let stats = json(cli(args(&["stats", "--json", "--admin", &admin])).await);
-    assert!(listed(&stats, "crm").is_none(), "{stats}");
+    assert!(target_stats(&stats, "crm").is_none(), "{stats}");
     let again = cli(args(&["forget-target", "crm", "--yes", "--admin", &admin])).await;
     assert_eq!(again.status.code(), Some(1), "nothing left to forget");
     relay.stop().await;
@@ -1288,13 +1180,13 @@ async fn forget_target_offline_goes_by_the_configuration() {
     let other = Receiver::start(|_, _| Reply::ok()).await;
     let relay = TestRelay::start_with(|c| {
         c.targets = vec![
-            target("crm", &format!("http://{}/hook", down.addr), None),
+            target("crm", &down.url(), None),
             target("other", &other.url(), None),
         ];
     })
     .await;
     send(&relay, lead(0)).await;
-    wait_until_delivered(&other, 1).await;
+    wait_for_requests(&other, 1, "deliveries").await;
     let dir = relay.stop().await;
     let data = dir.path().to_str().unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -1339,17 +1231,7 @@ async fn forget_target_offline_goes_by_the_configuration() {
     })
     .await;
     let dir = relay.stop().await;
-    let report = json(
-        cli(args(&[
-            "forget-target",
-            "crm",
-            "--yes",
-            "--json",
-            "--config",
-            config,
-        ]))
-        .await,
-    );
+    let report = forget_crm(&["--config", config]).await;
     assert_eq!(report["waiting"], 1, "{report}");
     let stats = ok(cli(args(&["stats", "--config", config])).await);
     assert!(!stats.contains("crm"), "{stats}");

@@ -17,12 +17,16 @@ use std::time::{Duration, Instant};
 use leadflo_relay::Relay;
 use leadflo_relay::config::{Config, Secret};
 use leadflo_relay::metrics::Metrics;
-use leadflo_relay::store::Store;
+use leadflo_relay::store::{DeadLetter, EventId, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// How long a test waits for what should happen within seconds (a
+/// delivery, a retry, a gauge settling) before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -121,6 +125,14 @@ pub async fn post(
     let json = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
     (status, json)
+}
+
+/// POSTs `body` to `relay` with the right secret; the relay must accept it
+/// (200). Returns the event's id.
+pub async fn send(relay: &TestRelay, body: Vec<u8>) -> EventId {
+    let (status, json) = post(&client(), &relay.url(), Some(SECRET), body).await;
+    assert_eq!(status, 200, "{json}");
+    json["id"].as_str().unwrap().parse().unwrap()
 }
 
 /// [`post`], with a request that got no answer (refused, reset) as an
@@ -232,6 +244,15 @@ pub async fn metrics_text(admin: SocketAddr) -> String {
 pub async fn scrape(admin: SocketAddr, sample: &str) -> f64 {
     let text = metrics_text(admin).await;
     metric_value(&text, sample).unwrap_or_else(|| panic!("{sample} not in /metrics:\n{text}"))
+}
+
+/// Waits (up to [`WAIT`]) until the metric `sample` (as in [`scrape`])
+/// reads `want`; `what` names the wait in the failure.
+pub async fn wait_for_metric(admin: SocketAddr, sample: &str, want: f64, what: &str) {
+    eventually(what, WAIT, async || {
+        (scrape(admin, sample).await == want).then_some(())
+    })
+    .await;
 }
 
 pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
@@ -439,6 +460,11 @@ impl RefusingPort {
         }
     }
 
+    /// A target URL on this port.
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
     /// Frees the port so that a server can listen on it (the target comes
     /// back).
     pub fn release(&mut self) -> SocketAddr {
@@ -450,14 +476,34 @@ impl RefusingPort {
 /// The stored event `id`, waiting (with a deadline) for it to reach sled:
 /// a 200 means the event is durable in the write-ahead log, and sled gets
 /// it from the apply thread a moment later.
-pub async fn stored_event(
-    store: &Store,
-    id: leadflo_relay::store::EventId,
-) -> leadflo_relay::store::StoredEvent {
+pub async fn stored_event(store: &Store, id: EventId) -> leadflo_relay::store::StoredEvent {
     eventually(
         "the acknowledged event in sled",
         Duration::from_secs(10),
         async || store.event(id).unwrap(),
+    )
+    .await
+}
+
+/// Waits (up to [`WAIT`]) until nothing is queued for `target`; `what`
+/// names the wait in the failure.
+pub async fn wait_for_empty_queue(store: &Store, target: &str, what: &str) {
+    eventually(what, WAIT, async || {
+        (store.queued_count(target) == 0).then_some(())
+    })
+    .await;
+}
+
+/// The dead letters of `target` once there are exactly `count` of them
+/// (waiting up to [`WAIT`]).
+pub async fn wait_for_dead_letters(store: &Store, target: &str, count: usize) -> Vec<DeadLetter> {
+    eventually(
+        &format!("{count} dead letter(s) at {target}"),
+        WAIT,
+        async || {
+            let dead = store.dead_letters(target).unwrap();
+            (dead.len() == count).then_some(dead)
+        },
     )
     .await
 }

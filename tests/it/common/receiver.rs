@@ -16,6 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::{WAIT, eventually};
+
 /// One request as the target saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -76,6 +78,17 @@ impl Reply {
 
 /// Decides the reply to the `n`th request (0-based).
 pub type Behaviour = Arc<dyn Fn(usize, &Received) -> Reply + Send + Sync>;
+
+/// A behaviour: `first` to the first `n` requests, `rest` to every later
+/// one (`first_then(2, Reply::status(503), Reply::ok())`: fail twice, then
+/// 200).
+pub fn first_then(
+    n: usize,
+    first: Reply,
+    rest: Reply,
+) -> impl Fn(usize, &Received) -> Reply + Send + Sync + 'static {
+    move |i, _| if i < n { first.clone() } else { rest.clone() }
+}
 
 #[derive(Default)]
 struct State {
@@ -142,6 +155,14 @@ impl Receiver {
         self.state.lock().unwrap().requests.len()
     }
 
+    /// The `idempotency-key` of every request so far, in order.
+    pub fn idempotency_keys(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r.header("idempotency-key").to_owned())
+            .collect()
+    }
+
     pub fn max_in_flight(&self) -> usize {
         self.state.lock().unwrap().max_in_flight
     }
@@ -165,6 +186,15 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Waits (up to [`WAIT`]) until `receiver` got at least `count` requests;
+/// `what` names the wait in the failure.
+pub async fn wait_for_requests(receiver: &Receiver, count: usize, what: &str) {
+    eventually(what, WAIT, async || {
+        (receiver.count() >= count).then_some(())
+    })
+    .await;
 }
 
 async fn accept_loop(

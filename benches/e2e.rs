@@ -830,8 +830,11 @@ fn run_delivery_floor() {
         .build()
         .unwrap();
     let bodies: Arc<Vec<Bytes>> = Arc::new((0..1024).map(support::lead_payload).collect());
+    let raw = leadflo_relay::config::TargetConfig::new("bench", url.as_str());
+    let outbound = leadflo_relay::outbound::Outbound::build(&raw).unwrap();
     let deliverer =
-        leadflo_relay::deliver::Deliverer::new(url, None, Duration::from_secs(10)).unwrap();
+        leadflo_relay::deliver::Deliverer::new(url, None, Duration::from_secs(10), outbound)
+            .unwrap();
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     runtime.block_on(async {
@@ -845,8 +848,12 @@ fn run_delivery_floor() {
                         break;
                     }
                     let body = bodies[(n % 1024) as usize].clone();
-                    let id = leadflo_relay::store::EventId(n);
-                    let outcome = deliverer.attempt(id, 1, body).await;
+                    let event = leadflo_relay::outbound::EventView {
+                        id: leadflo_relay::store::EventId(n),
+                        received_at_ms: 0,
+                        body: &body,
+                    };
+                    let outcome = deliverer.attempt(&event, 1).await;
                     assert!(
                         matches!(outcome, leadflo_relay::deliver::Outcome::Delivered { .. }),
                         "{outcome:?}"

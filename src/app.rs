@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::alerts::{AlertTask, Alerter};
 use crate::config::{Config, Secret, TargetConfig};
 use crate::disk::DiskGuard;
 use crate::dispatch::Target;
@@ -61,6 +62,10 @@ pub struct Relay {
     metrics: Arc<Metrics>,
     node: NodeId,
     draining: Draining,
+    /// Where dead letters, circuit changes and disk space are told.
+    alerts: Alerter,
+    /// Posts them; spawned when the relay runs.
+    alert_task: Option<AlertTask>,
 }
 
 /// Set once a stop has begun: `/readyz` answers 503 while leads are still
@@ -213,12 +218,13 @@ fn count_backlogs(
 }
 
 /// The disk space guard of the data directory, with a first sample taken
-/// so that a full disk refuses ingest from the start.
+/// so that a full disk refuses ingest (and is alerted) from the start.
 fn disk_guard(
     config: &Config,
     options: &StoreOptions,
     store: &Store,
     metrics: &Metrics,
+    alerts: &Alerter,
 ) -> anyhow::Result<Arc<DiskGuard>> {
     let disk = Arc::new(
         DiskGuard::new(
@@ -229,7 +235,8 @@ fn disk_guard(
         .with_reusable({
             let store = store.clone();
             Box::new(move || store.reusable_bytes())
-        }),
+        })
+        .with_alerts(alerts.clone()),
     );
     disk.sample(metrics).with_context(|| {
         format!(
@@ -285,6 +292,7 @@ impl Relay {
             admin_token,
         } = credentials;
         let metrics = Arc::new(Metrics::new());
+        let (alerts, alert_task) = crate::alerts::start(&config.alerts, metrics.clone())?;
         let OpenedStore {
             store,
             options,
@@ -292,7 +300,7 @@ impl Relay {
             subscriptions,
         } = open_store(&config)?;
         let removed = count_backlogs(&store, &targets)?;
-        let disk = disk_guard(&config, &options, &store, &metrics)?;
+        let disk = disk_guard(&config, &options, &store, &metrics, &alerts)?;
         let (committer, committer_handle) =
             store.start_committer(&options, subscriptions, metrics.clone())?;
         let (ingest_listener, admin_listener) = bind_listeners(passed, &config).await?;
@@ -314,6 +322,8 @@ impl Relay {
             draining: Draining::default(),
             source: None,
             reload_requests: Arc::default(),
+            alerts,
+            alert_task: Some(alert_task),
         })
     }
 
@@ -418,7 +428,8 @@ impl Relay {
                 shutdown.clone(),
                 delivery.handle(),
                 dispatcher_grace(&self.config),
-            ),
+            )
+            .with_alerts(self.alerts.clone()),
             std::mem::take(&mut self.targets),
         );
         let admin_targets = Arc::new(Swap::new(
@@ -432,6 +443,7 @@ impl Relay {
                 secret,
                 admin: admin_targets.clone(),
                 committer: self.committer.clone(),
+                alerts: self.alerts.clone(),
             },
             self.metrics.clone(),
         ));
@@ -475,9 +487,10 @@ impl Relay {
     }
 
     /// Starts serving on both listeners and every background task.
-    fn spawn_tasks(self, services: Services, shutdown: &CancellationToken) -> Running {
+    fn spawn_tasks(mut self, services: Services, shutdown: &CancellationToken) -> Running {
         let limits = connection_limits(&self.config);
         let tasks = Tasks {
+            alerts: AlertsRunning::spawn(self.alert_task.take()),
             ingest: tokio::spawn(http::serve_counting(
                 self.ingest_listener,
                 limits,
@@ -602,6 +615,32 @@ struct Tasks {
     reloads: tokio::task::JoinHandle<()>,
     disk_watch: tokio::task::JoinHandle<()>,
     pruner: tokio::task::JoinHandle<()>,
+    alerts: AlertsRunning,
+}
+
+/// The alert task, stopped after everything that tells it (the
+/// dispatchers, the disk guard), so that their last alerts are posted.
+struct AlertsRunning {
+    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl AlertsRunning {
+    fn spawn(task: Option<AlertTask>) -> AlertsRunning {
+        let stop = CancellationToken::new();
+        AlertsRunning {
+            task: task.map(|task| tokio::spawn(task.run(stop.clone()))),
+            stop,
+        }
+    }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        if let Some(task) = self.task {
+            task.await.context("alert task")?;
+        }
+        Ok(())
+    }
 }
 
 impl Tasks {
@@ -621,6 +660,7 @@ impl Tasks {
         self.admin.await.context("admin listener task")?;
         self.disk_watch.await.context("disk watch task")?;
         self.pruner.await.context("retention task")?;
+        self.alerts.finish().await?;
         committer.close().await;
         // Nothing writes to the log any more: the next start can take the
         // backlog counts as they are instead of scanning the queue. Removed

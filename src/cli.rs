@@ -9,6 +9,10 @@
 //! configured data directory second. sled allows one process per database,
 //! so a data directory locked by a relay whose admin API does not answer is
 //! an error that says exactly that.
+//!
+//! `send-test` goes through the relay's ingest endpoint; with no relay
+//! running it sends straight to each configured target, built exactly as
+//! the relay builds its deliveries (format, headers, signing, status rules).
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -638,8 +642,15 @@ struct SendTestReport {
     deliveries: Option<std::collections::BTreeMap<String, ops::DeliveryStatus>>,
 }
 
+/// Sends LeadFloAgent's example `event` to the relay at `url` (the
+/// configured ingest address by default) and reports what each target made
+/// of it: the relay delivers it as it delivers every event, in each
+/// target's format, with its headers and signature. When no `url` was
+/// given and no relay listens there, the example goes straight to each
+/// configured target instead, built the same way ([`send_test_direct`]).
 pub async fn send_test(access: &Access, event: &str, url: Option<String>) -> anyhow::Result<()> {
     let config = &access.config;
+    let may_go_direct = url.is_none() && !config.targets.is_empty();
     let url = url.unwrap_or_else(|| {
         let mut addr = config.server.listen;
         if addr.ip().is_unspecified() {
@@ -659,10 +670,13 @@ pub async fn send_test(access: &Access, event: &str, url: Option<String>) -> any
     if let Some(secret) = &secret {
         request = request.header(crate::ingest::SECRET_HEADER, secret.expose());
     }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the relay at {url}"))?;
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(err) if err.is_connect() && may_go_direct => {
+            return send_test_direct(access, event, &url).await;
+        }
+        Err(err) => return Err(err).with_context(|| format!("cannot reach the relay at {url}")),
+    };
     let status = response.status().as_u16();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     let mut report = SendTestReport {
@@ -725,5 +739,158 @@ async fn wait_for_deliveries(
             return Ok(detail.deliveries);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What one target made of a test event sent straight to it.
+#[derive(Serialize)]
+struct DirectResult {
+    /// `delivered`, `retry` (the relay would try again), `dead` (the relay
+    /// would dead-letter it), or `not_subscribed`.
+    result: &'static str,
+    /// The target's answer, when it gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    /// Why it was not delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DirectReport {
+    /// Always `direct`: no relay took part.
+    mode: &'static str,
+    /// The id the example was sent as (`idempotency-key`, `webhook-id`).
+    id: String,
+    targets: std::collections::BTreeMap<String, DirectResult>,
+}
+
+/// Sends the example `event` to every configured target that subscribes
+/// to it, one attempt each, exactly as the relay's deliveries are made
+/// (the target's [`crate::outbound::Outbound`] through a
+/// [`crate::deliver::Deliverer`]: format, headers, secret, signature and
+/// status rules), and reports each answer. Nothing is stored.
+async fn send_test_direct(access: &Access, event: &str, relay_url: &str) -> anyhow::Result<()> {
+    let body = bytes::Bytes::from_static(example_payload(event).as_bytes());
+    let view = crate::outbound::EventView {
+        id: test_event_id(),
+        received_at_ms: crate::clock::now_ms(),
+        body: &body,
+    };
+    if !access.json {
+        println!(
+            "no relay answers at {relay_url}: sending the example {event} straight to each \
+             target, as the relay would (one attempt each, nothing stored) as event {}",
+            view.id
+        );
+    }
+    let mut report = DirectReport {
+        mode: "direct",
+        id: view.id.to_string(),
+        targets: std::collections::BTreeMap::new(),
+    };
+    for target in &access.config.targets {
+        let subscribed = target
+            .events
+            .as_ref()
+            .is_none_or(|events| events.iter().any(|e| e == event));
+        let result = if subscribed {
+            let deliverer = target_deliverer(target)?;
+            direct_result(deliverer.attempt(&view, 1).await)
+        } else {
+            DirectResult {
+                result: "not_subscribed",
+                status: None,
+                reason: None,
+            }
+        };
+        if !access.json {
+            println!("target {}: {}", target.name, describe_direct(&result));
+        }
+        report.targets.insert(target.name.clone(), result);
+    }
+    if access.json {
+        print_json(&report);
+    }
+    let failed = report
+        .targets
+        .values()
+        .filter(|r| matches!(r.result, "retry" | "dead"))
+        .count();
+    if failed > 0 {
+        bail!("{failed} target(s) did not accept the test event");
+    }
+    Ok(())
+}
+
+/// The id a test event sent straight to targets goes as: the time in
+/// microseconds, an id of the layout no relay issues any more (below
+/// [`crate::node::FIRST_NODE_ID`]), so it is never a real event's
+/// idempotency key at a target that deduplicates.
+fn test_event_id() -> EventId {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    EventId(micros.min(crate::node::FIRST_NODE_ID - 1))
+}
+
+/// `target`'s deliverer, built as `serve` builds it.
+fn target_deliverer(
+    target: &crate::config::TargetConfig,
+) -> anyhow::Result<crate::deliver::Deliverer> {
+    let url: reqwest::Url = target
+        .url
+        .parse()
+        .with_context(|| format!("target {}: url", target.name))?;
+    let secret = target.secret()?;
+    let outbound = crate::outbound::Outbound::build(target)?;
+    crate::deliver::Deliverer::new(url, secret.as_ref(), target.timeout.get(), outbound)
+        .with_context(|| format!("target {}", target.name))
+}
+
+fn direct_result(outcome: crate::deliver::Outcome) -> DirectResult {
+    use crate::deliver::Outcome;
+    match outcome {
+        Outcome::Delivered { status } => DirectResult {
+            result: "delivered",
+            status: Some(status),
+            reason: None,
+        },
+        Outcome::Retry { failure, .. } => DirectResult {
+            result: "retry",
+            status: failure.status(),
+            reason: Some(failure.to_string()),
+        },
+        Outcome::Reject { status, body } => DirectResult {
+            result: "dead",
+            status: Some(status),
+            reason: Some(if body.is_empty() {
+                format!("HTTP {status} (not retryable)")
+            } else {
+                format!("HTTP {status} (not retryable): {body}")
+            }),
+        },
+        Outcome::Unrenderable { reason } => DirectResult {
+            result: "dead",
+            status: None,
+            reason: Some(format!("template: {reason}")),
+        },
+    }
+}
+
+fn describe_direct(result: &DirectResult) -> String {
+    let reason = result.reason.as_deref().unwrap_or("");
+    match result.result {
+        "delivered" => match result.status {
+            Some(status) => format!("delivered (HTTP {status})"),
+            None => "delivered".to_owned(),
+        },
+        "retry" => format!("not delivered: {reason} (the relay would retry it)"),
+        "dead" => format!(
+            "not delivered: {} (the relay would dead-letter it)",
+            cell(reason, 200)
+        ),
+        _ => "not subscribed to this event type".to_owned(),
     }
 }

@@ -1,5 +1,6 @@
-//! One delivery attempt: POST the exact stored body to a target with
-//! reqwest and turn whatever happens into an [`Outcome`].
+//! One delivery attempt: POST the event, in the target's format and with
+//! its headers and signature ([`crate::outbound`]), with reqwest, and turn
+//! whatever happens into an [`Outcome`].
 //!
 //! Redirects are not followed; the response body is read only up to a small
 //! cap (for the dead-letter reason); the whole attempt is bounded by the
@@ -7,15 +8,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use reqwest::header::{
     AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
     RETRY_AFTER, USER_AGENT,
 };
 
 use crate::config::Secret;
+use crate::outbound::{EventView, Outbound, StatusClass};
 use crate::retry::parse_retry_after;
-use crate::store::EventId;
 
 /// How many bytes of a rejecting response are kept as the reason.
 pub const REASON_BODY_BYTES: usize = 256;
@@ -37,9 +37,10 @@ const DRAIN_BODY_BYTES: usize = 64 * 1024;
 /// How long the rest of such a body may take to arrive; after that the
 /// connection is closed. The outcome is already known: this never changes it.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
-/// Room for every header a request carries (ours, the client's defaults,
-/// `host` and `content-length`), so that none is added to a full map.
-const REQUEST_HEADERS: usize = 12;
+/// Room for every header a request carries (ours, the signature's, the
+/// client's defaults, `host` and `content-length`) but the target's own, so
+/// that none is added to a full map.
+const REQUEST_HEADERS: usize = 15;
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,9 @@ pub enum Outcome {
     },
     /// Will not succeed by retrying: straight to dead letters.
     Reject { status: u16, body: String },
+    /// The target's format could not be made for this event (a template
+    /// that fails on it): no request was sent.
+    Unrenderable { reason: String },
 }
 
 /// Why a retryable attempt failed. Variants are decisions, not libraries.
@@ -102,6 +106,7 @@ pub struct Deliverer {
     authorization: Option<HeaderValue>,
     secret: Option<HeaderValue>,
     timeout: Duration,
+    outbound: std::sync::Arc<Outbound>,
 }
 
 impl Deliverer {
@@ -109,11 +114,12 @@ impl Deliverer {
         url: reqwest::Url,
         secret: Option<&Secret>,
         timeout: Duration,
+        outbound: Outbound,
     ) -> anyhow::Result<Deliverer> {
         install_crypto_provider();
         let mut headers = HeaderMap::new();
         headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_TYPE, outbound.content_type.clone());
         let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
@@ -156,17 +162,29 @@ impl Deliverer {
             authorization,
             secret,
             timeout,
+            outbound: std::sync::Arc::new(outbound),
         })
     }
 
-    /// POSTs `body` as attempt number `attempt` (1-based) of event `id`.
-    pub async fn attempt(&self, id: EventId, attempt: u32, body: Bytes) -> Outcome {
+    /// POSTs `event` as attempt number `attempt` (1-based).
+    pub async fn attempt(&self, event: &EventView<'_>, attempt: u32) -> Outcome {
+        let id = event.id;
+        let body = match self.outbound.render(event) {
+            Ok(body) => body,
+            Err(reason) => return Outcome::Unrenderable { reason },
+        };
         // The request's headers in a map with room for all of them, `host`
         // and `content-length` included: reqwest hands hyper a copy of the
         // map sized to what it holds, and every header added to that copy
         // (hyper adds those two when missing) grew it, two allocations and
         // a formatted host per delivery.
-        let mut headers = HeaderMap::with_capacity(REQUEST_HEADERS);
+        let mut headers = HeaderMap::with_capacity(REQUEST_HEADERS + self.outbound.headers.len());
+        // The target's headers first, so that every header the relay sets
+        // itself comes after them and wins (validation refuses such names;
+        // this holds for a configuration built in code too).
+        for (name, value) in &self.outbound.headers {
+            headers.insert(name.clone(), value.clone());
+        }
         if let Some(host) = &self.host {
             headers.insert(HOST, host.clone());
         }
@@ -178,6 +196,11 @@ impl Deliverer {
         }
         if let Some(authorization) = &self.authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
+        }
+        if let Some(signer) = &self.outbound.signer {
+            // Signed over `body`, the exact bytes this request sends, at
+            // this attempt's time.
+            signer.sign(&mut headers, id, crate::clock::now_ms() / 1000, &body);
         }
         let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
         *request.headers_mut() = headers;
@@ -210,8 +233,9 @@ impl Deliverer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let mut reason = Vec::new();
-        let delivered = (200..300).contains(&status);
-        let rejected = !delivered && !is_retryable_status(status);
+        let class = self.outbound.statuses.classify(status);
+        let delivered = class == StatusClass::Delivered;
+        let rejected = class == StatusClass::Reject;
         if rejected {
             // What arrives of the reason within the attempt's time.
             let left = self.timeout.saturating_sub(started.elapsed());
@@ -309,6 +333,34 @@ mod tests {
         );
         assert_eq!(host("http://[::1]:9000/"), "[::1]:9000");
         assert_eq!(host("https://bücher.example/"), "xn--bcher-kva.example");
+    }
+
+    #[test]
+    fn status_rules_add_to_the_defaults_and_leave_2xx_delivered() {
+        use crate::outbound::StatusRules;
+        let defaults = StatusRules::default();
+        let rules = StatusRules {
+            retry_on: vec![401, 403, 404],
+            delivered_on: vec![409],
+        };
+        for (status, by_default, with_rules) in [
+            (200, StatusClass::Delivered, StatusClass::Delivered),
+            (204, StatusClass::Delivered, StatusClass::Delivered),
+            (401, StatusClass::Reject, StatusClass::Retry),
+            (403, StatusClass::Reject, StatusClass::Retry),
+            (404, StatusClass::Reject, StatusClass::Retry),
+            (409, StatusClass::Reject, StatusClass::Delivered),
+            (422, StatusClass::Reject, StatusClass::Reject),
+            (429, StatusClass::Retry, StatusClass::Retry),
+            (503, StatusClass::Retry, StatusClass::Retry),
+        ] {
+            assert_eq!(defaults.classify(status), by_default, "{status} by default");
+            assert_eq!(
+                rules.classify(status),
+                with_rules,
+                "{status} with the rules"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `storage.max_bytes`. Refusing early keeps what is already stored safe.
 //!
 //! Ingest and `/readyz` only read a flag; no filesystem call is on the
-//! request path.
+//! request path. Crossing the floor, either way, is told to the alerts.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{Alert, Alerter};
 use crate::metrics::Metrics;
 
 /// Bytes an unprivileged process can still write on `path`'s filesystem.
@@ -58,6 +59,7 @@ pub struct DiskGuard {
     low: AtomicBool,
     reason: Mutex<Option<String>>,
     reusable: Option<ReusableBytes>,
+    alerts: Alerter,
 }
 
 impl DiskGuard {
@@ -73,7 +75,15 @@ impl DiskGuard {
             low: AtomicBool::new(false),
             reason: Mutex::new(None),
             reusable: None,
+            alerts: Alerter::disabled(),
         }
+    }
+
+    /// Where crossing the floor (or `storage.max_bytes`) and coming back
+    /// is told.
+    pub fn with_alerts(mut self, alerts: Alerter) -> DiskGuard {
+        self.alerts = alerts;
+        self
     }
 
     /// How to read the store's reusable bytes: `storage.max_bytes` is
@@ -111,10 +121,10 @@ impl DiskGuard {
         let floor = self
             .min_free_bytes
             .unwrap_or_else(|| default_min_free(sample.total_bytes));
-        let reason = if sample.free_bytes < floor {
+        let shortage = if sample.free_bytes < floor {
             Some(format!(
                 "the relay is low on disk space ({} bytes free, below storage.min_free_bytes = \
-                 {floor}); the event was not stored",
+                 {floor})",
                 sample.free_bytes
             ))
         } else {
@@ -122,24 +132,36 @@ impl DiskGuard {
             match self.max_bytes {
                 Some(max) if in_use >= max => Some(format!(
                     "the relay's store is full ({in_use} bytes in use, storage.max_bytes = \
-                     {max}); the event was not stored"
+                     {max})"
                 )),
                 _ => None,
             }
         };
-        let was_low = self.low.swap(reason.is_some(), Ordering::Relaxed);
-        match (&reason, was_low) {
-            (Some(_), false) => tracing::error!(
-                free_bytes = sample.free_bytes,
-                store_bytes = sample.store_bytes,
-                "disk space below the floor: ingest answers 503 until space returns"
-            ),
-            (None, true) => tracing::info!(
-                free_bytes = sample.free_bytes,
-                "disk space is back: ingest resumes"
-            ),
+        let was_low = self.low.swap(shortage.is_some(), Ordering::Relaxed);
+        match (&shortage, was_low) {
+            (Some(shortage), false) => {
+                tracing::error!(
+                    free_bytes = sample.free_bytes,
+                    store_bytes = sample.store_bytes,
+                    "disk space below the floor: ingest answers 503 until space returns"
+                );
+                self.alerts.send(Alert::disk_low(format!(
+                    "{shortage}; ingest answers 503 until space returns"
+                )));
+            }
+            (None, true) => {
+                tracing::info!(
+                    free_bytes = sample.free_bytes,
+                    "disk space is back: ingest resumes"
+                );
+                self.alerts.send(Alert::disk_ok(format!(
+                    "{} bytes free; ingest resumes",
+                    sample.free_bytes
+                )));
+            }
             _ => {}
         }
+        let reason = shortage.map(|shortage| format!("{shortage}; the event was not stored"));
         *self.reason.lock().expect("disk reason lock") = reason;
     }
 
@@ -194,6 +216,7 @@ pub fn store_size(dir: &Path) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alerts::AlertKind;
 
     fn guard(min_free: Option<u64>, max: Option<u64>) -> DiskGuard {
         DiskGuard::new(PathBuf::from("."), min_free, max)
@@ -253,6 +276,37 @@ mod tests {
             reusable_bytes: 1001,
         });
         assert_eq!(g.refusal(), None);
+    }
+
+    #[test]
+    fn crossing_the_floor_and_coming_back_are_each_alerted_once() {
+        let (alerts, mut queued) = crate::alerts::test_alerter();
+        let g = guard(Some(1000), None).with_alerts(alerts);
+        let free = |free_bytes| Sample {
+            free_bytes,
+            total_bytes: 1 << 40,
+            store_bytes: 0,
+            reusable_bytes: 0,
+        };
+        for bytes in [5000, 999, 998, 1000, 1001, 999] {
+            g.judge(free(bytes));
+        }
+        let told: Vec<(AlertKind, String)> = queued
+            .queued()
+            .into_iter()
+            .map(|alert| (alert.kind, alert.reason))
+            .collect();
+        let kinds: Vec<AlertKind> = told.iter().map(|(kind, _)| *kind).collect();
+        assert_eq!(
+            kinds,
+            [AlertKind::DiskLow, AlertKind::DiskOk, AlertKind::DiskLow],
+            "{told:?}"
+        );
+        assert!(
+            told[0].1.contains("999 bytes free") && told[0].1.contains("storage.min_free_bytes"),
+            "{told:?}"
+        );
+        assert!(told[1].1.contains("1000 bytes free"), "{told:?}");
     }
 
     /// A data directory at the root of its own filesystem holds

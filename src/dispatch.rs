@@ -16,11 +16,14 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{Alert, Alerter};
 use crate::clock::now_ms;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
+use crate::outbound::EventView;
 use crate::retry::{Decision, RetryPolicy, decide};
 use crate::store::{DeadLetter, Delivery, DeliveryState, Due, DueQuery, EventId, Source, Store};
+use bytes::Bytes;
 
 /// The longest the dispatcher sleeps without looking at its queue again.
 const MAX_IDLE: Duration = Duration::from_secs(1);
@@ -117,15 +120,16 @@ impl RateLimiter {
 ///
 /// No attempt starts before `not_before` (when the previous dispatcher of
 /// the same target could have started its next one); returns that time for
-/// this one.
+/// this one. Dead letters and circuit changes are told to `alerts`.
 pub async fn run(
     store: Store,
     settings: tokio::sync::watch::Receiver<Arc<Target>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     not_before: Instant,
+    alerts: Alerter,
 ) -> Instant {
-    let mut dispatcher = Dispatcher::new(store, settings, &metrics, not_before);
+    let mut dispatcher = Dispatcher::new(store, settings, &metrics, not_before, alerts);
     loop {
         dispatcher.follow_settings();
         let wake_at = dispatcher.fill().min(dispatcher.flush_watermark());
@@ -172,6 +176,7 @@ struct Dispatcher {
     cursor: Option<(u64, EventId)>,
     circuit_gauge: prometheus::IntGauge,
     counted: Arc<AttemptMetrics>,
+    alerts: Alerter,
 }
 
 impl Dispatcher {
@@ -180,6 +185,7 @@ impl Dispatcher {
         mut settings: tokio::sync::watch::Receiver<Arc<Target>>,
         metrics: &Metrics,
         not_before: Instant,
+        alerts: Alerter,
     ) -> Dispatcher {
         let target = settings.borrow_and_update().clone();
         let mut limiter = RateLimiter::new(target.rate_per_second);
@@ -201,6 +207,7 @@ impl Dispatcher {
             limiter,
             cursor: None,
             circuit_gauge,
+            alerts,
         }
     }
 
@@ -293,14 +300,15 @@ impl Dispatcher {
         for delivery in due {
             self.limiter.take();
             let id = (delivery.id, delivery.source);
-            let (store, target, counted) = (
+            let (store, target, counted, alerts) = (
                 self.store.clone(),
                 self.target.clone(),
                 self.counted.clone(),
+                self.alerts.clone(),
             );
             let task = self
                 .attempts
-                .spawn(async move { attempt(&store, &target, &counted, delivery).await });
+                .spawn(async move { attempt(&store, &target, &counted, &alerts, delivery).await });
             self.in_flight.insert(task.id(), id);
         }
         match next_due_ms {
@@ -338,12 +346,15 @@ impl Dispatcher {
                     if let Verdict::Failing(Some(asked)) = verdict {
                         self.limiter.hold_until(Instant::now() + asked);
                     }
-                    record_verdict(
+                    let change = record_verdict(
                         &self.target,
                         &mut self.circuit,
                         verdict,
                         &self.circuit_gauge,
                     );
+                    if let Some(alert) = change {
+                        self.alerts.send(alert);
+                    }
                 }
                 Err(err) => {
                     // The delivery stays queued; it is tried again later.
@@ -386,12 +397,14 @@ impl Dispatcher {
     }
 }
 
+/// Updates the circuit after an attempt; returns the alert to tell when it
+/// opened or closed.
 fn record_verdict(
     target: &Target,
     circuit: &mut Circuit,
     verdict: Verdict,
     gauge: &prometheus::IntGauge,
-) {
+) -> Option<Alert> {
     match verdict {
         Verdict::Healthy | Verdict::Answered => {
             circuit.consecutive_failures = 0;
@@ -399,7 +412,9 @@ fn record_verdict(
                 gauge.set(0);
                 circuit.catching_up = verdict == Verdict::Healthy;
                 tracing::info!(target = %target.name, "circuit closed: the target answers again");
+                return Some(Alert::circuit_closed(&target.name));
             }
+            None
         }
         Verdict::Failing(_) => {
             circuit.catching_up = false;
@@ -417,7 +432,9 @@ fn record_verdict(
                     .policy
                     .ceiling(beyond + 1)
                     .min(target.probe_max_interval);
-                if circuit.open_until.is_none() {
+                let opened = circuit.open_until.is_none();
+                circuit.open_until = Some(Instant::now() + interval);
+                if opened {
                     gauge.set(1);
                     tracing::warn!(
                         target = %target.name,
@@ -425,11 +442,16 @@ fn record_verdict(
                         probe_every_ms = interval.as_millis() as u64,
                         "circuit open: the target keeps failing; probing with one attempt at a time"
                     );
+                    let reason = format!(
+                        "{} failures in a row; deliveries wait, one probe at a time",
+                        circuit.consecutive_failures
+                    );
+                    return Some(Alert::circuit_open(&target.name, reason));
                 }
-                circuit.open_until = Some(Instant::now() + interval);
             }
+            None
         }
-        Verdict::Unknown => {}
+        Verdict::Unknown => None,
     }
 }
 
@@ -460,20 +482,25 @@ impl AttemptMetrics {
     }
 }
 
-/// Makes one attempt of `delivery` and records its outcome in the log.
+/// Makes one attempt of `delivery` and records its outcome in the log; a
+/// dead letter, once recorded, is told to `alerts`.
 async fn attempt(
     store: &Store,
     target: &Target,
     metrics: &AttemptMetrics,
+    alerts: &Alerter,
     delivery: Delivery,
 ) -> Verdict {
     let name = target.name.as_str();
-    let body = match delivery
-        .body
-        .clone()
-        .map_or_else(|| store.event_body(delivery.id), |body| Ok(Some(body)))
-    {
-        Ok(Some(body)) => body,
+    // An implicit delivery comes with its body, due at its receive time.
+    let stored = match &delivery.body {
+        Some(body) => Ok(Some((delivery.due_ms, body.clone()))),
+        None => store
+            .event(delivery.id)
+            .map(|found| found.map(|e| (e.received_at_ms, Bytes::from(e.body)))),
+    };
+    let (received_at_ms, body) = match stored {
+        Ok(Some(found)) => found,
         Ok(None) => {
             // The event is gone (pruned or purged): nothing left to deliver.
             tracing::warn!(target = %name, id = %delivery.id, "queued delivery has no event; dropping it");
@@ -489,7 +516,12 @@ async fn attempt(
     let number = delivery.state.attempts.saturating_add(1);
     let started = Instant::now();
     let started_ms = now_ms();
-    let outcome = target.deliverer.attempt(delivery.id, number, body).await;
+    let event = EventView {
+        id: delivery.id,
+        received_at_ms,
+        body: &body,
+    };
+    let outcome = target.deliverer.attempt(&event, number).await;
     metrics.duration.observe(started.elapsed().as_secs_f64());
     let jitter = rand::random::<f64>();
     let decision = decide(
@@ -500,6 +532,7 @@ async fn attempt(
         now_ms(),
         jitter,
     );
+    let mut dead_letter = None;
     let (verdict, recorded) = match decision {
         Decision::Delivered => {
             metrics.success.inc();
@@ -529,6 +562,10 @@ async fn attempt(
             } else {
                 Verdict::Answered
             };
+            // The stored reason may quote the target's answer; the alert's
+            // is made from the outcome alone.
+            let told = crate::alerts::dead_letter_reason(&outcome, state.attempts);
+            dead_letter = Some(Alert::dead_letter(name, delivery.id, told));
             (verdict, bury(store, name, &delivery, &state, reason))
         }
     };
@@ -536,6 +573,9 @@ async fn attempt(
         tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot record a delivery outcome; it will be retried");
         store.release(name, delivery.id, delivery.source);
         return Verdict::Unknown;
+    }
+    if let Some(alert) = dead_letter {
+        alerts.send(alert);
     }
     verdict
 }

@@ -14,8 +14,10 @@
 //! | [`store`]   | the durable log: records, group commit, queues, quarantine (the only sled user) |
 //! | [`dispatch`] | per-target scheduling: due deliveries, concurrency, rate, circuit breaker |
 //! | [`deliver`] | one HTTP attempt with reqwest, turned into an outcome |
+//! | [`outbound`] | what a target is sent: format (raw, Slack, template), headers, status rules, signing |
 //! | [`retry`]   | pure backoff and Retry-After math |
 //! | [`disk`]    | disk space sampling and the free-space floor |
+//! | [`alerts`]  | messages to a team's channel (Slack or JSON): dead letters, circuits, disk; rate-limited, never blocking |
 //! | [`admin`]   | the admin listener: health, readiness, metrics |
 //! | [`metrics`] | the Prometheus registry and metric handles |
 //! | [`node`]    | event ids no two relays share, and the node identity |
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod cli;
 pub mod clock;
@@ -44,6 +47,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod outbound;
 pub mod reload;
 pub mod retention;
 pub mod retry;

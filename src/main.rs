@@ -51,7 +51,9 @@ enum Command {
     /// --yes.
     ForgetTarget(ForgetTargetArgs),
     /// Send LeadFloAgent's example payload to the relay, as LeadFloAgent's
-    /// "submit a test lead" step would, and report where it went.
+    /// "submit a test lead" step would, and report where it went. With no
+    /// relay running, send it straight to each configured target, in its
+    /// format, with its headers and signature, and report each answer.
     SendTest(SendTestArgs),
     /// Make the running relay read its configuration file and secret files
     /// again, as SIGHUP does, and report what changed. Exits 1, saying why,
@@ -491,9 +493,11 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
         admin_token.as_ref(),
     )?;
     let previous = config.previous_secret()?;
-    // Each target's own secret too: `serve` refuses to start without it.
+    // Each target's own secret, header values, signing secret and
+    // template too: `serve` refuses to start without them.
     for target in &config.targets {
         target.secret()?;
+        leadflo_relay::outbound::Outbound::build(target)?;
     }
     let origin = match &args.config {
         Some(path) => format!("{} with flag overrides", path.display()),
@@ -523,6 +527,9 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
                 .join(leadflo_relay::node::NODE_ID_FILE)
                 .display()
         ),
+    }
+    for target in &config.targets {
+        println!("# target {}: {}", target.name, target.shape_summary());
     }
     print!("{}", config.to_toml());
     Ok(())

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub disk_free_bytes: IntGauge,
     pub disk_total_bytes: IntGauge,
     pub config_reloads: IntCounterVec,
+    /// `leadflo_relay_alerts_total{kind,result}`: see [`crate::alerts`].
+    pub alerts: IntCounterVec,
 }
 
 impl Metrics {
@@ -301,13 +303,23 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            alerts: IntCounterVec::new(
+                Opts::new(
+                    "leadflo_relay_alerts_total",
+                    "Alerts ([alerts]) by kind and result: sent or failed (posted in a message \
+                     the receiver took, or did not), folded (held back and counted in a later \
+                     message), dropped (the alert queue was full, or still unsent at shutdown).",
+                ),
+                &["kind", "result"],
+            )
+            .expect("valid metric"),
         };
         metrics.register_all();
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -333,6 +345,7 @@ impl Metrics {
             Box::new(self.disk_free_bytes.clone()),
             Box::new(self.disk_total_bytes.clone()),
             Box::new(self.config_reloads.clone()),
+            Box::new(self.alerts.clone()),
         ];
         for collector in collectors {
             self.registry
@@ -357,6 +370,12 @@ impl Metrics {
         }
         for result in ["ok", "failed"] {
             self.config_reloads.with_label_values(&[result]);
+        }
+        for kind in crate::alerts::AlertKind::ALL {
+            for result in crate::alerts::AlertResult::ALL {
+                self.alerts
+                    .with_label_values(&[kind.label(), result.label()]);
+            }
         }
     }
 
@@ -403,6 +422,11 @@ impl Metrics {
         self.delivery_attempts
             .with_label_values(&[target, outcome])
             .get()
+    }
+
+    /// The current value of `leadflo_relay_alerts_total{kind,result}`.
+    pub fn alerts(&self, kind: &str, result: &str) -> u64 {
+        self.alerts.with_label_values(&[kind, result]).get()
     }
 
     /// The registry in Prometheus text exposition format.

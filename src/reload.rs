@@ -9,8 +9,9 @@
 //! in-flight count carry over. A target added, removed, or given other
 //! event types gets its place in the log at a cut the committer chooses
 //! (every event above it is for the new targets), while ingest goes on.
-//! Every other key needs a restart and is reported so. A file that does
-//! not load, or a secret that cannot be read, changes nothing.
+//! The `[alerts]` section (and the URL its file or variable holds) is read
+//! again too. Every other key needs a restart and is reported so. A file
+//! that does not load, or a secret that cannot be read, changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{AlertSettings, Alerter};
 use crate::config::{Config, ConfigError, Overrides, Secret, TargetConfig};
 use crate::deliver::Deliverer;
 use crate::dispatch::{self, Target};
@@ -118,6 +120,8 @@ pub struct Targets {
     runtime: tokio::runtime::Handle,
     shutdown_grace: Duration,
     running: BTreeMap<String, Running>,
+    /// Where the dispatchers tell dead letters and circuit changes.
+    alerts: Alerter,
 }
 
 impl Targets {
@@ -135,7 +139,14 @@ impl Targets {
             runtime,
             shutdown_grace,
             running: BTreeMap::new(),
+            alerts: Alerter::disabled(),
         }
+    }
+
+    /// The dispatchers started from now on tell `alerts`.
+    pub fn with_alerts(mut self, alerts: Alerter) -> Targets {
+        self.alerts = alerts;
+        self
     }
 
     /// Starts a dispatcher for `target`, no attempt before `not_before`.
@@ -150,6 +161,7 @@ impl Targets {
             self.metrics.clone(),
             stop.clone(),
             not_before,
+            self.alerts.clone(),
         );
         let task = self.runtime.spawn(run);
         let name = config.name.clone();
@@ -227,7 +239,8 @@ pub fn build_target(
     let secret: Option<Secret> = config.secret()?;
     let url =
         reqwest::Url::parse(&config.url).with_context(|| format!("target {}: url", config.name))?;
-    let deliverer = Deliverer::new(url, secret.as_ref(), config.timeout.get())
+    let outbound = crate::outbound::Outbound::build(config)?;
+    let deliverer = Deliverer::new(url, secret.as_ref(), config.timeout.get(), outbound)
         .with_context(|| format!("target {}: cannot build its HTTP client", config.name))?;
     Ok(Target {
         name: config.name.clone(),
@@ -252,6 +265,7 @@ pub struct Reloader {
     committer: Committer,
     store: Store,
     metrics: Arc<Metrics>,
+    alerts: Alerter,
 }
 
 /// What the running relay was configured with, and its dispatchers.
@@ -274,6 +288,8 @@ pub struct Reloadable {
     pub secret: Arc<Swap<Option<SecretCheck>>>,
     pub admin: Arc<Swap<AdminTargets>>,
     pub committer: Committer,
+    /// Takes the `[alerts]` settings each reload reads.
+    pub alerts: Alerter,
 }
 
 impl Reloader {
@@ -291,6 +307,7 @@ impl Reloader {
             committer: parts.committer,
             store,
             metrics,
+            alerts: parts.alerts,
         }
     }
 
@@ -356,6 +373,7 @@ impl Reloader {
         )?;
         let new = source.load()?;
         let check = secret_check(&new)?;
+        let alerts = AlertSettings::resolve(&new.alerts)?;
         let plan = Plan::make(&state.targets, &new.targets)?;
         let mut report = ReloadReport {
             needs_restart: restart_keys(&state.config, &new),
@@ -391,6 +409,8 @@ impl Reloader {
             .filter(|name| !names.contains(name))
             .collect();
         self.admin.store(state.targets.admin_view(removed));
+        self.alerts.configure(alerts);
+        state.config.alerts = new.alerts.clone();
         state.config.auth = new.auth.clone();
         state.config.targets = new.targets.clone();
         Ok(report)

@@ -143,6 +143,11 @@ pub fn decide(
                 }
             }
         }
+        Outcome::Unrenderable { reason } => Decision::Dead {
+            reason: format!("template: {reason}"),
+            state,
+            failing: false,
+        },
         Outcome::Reject { status, body } => {
             state.last_status = *status;
             let reason = if body.is_empty() {

@@ -13,19 +13,22 @@
 //! | [`schema`] | each section's keys, with their defaults |
 //! | [`validate`] | the checks a value must pass, and `--target NAME=URL` |
 //! | [`secrets`] | reading secrets from files and the environment; [`Secret`] |
+//! | [`outbound`] | a target's format, headers, status rules and signing; `[alerts]` |
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod outbound;
 mod schema;
 mod secrets;
 mod validate;
 
 pub use crate::duration::HumanDuration;
+pub use outbound::*;
 pub use schema::*;
-pub use secrets::Secret;
+pub use secrets::{Secret, target_value};
 pub use validate::{check_level, parse_target_flag};
 
 /// Default inbound secret variable, as in LeadFloAgent's own example.
@@ -43,6 +46,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub storage: StorageConfig,
     pub logging: LoggingConfig,
+    /// `[alerts]`: messages to a small team's channel.
+    pub alerts: AlertsConfig,
     /// `[[targets]]`: where events are delivered.
     pub targets: Vec<TargetConfig>,
 }
@@ -159,6 +164,12 @@ impl Config {
                     let _ = url.set_password(Some("[redacted]"));
                     // Readable, not percent-encoded: this is for people.
                     target.url = url.to_string().replacen("%5Bredacted%5D", "[redacted]", 1);
+                }
+            }
+            // A literal header value is often a credential (an API key).
+            for source in target.headers.values_mut() {
+                if let HeaderSource::Literal(value) = source {
+                    *value = "[redacted]".to_owned();
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{DEFAULT_SECRET_ENV, HumanDuration};
+use super::{DEFAULT_SECRET_ENV, Format, Headers, HumanDuration, Signing};
 
 /// `[[targets]]`: one downstream system.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -45,6 +45,38 @@ pub struct TargetConfig {
     pub probe_max_interval: HumanDuration,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// `raw` (the exact bytes received), `slack` (a Slack message) or
+    /// `template` (rendered from `template` or `template_file`).
+    #[serde(default)]
+    pub format: Format,
+    /// An inline minijinja template of the request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Or a file holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_file: Option<PathBuf>,
+    /// `content-type` of a templated body; `application/json` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// Extra request headers: a value, `{ env = "NAME" }` or
+    /// `{ file = "path" }`, either with an optional `prefix`.
+    #[serde(default, skip_serializing_if = "Headers::is_empty")]
+    pub headers: Headers,
+    /// Statuses retried besides 408, 425, 429 and 5xx.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<u16>,
+    /// Statuses counted as delivered besides 2xx (e.g. 409 "already exists").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered_on: Vec<u16>,
+    /// `standard-webhooks`: sign every attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<Signing>,
+    /// Environment variable holding the `whsec_…` signing secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_env: Option<String>,
+    /// Or a file holding it; wins over `signing_secret_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_file: Option<PathBuf>,
 }
 
 fn default_target_timeout() -> HumanDuration {
@@ -78,6 +110,16 @@ impl TargetConfig {
             circuit_failures: default_circuit_failures(),
             probe_max_interval: default_probe_max_interval(),
             retry: RetryConfig::default(),
+            format: Format::Raw,
+            template: None,
+            template_file: None,
+            content_type: None,
+            headers: Headers::new(),
+            retry_on: Vec::new(),
+            delivered_on: Vec::new(),
+            signing: None,
+            signing_secret_env: None,
+            signing_secret_file: None,
         }
     }
 

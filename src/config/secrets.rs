@@ -84,6 +84,30 @@ impl Config {
     }
 }
 
+/// A target's secret-like value (a header, a signing secret) from `file`,
+/// else from the environment variable `env`; `key` names it in errors.
+pub fn target_value(
+    target: &str,
+    key: &str,
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> anyhow::Result<Option<Secret>> {
+    if let Some(path) = file {
+        let secret = read_secret_file(path)
+            .map_err(|err| anyhow::anyhow!("target {target}: {key}: {err}"))?;
+        return Ok(Some(secret));
+    }
+    let Some(env) = env else {
+        return Ok(None);
+    };
+    match std::env::var_os(env) {
+        Some(value) if !value.is_empty() => Ok(Some(Secret::new(value.into_encoded_bytes()))),
+        _ => {
+            anyhow::bail!("target {target}: {key}: environment variable {env} is not set or empty")
+        }
+    }
+}
+
 /// A secret kept in a file; one trailing newline (or CRLF) is not part of it.
 fn read_secret_file(path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {

@@ -90,10 +90,14 @@ impl Config {
                 format!("{message}, got {:?}", self.logging.level),
             )
         })?;
+        super::outbound::validate_alerts(&self.alerts)
+            .map_err(|(key, message)| invalid(&key, message))?;
         let mut names = std::collections::HashSet::new();
         for (n, target) in self.targets.iter().enumerate() {
             let key = |field: &str| format!("targets[{n}].{field}");
             validate_target(target).map_err(|(field, message)| invalid(&key(field), message))?;
+            super::outbound::validate_outbound(target)
+                .map_err(|(field, message)| invalid(&key(&field), message))?;
             if !names.insert(target.name.as_str()) {
                 return Err(invalid(
                     &key("name"),

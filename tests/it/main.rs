@@ -15,11 +15,15 @@
 //! | [`observability`], [`logs`] | metrics, dashboard, alert rules, log lines without personal data |
 //! | [`availability`], [`reload`] | ids across replicas, drain, socket activation, HAProxy, reload |
 //! | [`properties`] | property tests of the codecs and validation |
+//! | [`formats`] | Slack messages and templates, against receivers that enforce their contracts |
+//! | [`outbound`] | extra headers, status rules and Standard Webhooks signatures |
+//! | [`alerts`] | alert messages to a small team's channel |
 //! | [`docs`] | links and test names in the docs resolve |
 
 mod common;
 
 mod abuse;
+mod alerts;
 mod availability;
 mod cli;
 mod crash;
@@ -28,9 +32,11 @@ mod delivery;
 mod disk;
 mod docs;
 mod faults;
+mod formats;
 mod ingest;
 mod logs;
 mod observability;
 mod operations;
+mod outbound;
 mod properties;
 mod reload;

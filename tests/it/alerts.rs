@@ -5,9 +5,9 @@
 //! delivery and shutdown go on), and the URL read again on reload.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use crate::common::mount::SmallFs;
 use crate::common::receiver::{Receiver, Reply, wait_for_requests};
 use crate::common::*;
 use leadflo_relay::config::{AlertFormat, Config, TargetConfig};
@@ -424,50 +424,10 @@ impl InProcess {
     }
 }
 
-/// A tmpfs of `size` mounted for the test's lifetime (root only; elsewhere
-/// the test says it is skipped, and the disk guard's unit test
-/// `crossing_the_floor_and_coming_back_are_each_alerted_once` stands).
-struct SmallFs {
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(size: &str) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match mounted {
-            Ok(output) if output.status.success() => Some(SmallFs {
-                path: dir.path().to_owned(),
-                _dir: dir,
-            }),
-            other => {
-                assert!(
-                    std::env::var("LEADFLO_REQUIRE_MOUNT").is_err(),
-                    "mounting a tmpfs is required (LEADFLO_REQUIRE_MOUNT) but failed: {other:?}"
-                );
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: the disk alert test needs to mount a tmpfs (root)"
-                );
-                None
-            }
-        }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
 #[tokio::test]
 async fn disk_space_below_the_floor_and_back_is_alerted() {
+    // Skipped where no tmpfs can be mounted; the disk guard's unit test
+    // `crossing_the_floor_and_coming_back_are_each_alerted_once` stands.
     let Some(fs) = SmallFs::mount("16m") else {
         return;
     };

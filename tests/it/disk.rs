@@ -2,66 +2,12 @@
 //! (root only; elsewhere the suite says it is skipped, and the `max_bytes`
 //! path is covered in tests/observability.rs). `.ci/run` runs as root.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use crate::common::mount::SmallFs;
 use crate::common::*;
 use leadflo_relay::store::EventId;
-
-/// A tmpfs of `size` mounted for the test's lifetime.
-struct SmallFs {
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(size: &str) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match mounted {
-            Ok(output) if output.status.success() => Some(SmallFs {
-                path: dir.path().to_owned(),
-                _dir: dir,
-            }),
-            other => {
-                let why = match other {
-                    Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                    Err(err) => err.to_string(),
-                };
-                assert!(
-                    std::env::var("LEADFLO_REQUIRE_MOUNT").is_err(),
-                    "mounting a tmpfs is required (LEADFLO_REQUIRE_MOUNT) but failed: {why}"
-                );
-                // Past the test harness's capture, so the skip is seen.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: the small-filesystem tests need to mount a tmpfs (root): {why}"
-                );
-                None
-            }
-        }
-    }
-
-    fn resize(&self, size: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.path)
-            .status()
-            .unwrap();
-        assert!(status.success(), "remount failed");
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 fn config_file(dir: &Path, data: &Path, min_free_bytes: u64) -> PathBuf {
     let path = dir.join("relay.toml");

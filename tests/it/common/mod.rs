@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod load;
+pub mod mount;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,71 @@
+//! Posting one message: a single HTTP request, retried at most once at
+//! once, its failure a [`PostError`] that never holds the URL.
+
+use std::sync::Arc;
+
+use super::message::Message;
+use super::settings::AlertSettings;
+
+/// Why a post failed. Never holds the URL (reqwest's errors do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    #[error("the receiver answered HTTP {0}")]
+    Status(u16),
+    #[error("timed out")]
+    Timeout,
+    #[error("could not connect")]
+    Connect,
+    #[error("the connection failed mid-request")]
+    Transport,
+}
+
+impl PostError {
+    /// Worth one immediate retry: a connection that broke (a keep-alive
+    /// connection the receiver had closed) or a gateway error. A timeout is
+    /// not: a slow receiver would only hold the next message up longer.
+    fn worth_one_retry(self) -> bool {
+        matches!(
+            self,
+            PostError::Connect | PostError::Transport | PostError::Status(502..=504)
+        )
+    }
+
+    fn from_reqwest(err: &reqwest::Error) -> PostError {
+        if err.is_timeout() {
+            PostError::Timeout
+        } else if err.is_connect() {
+            PostError::Connect
+        } else {
+            PostError::Transport
+        }
+    }
+}
+
+async fn post_once(settings: &AlertSettings, body: Vec<u8>) -> Result<(), PostError> {
+    let request = settings
+        .client
+        .post(settings.url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send();
+    let response = match tokio::time::timeout(settings.timeout, request).await {
+        Err(_) => return Err(PostError::Timeout),
+        Ok(Err(err)) => return Err(PostError::from_reqwest(&err)),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(PostError::Status(status.as_u16()))
+    }
+}
+
+/// Posts `message`, again at once if the first try is worth repeating.
+pub(super) async fn post(settings: Arc<AlertSettings>, message: Message) -> Result<(), PostError> {
+    let body = message.body(settings.format);
+    match post_once(&settings, body.clone()).await {
+        Err(err) if err.worth_one_retry() => post_once(&settings, body).await,
+        result => result,
+    }
+}

@@ -216,12 +216,26 @@ async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_even
     use crate::common::receiver::{Receiver, Reply};
     // Slow answers keep attempts in flight when the kill lands.
     let crm = Receiver::start(|_, _| Reply::ok().after(Duration::from_millis(5))).await;
-    let target = format!("crm={}", crm.url());
+    // A formatted target too: at least once holds for rendered bodies.
+    let slack = Receiver::start(|_, _| Reply::ok().after(Duration::from_millis(5))).await;
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[targets]]\nname = \"crm\"\nurl = \"{}\"\n\n\
+             [[targets]]\nname = \"slack\"\nurl = \"{}\"\nformat = \"slack\"\n",
+            crm.url(),
+            slack.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut acked_ever: HashMap<EventId, Vec<u8>> = HashMap::new();
     let rounds = rounds(3);
     for round in 0..rounds {
-        let mut relay = RelayProcess::start(dir.path(), &["--target", &target]);
+        let mut relay = RelayProcess::start(dir.path(), &["--config", config]);
         let stop = Arc::new(AtomicBool::new(false));
         let sending = tokio::spawn(load(relay.url(), round, stop.clone()));
         let admin = relay.admin;
@@ -244,19 +258,22 @@ async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_even
     }
     // A last start with no load: it only drains what is queued. The
     // deadline grows with the backlog; a miss reports what is missing.
-    let relay = RelayProcess::start(dir.path(), &["--target", &target]);
+    let relay = RelayProcess::start(dir.path(), &["--config", config]);
     let deadline = std::time::Instant::now()
         + Duration::from_secs(60)
         + Duration::from_millis(10) * acked_ever.len() as u32;
     loop {
-        let got: std::collections::HashSet<String> = crm
-            .requests()
-            .iter()
-            .map(|r| r.header("idempotency-key").to_owned())
-            .collect();
+        let keys = |receiver: &Receiver| -> std::collections::HashSet<String> {
+            receiver
+                .requests()
+                .iter()
+                .map(|r| r.header("idempotency-key").to_owned())
+                .collect()
+        };
+        let (at_crm, at_slack) = (keys(&crm), keys(&slack));
         let missing: Vec<&EventId> = acked_ever
             .keys()
-            .filter(|id| !got.contains(&id.to_string()))
+            .filter(|id| !at_crm.contains(&id.to_string()) || !at_slack.contains(&id.to_string()))
             .collect();
         if missing.is_empty() {
             break;
@@ -286,6 +303,13 @@ async fn kill_9_with_deliveries_in_flight_still_delivers_every_acknowledged_even
         *seen
             .entry(request.header("idempotency-key").to_owned())
             .or_default() += 1;
+    }
+    for request in slack.requests() {
+        let message: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        assert!(
+            message["text"].as_str().is_some_and(|t| !t.is_empty()),
+            "a Slack delivery without text: {message}"
+        );
     }
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     eprintln!(

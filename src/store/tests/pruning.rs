@@ -132,7 +132,10 @@ fn deleted_data_counts_as_reusable_without_further_writes() {
     loop {
         let size = store.db.size_on_disk().unwrap();
         let in_use = size.saturating_sub(store.reusable_bytes());
-        if in_use <= 4 << 20 {
+        // Without the deferred-free segments counted, 8 of 36 MB stayed in
+        // use; with them 4-5 MiB does (the segments sled is filling and
+        // its metadata, one more under load).
+        if in_use <= 6 << 20 {
             break;
         }
         assert!(

@@ -166,6 +166,11 @@ impl Deliverer {
         })
     }
 
+    /// What the target's configuration shapes of its requests.
+    pub fn outbound(&self) -> &Outbound {
+        &self.outbound
+    }
+
     /// POSTs `event` as attempt number `attempt` (1-based).
     pub async fn attempt(&self, event: &EventView<'_>, attempt: u32) -> Outcome {
         let id = event.id;

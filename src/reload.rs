@@ -548,6 +548,15 @@ impl Plan {
             {
                 keys.push("secret".to_owned());
             }
+            for key in target
+                .deliverer
+                .outbound()
+                .changed_values(current.deliverer.outbound())
+            {
+                if !keys.iter().any(|k| k.starts_with(&key)) {
+                    keys.push(key);
+                }
+            }
             if keys.is_empty() {
                 continue;
             }

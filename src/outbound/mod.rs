@@ -110,6 +110,27 @@ impl Outbound {
         })
     }
 
+    /// What differs from `other` in values the configuration's keys do not
+    /// show (a template file's text, header values and the signing secret
+    /// read from files or variables), for a reload to apply and report.
+    pub fn changed_values(&self, other: &Outbound) -> Vec<String> {
+        let template = |o: &Outbound| match &o.shape {
+            Shape::Template(template) => Some(template.source().to_owned()),
+            _ => None,
+        };
+        let mut keys = Vec::new();
+        if template(self) != template(other) {
+            keys.push("template".to_owned());
+        }
+        if self.headers != other.headers {
+            keys.push("headers".to_owned());
+        }
+        if self.signer != other.signer {
+            keys.push("signing".to_owned());
+        }
+        keys
+    }
+
     /// The request body for `event`; an error says why it cannot be made
     /// (a template that fails on this event), never what the event holds.
     pub fn render(&self, event: &EventView<'_>) -> Result<Bytes, String> {

@@ -40,6 +40,12 @@ impl std::fmt::Debug for Signer {
     }
 }
 
+impl PartialEq for Signer {
+    fn eq(&self, other: &Signer) -> bool {
+        self.key == other.key
+    }
+}
+
 impl Signer {
     /// The signer `config` asks for, with its secret read; `None` unsigned.
     pub fn from_config(config: &TargetConfig) -> anyhow::Result<Option<Signer>> {

@@ -82,6 +82,8 @@ pub struct Template {
     env: Box<Environment<'static>>,
     /// Whether the body must be JSON (a JSON `content_type`).
     json: bool,
+    /// The template's text, so a reload can tell whether it changed.
+    source: String,
 }
 
 impl std::fmt::Debug for Template {
@@ -186,11 +188,17 @@ impl Template {
         // A bounded amount of work per render, so a template with a runaway
         // loop fails its event instead of holding a dispatcher.
         env.set_fuel(Some(FUEL));
-        env.add_template_owned(NAME, source)?;
+        env.add_template_owned(NAME, source.clone())?;
         Ok(Template {
             env: Box::new(env),
             json,
+            source,
         })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The body for `event`; an error names the problem and the template

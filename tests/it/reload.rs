@@ -522,6 +522,59 @@ async fn a_target_secret_file_is_read_again() {
     assert_eq!(secrets, ["first-target-secret", "second-target-secret"]);
 }
 
+/// A header value file and a template file are read again: with the
+/// configuration unchanged, the next delivery carries the new token in
+/// the new shape, and the report names the keys (never a value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_and_template_files_are_read_again() {
+    let crm = Receiver::start(|_, _| Reply::ok()).await;
+    let work = tempfile::tempdir().unwrap();
+    let (token, template) = (work.path().join("token"), work.path().join("body.j2"));
+    std::fs::write(&token, "first-token\n").unwrap();
+    std::fs::write(&template, r#"{"first": {{ event|tojson }}}"#).unwrap();
+    let config = format!(
+        "[[targets]]\nname = \"crm\"\nurl = \"{}\"\nformat = \"template\"\n\
+         template_file = {:?}\n\n[targets.headers]\n\
+         authorization = {{ file = {:?}, prefix = \"Bearer \" }}\n",
+        crm.url(),
+        template.to_str().unwrap(),
+        token.to_str().unwrap()
+    );
+    let relay = Reloadable::start(&config);
+    send_one(&relay.relay, lead(1)).await;
+    delivered(
+        &crm,
+        br#"{"first": "visitor_created"}"#.to_vec(),
+        "the first lead",
+    )
+    .await;
+    std::fs::write(&token, "second-token\n").unwrap();
+    std::fs::write(&template, r#"{"second": {{ event|tojson }}}"#).unwrap();
+    let report = json(relay.reload(&config).await);
+    assert_eq!(
+        report["changed"],
+        serde_json::json!({"crm": ["template", "headers"]}),
+        "{report}"
+    );
+    assert!(
+        !report.to_string().contains("token"),
+        "the report shows a value"
+    );
+    send_one(&relay.relay, lead(2)).await;
+    delivered(
+        &crm,
+        br#"{"second": "visitor_created"}"#.to_vec(),
+        "the second lead",
+    )
+    .await;
+    let tokens: Vec<String> = crm
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").to_owned())
+        .collect();
+    assert_eq!(tokens, ["Bearer first-token", "Bearer second-token"]);
+}
+
 /// A crash just after a reload's cut, once the change of targets is
 /// written, while leads are acknowledged and checkpointed above it: after
 /// the restart, every lead accepted above the cut reaches the added target

@@ -277,6 +277,8 @@ impl Admin {
     /// Backlog gauges from the counts the log keeps as it changes, and one
     /// key read per target for the oldest delivery: no scan per scrape.
     fn refresh_backlog_gauges(&self) {
+        // The targets are read under the lock a reload's removal takes.
+        let _gauges = self.metrics.gauge_lock();
         let now_ms = crate::clock::now_ms();
         for target in self.targets.load().view.names() {
             let Ok(stats) = self.store.target_stats(&target) else {

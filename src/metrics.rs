@@ -78,6 +78,10 @@ pub fn event_class(event: &str) -> &'static str {
 /// Every metric the relay exports, registered in its own [`Registry`].
 pub struct Metrics {
     registry: Registry,
+    /// Held while the per-target gauges are refreshed or a target's are
+    /// dropped, so that a refresh that read the targets before a reload
+    /// cannot bring back the gauges of a target the reload removed.
+    gauges: std::sync::Mutex<()>,
     pub ingest_requests: IntCounterVec,
     pub ingest_events: IntCounterVec,
     pub ingest_duration: Histogram,
@@ -270,6 +274,7 @@ impl Metrics {
         .expect("valid metric");
         let metrics = Metrics {
             registry,
+            gauges: std::sync::Mutex::new(()),
             ingest_requests,
             ingest_events,
             ingest_duration,
@@ -392,11 +397,11 @@ impl Metrics {
             .get()
     }
 
-    /// Pre-creates a target's series so they read 0 before any attempt.
     /// Drops `target`'s gauges (a reload removed it): they would otherwise
     /// stay at their last values, as no dispatcher updates them, and a
     /// restart would not show them either. Its counters stay.
     pub fn forget_target(&self, target: &str) {
+        let _gauges = self.gauge_lock();
         let _ = self.circuit_open.remove_label_values(&[target]);
         let _ = self.backlog_events.remove_label_values(&[target]);
         let _ = self.last_success.remove_label_values(&[target]);
@@ -404,6 +409,13 @@ impl Metrics {
         let _ = self.dead_letters.remove_label_values(&[target]);
     }
 
+    /// Held while per-target gauges are set from a list of targets (see
+    /// `gauges`).
+    pub fn gauge_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.gauges.lock().expect("gauge lock")
+    }
+
+    /// Pre-creates a target's series so they read 0 before any attempt.
     pub fn register_target(&self, target: &str) {
         for outcome in ["success", "retry", "dead"] {
             self.delivery_attempts.with_label_values(&[target, outcome]);

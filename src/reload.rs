@@ -409,6 +409,11 @@ impl Reloader {
             .filter(|name| !names.contains(name))
             .collect();
         self.admin.store(state.targets.admin_view(removed));
+        // Only once the admin view no longer lists them: a metrics scrape
+        // sets the gauges of the targets it lists.
+        for name in &report.removed {
+            self.metrics.forget_target(name);
+        }
         self.alerts.configure(alerts);
         state.config.alerts = new.alerts.clone();
         state.config.auth = new.auth.clone();
@@ -479,9 +484,6 @@ impl Reloader {
             .into_iter()
             .filter(|name| !state.targets.running.contains_key(name))
             .collect();
-        for name in &report.removed {
-            self.metrics.forget_target(name);
-        }
         Ok(())
     }
 

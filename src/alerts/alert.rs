@@ -162,6 +162,15 @@ impl KindCounts {
     }
 }
 
+/// A dead-letter alert for `target`'s event `id` at `at_ms`, for tests.
+#[cfg(test)]
+pub(super) fn dead(target: &str, id: u64, at_ms: u64) -> Alert {
+    Alert {
+        at_ms,
+        ..Alert::dead_letter(target, EventId(id), "HTTP 422 (not retryable)".to_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,16 +138,10 @@ impl Folder {
 mod tests {
     use super::*;
     use crate::alerts::AlertKind;
+    use crate::alerts::alert::dead;
     use crate::store::EventId;
 
     const MINUTE: Duration = Duration::from_secs(60);
-
-    fn dead(target: &str, id: u64, at_ms: u64) -> Alert {
-        Alert {
-            at_ms,
-            ..Alert::dead_letter(target, EventId(id), "HTTP 422 (not retryable)".to_owned())
-        }
-    }
 
     #[test]
     fn alerts_within_the_interval_are_folded_and_the_last_burst_is_flushed() {

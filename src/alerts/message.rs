@@ -75,24 +75,13 @@ impl Message {
     }
 }
 
-/// Escapes the three characters Slack's `mrkdwn` gives a meaning.
-pub fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+/// Alerts go to Slack too: the same escaping as a target's messages.
+pub use crate::outbound::slack::escape;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EventId;
-
-    fn dead(target: &str, id: u64, at_ms: u64) -> Alert {
-        Alert {
-            at_ms,
-            ..Alert::dead_letter(target, EventId(id), "HTTP 422 (not retryable)".to_owned())
-        }
-    }
+    use crate::alerts::alert::dead;
 
     #[test]
     fn messages_name_target_reason_and_id_and_escape_slack_markup() {

@@ -189,14 +189,7 @@ pub(crate) fn test_alerter() -> (Alerter, AlertTask) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EventId;
-
-    fn dead(target: &str, id: u64, at_ms: u64) -> Alert {
-        Alert {
-            at_ms,
-            ..Alert::dead_letter(target, EventId(id), "HTTP 422 (not retryable)".to_owned())
-        }
-    }
+    use crate::alerts::alert::dead;
 
     #[test]
     fn a_full_queue_drops_and_counts_without_waiting() {

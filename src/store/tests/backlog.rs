@@ -12,11 +12,7 @@ use super::*;
 fn the_oldest_wait_is_read_by_age_past_replays_and_leftovers() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
-    let subscription = Subscription {
-        target: "crm".into(),
-        events: None,
-        wake: Arc::new(tokio::sync::Notify::new()),
-    };
+    let subscription = subscription("crm", None);
     store.adopt_targets(&[subscription]).unwrap();
     for (id, enqueued_ms) in [(100, 900u64), (2000, 500)] {
         let id = EventId(id);

@@ -11,11 +11,7 @@ use super::*;
 fn a_write_during_a_queue_read_outlives_the_reads_quiet_mark() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&small(dir.path(), Duration::from_secs(1))).unwrap();
-    let subscription = Subscription {
-        target: "crm".into(),
-        events: None,
-        wake: Arc::new(tokio::sync::Notify::new()),
-    };
+    let subscription = subscription("crm", None);
     store.adopt_targets(&[subscription]).unwrap();
     let state = |store: &Store| {
         let fronts = store.fronts.lock().unwrap();

@@ -16,6 +16,8 @@ use reqwest::header::{
 use crate::config::Secret;
 use crate::outbound::{EventView, Outbound, StatusClass};
 use crate::retry::parse_retry_after;
+use crate::store::EventId;
+use bytes::Bytes;
 
 /// How many bytes of a rejecting response are kept as the reason.
 pub const REASON_BODY_BYTES: usize = 256;
@@ -173,11 +175,33 @@ impl Deliverer {
 
     /// POSTs `event` as attempt number `attempt` (1-based).
     pub async fn attempt(&self, event: &EventView<'_>, attempt: u32) -> Outcome {
-        let id = event.id;
         let body = match self.outbound.render(event) {
             Ok(body) => body,
             Err(reason) => return Outcome::Unrenderable { reason },
         };
+        let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
+        *request.headers_mut() = self.headers(event.id, attempt, &body);
+        *request.body_mut() = Some(body.into());
+        // reqwest's own timeout covers the body too; this guards the rest.
+        // It bounds getting the answer's head: once the status is in, the
+        // outcome is decided, and a body that is slow to follow (a
+        // rejection's reason, or what is drained) never changes it.
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(self.timeout, self.client.execute(request)).await {
+            Err(_) => Outcome::Retry {
+                failure: Failure::Timeout,
+                retry_after: None,
+            },
+            Ok(Err(err)) => Outcome::Retry {
+                failure: classify(&err),
+                retry_after: None,
+            },
+            Ok(Ok(response)) => self.answer(response, started).await,
+        }
+    }
+
+    /// The headers of attempt `attempt` of event `id`, sending `body`.
+    fn headers(&self, id: EventId, attempt: u32, body: &Bytes) -> HeaderMap {
         // The request's headers in a map with room for all of them, `host`
         // and `content-length` included: reqwest hands hyper a copy of the
         // map sized to what it holds, and every header added to that copy
@@ -205,61 +229,43 @@ impl Deliverer {
         if let Some(signer) = &self.outbound.signer {
             // Signed over `body`, the exact bytes this request sends, at
             // this attempt's time.
-            signer.sign(&mut headers, id, crate::clock::now_ms() / 1000, &body);
+            signer.sign(&mut headers, id, crate::clock::now_ms() / 1000, body);
         }
-        let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
-        *request.headers_mut() = headers;
-        *request.body_mut() = Some(body.into());
-        // reqwest's own timeout covers the body too; this guards the rest.
-        // It bounds getting the answer's head: once the status is in, the
-        // outcome is decided, and a body that is slow to follow (a
-        // rejection's reason, or what is drained) never changes it.
-        let started = std::time::Instant::now();
-        let mut response =
-            match tokio::time::timeout(self.timeout, self.client.execute(request)).await {
-                Err(_) => {
-                    return Outcome::Retry {
-                        failure: Failure::Timeout,
-                        retry_after: None,
-                    };
-                }
-                Ok(Err(err)) => {
-                    return Outcome::Retry {
-                        failure: classify(&err),
-                        retry_after: None,
-                    };
-                }
-                Ok(Ok(response)) => response,
-            };
+        headers
+    }
+
+    /// What the target's answer means, reading of its body only a
+    /// rejection's reason (within the attempt's time) and what lets the
+    /// connection serve again.
+    async fn answer(
+        &self,
+        mut response: reqwest::Response,
+        started: std::time::Instant,
+    ) -> Outcome {
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let mut reason = Vec::new();
         let class = self.outbound.statuses.classify(status);
-        let delivered = class == StatusClass::Delivered;
-        let rejected = class == StatusClass::Reject;
-        if rejected {
-            // What arrives of the reason within the attempt's time.
+        let mut reason = Vec::new();
+        if class == StatusClass::Reject {
             let left = self.timeout.saturating_sub(started.elapsed());
             let _ = tokio::time::timeout(left, read_prefix(&mut response, &mut reason)).await;
         }
         let wait = DRAIN_WAIT.min(self.timeout);
         let _ = tokio::time::timeout(wait, drain(&mut response)).await;
-        if delivered {
-            Outcome::Delivered { status }
-        } else if !rejected {
-            Outcome::Retry {
+        match class {
+            StatusClass::Delivered => Outcome::Delivered { status },
+            StatusClass::Retry => Outcome::Retry {
                 failure: Failure::Status(status),
                 retry_after,
-            }
-        } else {
-            Outcome::Reject {
+            },
+            StatusClass::Reject => Outcome::Reject {
                 status,
                 body: String::from_utf8_lossy(&reason).into_owned(),
-            }
+            },
         }
     }
 }

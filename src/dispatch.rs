@@ -482,6 +482,42 @@ impl AttemptMetrics {
     }
 }
 
+/// The event a delivery is for, as an attempt needs it.
+struct Stored {
+    received_at_ms: u64,
+    body: Bytes,
+}
+
+/// `delivery`'s event: an implicit delivery comes with its body, due at
+/// its receive time; an explicit one is read. `None` when it cannot be
+/// attempted now (the event is gone, and the delivery with it; or it
+/// cannot be read, and the delivery is released to be read again).
+fn stored_event(store: &Store, name: &str, delivery: &Delivery) -> Option<Stored> {
+    if let Some(body) = &delivery.body {
+        return Some(Stored {
+            received_at_ms: delivery.due_ms,
+            body: body.clone(),
+        });
+    }
+    match store.event(delivery.id) {
+        Ok(Some(event)) => Some(Stored {
+            received_at_ms: event.received_at_ms,
+            body: Bytes::from(event.body),
+        }),
+        Ok(None) => {
+            // Pruned or purged: nothing left to deliver.
+            tracing::warn!(target = %name, id = %delivery.id, "queued delivery has no event; dropping it");
+            let _ = store.delivered(name, delivery);
+            None
+        }
+        Err(err) => {
+            tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot read event");
+            store.release(name, delivery.id, delivery.source);
+            None
+        }
+    }
+}
+
 /// Makes one attempt of `delivery` and records its outcome in the log; a
 /// dead letter, once recorded, is told to `alerts`.
 async fn attempt(
@@ -492,26 +528,12 @@ async fn attempt(
     delivery: Delivery,
 ) -> Verdict {
     let name = target.name.as_str();
-    // An implicit delivery comes with its body, due at its receive time.
-    let stored = match &delivery.body {
-        Some(body) => Ok(Some((delivery.due_ms, body.clone()))),
-        None => store
-            .event(delivery.id)
-            .map(|found| found.map(|e| (e.received_at_ms, Bytes::from(e.body)))),
-    };
-    let (received_at_ms, body) = match stored {
-        Ok(Some(found)) => found,
-        Ok(None) => {
-            // The event is gone (pruned or purged): nothing left to deliver.
-            tracing::warn!(target = %name, id = %delivery.id, "queued delivery has no event; dropping it");
-            let _ = store.delivered(name, &delivery);
-            return Verdict::Unknown;
-        }
-        Err(err) => {
-            tracing::error!(target = %name, id = %delivery.id, error = %err, "cannot read event");
-            store.release(name, delivery.id, delivery.source);
-            return Verdict::Unknown;
-        }
+    let Some(Stored {
+        received_at_ms,
+        body,
+    }) = stored_event(store, name, &delivery)
+    else {
+        return Verdict::Unknown;
     };
     let number = delivery.state.attempts.saturating_add(1);
     let started = Instant::now();

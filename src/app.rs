@@ -24,6 +24,7 @@ use crate::node::NodeId;
 use crate::reload::{AdminTargets, ConfigSource, Reloadable, Reloader, Swap, Targets};
 use crate::store::{Committer, CommitterHandle, Store, StoreOptions, Subscription};
 use crate::systemd::PassedListeners;
+use crate::tls::{Certificates, TlsFiles};
 
 /// The secrets a relay runs with, resolved by the caller (never from flags).
 #[derive(Debug, Clone, Default)]
@@ -66,6 +67,9 @@ pub struct Relay {
     alerts: Alerter,
     /// Posts them; spawned when the relay runs.
     alert_task: Option<AlertTask>,
+    /// The certificate the ingest listener serves, when `[server.tls]` is
+    /// set.
+    tls: Option<Arc<Certificates>>,
 }
 
 /// Set once a stop has begun: `/readyz` answers 503 while leads are still
@@ -247,6 +251,22 @@ fn disk_guard(
     Ok(disk)
 }
 
+/// The certificate `[server.tls]` names, read and checked; `None` for plain
+/// HTTP. An expired one is served, with a warning.
+fn load_certificates(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<Certificates>>> {
+    let Some(files) = config.server.tls.as_ref().and_then(TlsFiles::from_config) else {
+        return Ok(None);
+    };
+    let (certificates, certificate) =
+        Certificates::load(files, metrics.clone()).context("server.tls")?;
+    tracing::info!("ingest serves HTTPS with the {}", certificate.summary());
+    crate::tls::warn_if_expired(&certificate);
+    Ok(Some(certificates))
+}
+
 /// The ingest and the admin listener, in that order.
 async fn bind_listeners(
     passed: PassedListeners,
@@ -292,6 +312,7 @@ impl Relay {
             admin_token,
         } = credentials;
         let metrics = Arc::new(Metrics::new());
+        let tls = load_certificates(&config, &metrics)?;
         let (alerts, alert_task) = crate::alerts::start(&config.alerts, metrics.clone())?;
         let OpenedStore {
             store,
@@ -324,6 +345,7 @@ impl Relay {
             reload_requests: Arc::default(),
             alerts,
             alert_task: Some(alert_task),
+            tls,
         })
     }
 
@@ -444,6 +466,7 @@ impl Relay {
                 admin: admin_targets.clone(),
                 committer: self.committer.clone(),
                 alerts: self.alerts.clone(),
+                tls: self.tls.clone(),
             },
             self.metrics.clone(),
         ));
@@ -481,7 +504,8 @@ impl Relay {
                 self.config.server.path
             );
         }
-        tracing::info!(addr = %self.ingest_listener.local_addr()?, path = %self.config.server.path, "ingest listening");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %self.ingest_listener.local_addr()?, path = %self.config.server.path, scheme, "ingest listening");
         tracing::info!(addr = %self.admin_listener.local_addr()?, "admin listening");
         Ok(())
     }
@@ -496,6 +520,7 @@ impl Relay {
                 limits,
                 move |request| services.ingest.clone().handle(request),
                 connection_events(&self.metrics),
+                self.tls.as_ref().map(|tls| tls.acceptor()),
                 shutdown.clone(),
             )),
             admin: tokio::spawn(http::serve(
@@ -524,6 +549,15 @@ impl Relay {
                 self.metrics.clone(),
                 shutdown.clone(),
             )),
+            tls_watch: self.tls.clone().map(|tls| {
+                let interval = self
+                    .config
+                    .server
+                    .tls
+                    .as_ref()
+                    .map_or(Duration::from_secs(5), |t| t.watch_interval.get());
+                tokio::spawn(tls.watch(interval, shutdown.clone()))
+            }),
         };
         let stuck_watch = tokio::spawn(watch_for_a_stuck_log(
             self.store.health(),
@@ -615,6 +649,8 @@ struct Tasks {
     reloads: tokio::task::JoinHandle<()>,
     disk_watch: tokio::task::JoinHandle<()>,
     pruner: tokio::task::JoinHandle<()>,
+    /// Reads the certificate again when its files change.
+    tls_watch: Option<tokio::task::JoinHandle<()>>,
     alerts: AlertsRunning,
 }
 
@@ -660,6 +696,9 @@ impl Tasks {
         self.admin.await.context("admin listener task")?;
         self.disk_watch.await.context("disk watch task")?;
         self.pruner.await.context("retention task")?;
+        if let Some(watch) = self.tls_watch {
+            watch.await.context("certificate watch task")?;
+        }
         self.alerts.finish().await?;
         committer.close().await;
         // Nothing writes to the log any more: the next start can take the
@@ -704,10 +743,17 @@ fn connection_limits(config: &Config) -> ConnectionLimits {
 /// What the ingest listener counts besides requests.
 fn connection_events(metrics: &Arc<Metrics>) -> http::ConnectionEvents {
     let evicted = metrics.connections_evicted.clone();
+    let handshakes = metrics.clone();
     let metrics = metrics.clone();
+    // Handshake failures are counted, never logged: a flood of them (a
+    // scanner, plain HTTP probes) would flood the log, and a line per
+    // failure could only carry what a stranger sent.
     http::ConnectionEvents {
         evicted: Arc::new(move || evicted.inc()),
         malformed: Arc::new(move || metrics.count_request(IngestResult::BadRequest)),
+        handshake_failed: Arc::new(move |failure: crate::tls::HandshakeFailure| {
+            handshakes.count_handshake_failure(failure)
+        }),
     }
 }
 

@@ -555,6 +555,9 @@ pub async fn reload(access: &Access) -> anyhow::Result<()> {
     if report.secrets_changed {
         println!("inbound secrets: changed");
     }
+    if let Some(certificate) = &report.certificate {
+        println!("tls: read again, serving the {certificate}");
+    }
     if !report.needs_restart.is_empty() {
         println!(
             "needs a restart: {} (changed in the file; the running relay keeps the old values)",

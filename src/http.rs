@@ -1,7 +1,9 @@
 //! The accept loop shared by the ingest and admin listeners: a cap on open
 //! connections that closes the longest-idle connection to make room for a
 //! new one, hyper's header read timeout (which also closes idle keep-alive
-//! connections), and graceful shutdown.
+//! connections), graceful shutdown, and, when the listener serves HTTPS,
+//! the TLS handshake inside the connection's slot and under the same
+//! timeout ([`crate::tls`]).
 //!
 //! It knows nothing of webhooks: it calls a handler per request.
 
@@ -23,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::tls::{Acceptor, Handshake, HandshakeFailure};
+
 /// Connection limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -35,6 +39,9 @@ pub struct ConnectionLimits {
 /// Called once per occurrence of a connection event.
 pub type Hook = Arc<dyn Fn() + Send + Sync>;
 
+/// Called once per connection that never got past its TLS handshake.
+pub type HandshakeHook = Arc<dyn Fn(HandshakeFailure) + Send + Sync>;
+
 /// What a listener reports besides the requests its handler answers.
 #[derive(Clone)]
 pub struct ConnectionEvents {
@@ -44,6 +51,8 @@ pub struct ConnectionEvents {
     /// request line or headers, headers over the size limit: it answers
     /// 400 or 431 itself and closes the connection).
     pub malformed: Hook,
+    /// A connection to an HTTPS listener never finished its handshake.
+    pub handshake_failed: HandshakeHook,
 }
 
 impl ConnectionEvents {
@@ -51,6 +60,7 @@ impl ConnectionEvents {
         ConnectionEvents {
             evicted: Arc::new(|| {}),
             malformed: Arc::new(|| {}),
+            handshake_failed: Arc::new(|_| {}),
         }
     }
 }
@@ -71,23 +81,27 @@ pub async fn serve<H, F>(
         limits,
         handler,
         ConnectionEvents::none(),
+        None,
         shutdown,
     )
     .await
 }
 
-/// [`serve`], reporting [`ConnectionEvents`].
+/// [`serve`], reporting [`ConnectionEvents`], and over TLS when `tls` is
+/// given.
 ///
 /// At `max_connections`, a new connection closes the one that has been idle
 /// longest (no request in progress; hyper lets a request that has begun
 /// finish first), so thousands of idle or slow connections cannot lock
 /// honest senders out until their timeouts expire. Only when every
-/// connection is busy does the new one wait for a free slot.
+/// connection is busy does the new one wait for a free slot. A connection
+/// still in its TLS handshake holds its slot and counts as idle.
 pub async fn serve_counting<H, F>(
     listener: TcpListener,
     limits: ConnectionLimits,
     handler: H,
     events: ConnectionEvents,
+    tls: Option<Acceptor>,
     shutdown: CancellationToken,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -99,6 +113,9 @@ pub async fn serve_counting<H, F>(
         handler,
         open: slots.open.clone(),
         malformed: events.malformed.clone(),
+        handshake_failed: events.handshake_failed.clone(),
+        tls,
+        handshake_timeout: limits.header_read_timeout,
         first_request_grace: limits.header_read_timeout,
         shutdown: shutdown.clone(),
     });
@@ -226,6 +243,11 @@ struct ConnectionServer<H> {
     handler: H,
     open: Arc<OpenConnections>,
     malformed: Hook,
+    handshake_failed: HandshakeHook,
+    /// Set when the listener serves HTTPS.
+    tls: Option<Acceptor>,
+    /// Time a client has to finish its TLS handshake.
+    handshake_timeout: Duration,
     /// Time a connection accepted just before shutdown gets to send its
     /// first request.
     first_request_grace: Duration,
@@ -246,7 +268,8 @@ where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    /// Serves one connection until it ends, then frees its slot.
+    /// Serves one connection until it ends (after its TLS handshake, on an
+    /// HTTPS listener), then frees its slot.
     async fn serve(self: Arc<Self>, accepted: Accepted) {
         let Accepted {
             stream,
@@ -254,6 +277,23 @@ where
             close,
             permit,
         } = accepted;
+        match &self.tls {
+            None => self.serve_http(stream, id, &close).await,
+            Some(tls) => match tls.handshake(stream, self.handshake_timeout, &close).await {
+                Handshake::Done(stream) => self.serve_http(stream, id, &close).await,
+                Handshake::Failed(failure) => (self.handshake_failed)(failure),
+                Handshake::Closed => {}
+            },
+        }
+        self.open.remove(id);
+        drop(permit);
+    }
+
+    /// Serves HTTP/1 on `stream` until the connection ends.
+    async fn serve_http<S>(self: &Arc<Self>, stream: S, id: u64, close: &CancellationToken)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let started = CancellationToken::new();
         let first_request = started.clone();
         let server = self.clone();
@@ -274,7 +314,7 @@ where
         // Errors here are clients going away or timing out (an idle
         // keep-alive connection too): not ours to log. A request hyper
         // could not parse is counted.
-        let ended = match self.until_end(connection.as_mut(), &close, &started).await {
+        let ended = match self.until_end(connection.as_mut(), close, &started).await {
             ConnectionEnd::Ended(ended) => ended,
             ConnectionEnd::Close => {
                 connection.as_mut().graceful_shutdown();
@@ -284,8 +324,6 @@ where
         if ended.is_err_and(|err| err.is_parse()) {
             (self.malformed)();
         }
-        self.open.remove(id);
-        drop(permit);
     }
 
     /// Runs `connection` until it ends, is evicted (`close`), or shutdown

@@ -10,6 +10,7 @@
 //! | [`config`]  | settings: TOML file, environment, flag overrides, validation |
 //! | [`app`]     | building the relay from settings, running it, shutting it down |
 //! | [`http`]    | the accept loop: connection cap, timeouts, graceful shutdown |
+//! | [`tls`]     | HTTPS on the ingest listener: certificate files, checks, swaps, the handshake |
 //! | [`ingest`]  | the webhook endpoint: limits, secret check, validation, append |
 //! | [`store`]   | the durable log: records, group commit, queues, quarantine (the only sled user) |
 //! | [`dispatch`] | per-target scheduling: due deliveries, concurrency, rate, circuit breaker |
@@ -54,5 +55,6 @@ pub mod retry;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::Relay;

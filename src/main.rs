@@ -499,6 +499,16 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
         target.secret()?;
         leadflo_relay::outbound::Outbound::build(target)?;
     }
+    // The certificate files, checked as `serve` checks them.
+    let certificate = match config
+        .server
+        .tls
+        .as_ref()
+        .and_then(leadflo_relay::tls::TlsFiles::from_config)
+    {
+        Some(files) => Some(leadflo_relay::tls::read(&files).context("server.tls")?),
+        None => None,
+    };
     let origin = match &args.config {
         Some(path) => format!("{} with flag overrides", path.display()),
         None => "built-in defaults with flag overrides".to_owned(),
@@ -530,6 +540,26 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     }
     for target in &config.targets {
         println!("# target {}: {}", target.name, target.shape_summary());
+    }
+    if let Some(certificate) = &certificate {
+        println!("# tls: {}", certificate.summary());
+        if certificate.expired() {
+            println!(
+                "# tls: WARNING: the certificate EXPIRED on {}; clients refuse it until it is renewed",
+                certificate.expiry()
+            );
+            eprintln!(
+                "warning: the certificate in {} expired on {}",
+                config
+                    .server
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.cert_file.as_ref())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                certificate.expiry()
+            );
+        }
     }
     print!("{}", config.to_toml());
     Ok(())

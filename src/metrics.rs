@@ -109,6 +109,14 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `leadflo_relay_alerts_total{kind,result}`: see [`crate::alerts`].
     pub alerts: IntCounterVec,
+    /// `leadflo_relay_tls_handshake_failures_total{reason}`: see
+    /// [`crate::tls::HandshakeFailure`].
+    pub tls_handshake_failures: IntCounterVec,
+    /// `leadflo_relay_tls_reloads_total{result}`: the certificate read
+    /// again under a running relay.
+    pub tls_reloads: IntCounterVec,
+    /// `leadflo_relay_tls_certificate_expiry_timestamp_seconds`.
+    pub tls_certificate_expiry: IntGauge,
 }
 
 impl Metrics {
@@ -318,13 +326,39 @@ impl Metrics {
                 &["kind", "result"],
             )
             .expect("valid metric"),
+            tls_handshake_failures: IntCounterVec::new(
+                Opts::new(
+                    "leadflo_relay_tls_handshake_failures_total",
+                    "Ingest connections that never got past the TLS handshake, by reason: \
+                     plain_http (answered 400), timeout (none within server.header_read_timeout), \
+                     error (the client broke off or sent what is not TLS).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            tls_reloads: IntCounterVec::new(
+                Opts::new(
+                    "leadflo_relay_tls_reloads_total",
+                    "The certificate files read again (on reload, or changed on disk), by result: \
+                     ok (served from the next handshake), or failed (the certificate in use was \
+                     kept; the log says why).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            tls_certificate_expiry: IntGauge::new(
+                "leadflo_relay_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate the ingest listener serves expires (Unix time); 0 when it \
+                 serves plain HTTP.",
+            )
+            .expect("valid metric"),
         };
         metrics.register_all();
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 29] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -351,6 +385,9 @@ impl Metrics {
             Box::new(self.disk_total_bytes.clone()),
             Box::new(self.config_reloads.clone()),
             Box::new(self.alerts.clone()),
+            Box::new(self.tls_handshake_failures.clone()),
+            Box::new(self.tls_reloads.clone()),
+            Box::new(self.tls_certificate_expiry.clone()),
         ];
         for collector in collectors {
             self.registry
@@ -375,6 +412,11 @@ impl Metrics {
         }
         for result in ["ok", "failed"] {
             self.config_reloads.with_label_values(&[result]);
+            self.tls_reloads.with_label_values(&[result]);
+        }
+        for failure in crate::tls::HandshakeFailure::ALL {
+            self.tls_handshake_failures
+                .with_label_values(&[failure.label()]);
         }
         for kind in crate::alerts::AlertKind::ALL {
             for result in crate::alerts::AlertResult::ALL {
@@ -434,6 +476,26 @@ impl Metrics {
         self.delivery_attempts
             .with_label_values(&[target, outcome])
             .get()
+    }
+
+    /// Counts a connection that never got past its TLS handshake.
+    pub fn count_handshake_failure(&self, failure: crate::tls::HandshakeFailure) {
+        self.tls_handshake_failures
+            .with_label_values(&[failure.label()])
+            .inc();
+    }
+
+    /// The current value of
+    /// `leadflo_relay_tls_handshake_failures_total{reason}`.
+    pub fn handshake_failures(&self, failure: crate::tls::HandshakeFailure) -> u64 {
+        self.tls_handshake_failures
+            .with_label_values(&[failure.label()])
+            .get()
+    }
+
+    /// The current value of `leadflo_relay_tls_reloads_total{result}`.
+    pub fn tls_reloads(&self, result: &str) -> u64 {
+        self.tls_reloads.with_label_values(&[result]).get()
     }
 
     /// The current value of `leadflo_relay_alerts_total{kind,result}`.

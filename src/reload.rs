@@ -10,8 +10,10 @@
 //! event types gets its place in the log at a cut the committer chooses
 //! (every event above it is for the new targets), while ingest goes on.
 //! The `[alerts]` section (and the URL its file or variable holds) is read
-//! again too. Every other key needs a restart and is reported so. A file
-//! that does not load, or a secret that cannot be read, changes nothing.
+//! again too, and so is the certificate `[server.tls]` names (served from
+//! the next handshake on). Every other key needs a restart and is reported
+//! so. A file that does not load, a secret that cannot be read, or a
+//! certificate that does not read changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -31,6 +33,7 @@ use crate::ingest::SecretCheck;
 use crate::metrics::Metrics;
 use crate::ops::TargetsView;
 use crate::store::{Committer, Store, Subscription, TargetChange};
+use crate::tls::{Certificates, Staged, TlsFiles};
 
 /// A value a reload replaces while readers keep using what they loaded.
 #[derive(Debug, Default)]
@@ -92,6 +95,10 @@ pub struct ReloadReport {
     pub secrets_changed: bool,
     /// Keys that changed in the file but take effect only at a restart.
     pub needs_restart: Vec<String>,
+    /// The certificate read again (`[server.tls]`): what it is for and
+    /// when it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// What the admin API knows of the targets, replaced by each reload.
@@ -266,6 +273,7 @@ pub struct Reloader {
     store: Store,
     metrics: Arc<Metrics>,
     alerts: Alerter,
+    tls: Option<Arc<Certificates>>,
 }
 
 /// What the running relay was configured with, and its dispatchers.
@@ -290,6 +298,9 @@ pub struct Reloadable {
     pub committer: Committer,
     /// Takes the `[alerts]` settings each reload reads.
     pub alerts: Alerter,
+    /// The certificate the ingest listener serves, read again by each
+    /// reload; `None` for plain HTTP.
+    pub tls: Option<Arc<Certificates>>,
 }
 
 impl Reloader {
@@ -308,6 +319,7 @@ impl Reloader {
             store,
             metrics,
             alerts: parts.alerts,
+            tls: parts.tls,
         }
     }
 
@@ -336,6 +348,7 @@ impl Reloader {
                     changed = ?report.changed.keys().collect::<Vec<_>>(),
                     secrets_changed = report.secrets_changed,
                     needs_restart = ?report.needs_restart,
+                    certificate = report.certificate.as_deref().unwrap_or("-"),
                     "configuration reloaded"
                 );
                 if !report.needs_restart.is_empty() {
@@ -375,6 +388,7 @@ impl Reloader {
         let check = secret_check(&new)?;
         let alerts = AlertSettings::resolve(&new.alerts)?;
         let plan = Plan::make(&state.targets, &new.targets)?;
+        let certificate = self.stage_certificate(&new)?;
         let mut report = ReloadReport {
             needs_restart: restart_keys(&state.config, &new),
             secrets_changed: self.secret.load().as_ref().as_ref() != check.as_ref(),
@@ -415,10 +429,40 @@ impl Reloader {
             self.metrics.forget_target(name);
         }
         self.alerts.configure(alerts);
+        if let Some(staged) = certificate {
+            report.certificate = Some(staged.certificate().summary());
+            self.install_certificate(state, staged, &new);
+        }
         state.config.alerts = new.alerts.clone();
         state.config.auth = new.auth.clone();
         state.config.targets = new.targets.clone();
         Ok(report)
+    }
+
+    /// The certificate `new` names, read and checked but not yet served,
+    /// when the relay serves HTTPS and the new configuration still does
+    /// (turning HTTPS on or off needs a restart).
+    fn stage_certificate(&self, new: &Config) -> anyhow::Result<Option<Staged>> {
+        let files = new.server.tls.as_ref().and_then(TlsFiles::from_config);
+        let (Some(tls), Some(files)) = (&self.tls, files) else {
+            return Ok(None);
+        };
+        tls.stage(&files)
+            .map(Some)
+            .context("server.tls: the certificate does not read; the certificate in use is kept")
+    }
+
+    /// Serves `staged` from the next handshake on, and watches the files
+    /// `new` names.
+    fn install_certificate(&self, state: &mut State, staged: Staged, new: &Config) {
+        let Some(tls) = &self.tls else {
+            return;
+        };
+        tls.install(staged);
+        if let (Some(running), Some(new)) = (state.config.server.tls.as_mut(), &new.server.tls) {
+            running.cert_file = new.cert_file.clone();
+            running.key_file = new.key_file.clone();
+        }
     }
 
     /// Stops the dispatchers of the targets `retired` (removed, or whose
@@ -584,25 +628,48 @@ fn changed_keys(old: &TargetConfig, new: &TargetConfig) -> Vec<String> {
 }
 
 /// The keys outside `[auth]` and `[[targets]]` that differ: they take
-/// effect at the next start.
-fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
+/// effect at the next start. The certificate files of `[server.tls]` are
+/// read again in place; turning HTTPS on or off needs a restart.
+fn restart_keys(old_config: &Config, new_config: &Config) -> Vec<String> {
     let mut keys = Vec::new();
     for (section, old, new) in [
-        ("server", toml_table(&old.server), toml_table(&new.server)),
+        (
+            "server",
+            toml_table(&old_config.server),
+            toml_table(&new_config.server),
+        ),
         (
             "storage",
-            toml_table(&old.storage),
-            toml_table(&new.storage),
+            toml_table(&old_config.storage),
+            toml_table(&new_config.storage),
         ),
         (
             "logging",
-            toml_table(&old.logging),
-            toml_table(&new.logging),
+            toml_table(&old_config.logging),
+            toml_table(&new_config.logging),
         ),
     ] {
-        keys.extend(table_diff(&old, &new, &format!("{section}.")));
+        keys.extend(
+            table_diff(&old, &new, &format!("{section}."))
+                .into_iter()
+                .filter(|key| key != "server.tls"),
+        );
+        if section == "server" {
+            keys.extend(tls_restart_keys(old_config, new_config));
+        }
     }
     keys
+}
+
+/// The `[server.tls]` keys that take effect only at a restart.
+fn tls_restart_keys(old: &Config, new: &Config) -> Vec<String> {
+    match (&old.server.tls, &new.server.tls) {
+        (Some(old), Some(new)) if old.watch_interval != new.watch_interval => {
+            vec!["server.tls.watch_interval".to_owned()]
+        }
+        (Some(_), Some(_)) | (None, None) => Vec::new(),
+        (Some(_), None) | (None, Some(_)) => vec!["server.tls".to_owned()],
+    }
 }
 
 fn toml_table<T: Serialize>(value: &T) -> toml::Table {

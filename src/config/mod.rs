@@ -382,6 +382,62 @@ url = "https://hooks.slack.com/services/T000/B000/XXXX"
         assert!(config.inbound_secret().unwrap().is_none());
     }
 
+    /// `[server.tls]` takes both files or none: each error names the key
+    /// that is missing or wrong, and the file.
+    #[test]
+    fn tls_takes_both_files_and_names_the_missing_key() {
+        assert!(
+            Config::parse("", "relay.toml")
+                .unwrap()
+                .server
+                .tls
+                .is_none()
+        );
+        for (text, key) in [
+            ("[server.tls]\n", "server.tls.cert_file"),
+            (
+                "[server.tls]\nkey_file = \"k.pem\"\n",
+                "server.tls.cert_file",
+            ),
+            (
+                "[server.tls]\ncert_file = \"c.pem\"\n",
+                "server.tls.key_file",
+            ),
+            (
+                "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"\"\n",
+                "server.tls.key_file",
+            ),
+            (
+                "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nwatch_interval = \"0s\"\n",
+                "server.tls.watch_interval",
+            ),
+            (
+                "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\ncert = \"x\"\n",
+                "server.tls",
+            ),
+        ] {
+            let err = Config::parse(text, "relay.toml")
+                .map(|_| "accepted".to_owned())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(
+                err.contains("relay.toml") && err.contains(key),
+                "{text:?}: {err}"
+            );
+        }
+        let config = Config::parse(
+            "[server.tls]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/k.pem\"\n",
+            "relay.toml",
+        )
+        .unwrap();
+        let tls = config.server.tls.as_ref().unwrap();
+        assert_eq!(tls.watch_interval.to_string(), "5s");
+        assert_eq!(
+            Config::parse(&config.to_toml(), "printed").unwrap(),
+            config,
+            "the printed configuration keeps [server.tls]"
+        );
+    }
+
     /// `storage.max_bytes = 0` makes ingest refuse every event (no store is
     /// smaller than 0 bytes) while `check-config` calls the file valid; like
     /// `server.max_connections = 0`, it must be refused, naming file and key.

@@ -203,6 +203,43 @@ pub struct ServerConfig {
     /// so that no two relays issue the same one. Unset: a random identity
     /// made with the data directory and kept in it (`node_id`).
     pub node_id: Option<u16>,
+    /// `[server.tls]`: HTTPS on the ingest listener; plain HTTP when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the ingest listener serves HTTPS with a certificate read
+/// from files (certbot's, or any other ACME client's, renewed in place).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate first, then its chain (certbot's
+    /// `fullchain.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with its private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC)
+    /// (certbot's `privkey.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// How often the two files are checked for a change on disk; a changed
+    /// certificate is read again and used for the next handshakes.
+    #[serde(default = "default_tls_watch_interval")]
+    pub watch_interval: HumanDuration,
+}
+
+fn default_tls_watch_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
+impl TlsConfig {
+    /// Both files, from the given paths.
+    pub fn from_files(cert_file: PathBuf, key_file: PathBuf) -> TlsConfig {
+        TlsConfig {
+            cert_file: Some(cert_file),
+            key_file: Some(key_file),
+            watch_interval: default_tls_watch_interval(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -218,6 +255,7 @@ impl Default for ServerConfig {
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
             drain_delay: HumanDuration(Duration::ZERO),
             node_id: None,
+            tls: None,
         }
     }
 }

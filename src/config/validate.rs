@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Config, ConfigError, TargetConfig};
+use super::{Config, ConfigError, TargetConfig, TlsConfig};
 
 impl Config {
     pub(super) fn validate(&self, origin: &str) -> Result<(), ConfigError> {
@@ -36,6 +36,9 @@ impl Config {
                 "server.max_connections",
                 "expected at least 1, got 0".to_owned(),
             ));
+        }
+        if let Some(tls) = &server.tls {
+            validate_tls(tls).map_err(|(key, message)| invalid(key, message))?;
         }
         for (key, value) in [
             ("server.header_read_timeout", server.header_read_timeout),
@@ -110,6 +113,38 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks `[server.tls]`: both files or neither (no section); on error
+/// returns the key and what was expected. The files themselves are read
+/// and checked by [`crate::tls`].
+fn validate_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
+    let empty =
+        |path: &Option<std::path::PathBuf>| path.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+    if tls.cert_file.is_none() || empty(&tls.cert_file) {
+        return Err((
+            "server.tls.cert_file",
+            "expected the PEM file with the certificate and its chain (e.g. certbot's \
+             fullchain.pem), alongside server.tls.key_file; or no [server.tls] section for \
+             plain HTTP"
+                .to_owned(),
+        ));
+    }
+    if tls.key_file.is_none() || empty(&tls.key_file) {
+        return Err((
+            "server.tls.key_file",
+            "expected the PEM file with the certificate's private key (e.g. certbot's \
+             privkey.pem), alongside server.tls.cert_file"
+                .to_owned(),
+        ));
+    }
+    if tls.watch_interval.0.is_zero() {
+        return Err((
+            "server.tls.watch_interval",
+            "expected a duration above zero, got 0".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// The smallest `rate_per_second`: one attempt start a day.

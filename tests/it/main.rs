@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`ingest`] | the webhook endpoint and the log behind it: durable before 200, answers, quarantine, group commit |
 //! | [`abuse`] | slow, idle and oversized clients cost nothing and lose nothing |
+//! | [`tls`] | HTTPS: certificate files, plain HTTP refused, swaps on reload and renewal, limits during the handshake |
 //! | [`delivery`] | retries, limits, circuit breaker, dead letters, at-least-once |
 //! | [`faults`] | targets that reset, stall, lie or vanish |
 //! | [`crash`], [`crash_points`] | `kill -9` at random moments and at exact points loses no acknowledged event |
@@ -40,3 +41,4 @@ mod operations;
 mod outbound;
 mod properties;
 mod reload;
+mod tls;

@@ -1,0 +1,76 @@
+//! HTTPS on the ingest listener, from certificate files: reading and
+//! checking them, the certificate in use (swapped on reload and when the
+//! files change on disk), and the handshake inside a connection's slot.
+//!
+//! It never logs a client's data: a failed handshake is counted, and at
+//! most logged at debug level with the peer's address. It never stops a
+//! running relay: a certificate that cannot be read again leaves the one in
+//! use in place.
+//!
+//! | file | owns |
+//! |---|---|
+//! | [`files`] | reading the two PEM files and every check: [`Certificate`], [`CertificateError`] |
+//! | [`live`] | [`Certificates`]: the certificate in use, read again on reload and on change |
+//! | [`handshake`] | [`Acceptor`]: the handshake under a deadline, plain HTTP refused |
+
+mod files;
+mod handshake;
+mod live;
+
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::reload::Swap;
+
+pub use files::{Certificate, CertificateError, TlsFiles, read};
+pub use handshake::{Acceptor, Handshake, HandshakeFailure, PLAIN_HTTP_ANSWER};
+pub use live::{Certificates, Staged, warn_if_expired};
+
+/// The only application protocol the ingest listener speaks.
+pub const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
+
+/// Hands every handshake the certificate in use; a reload swaps it, and
+/// handshakes already under way keep the one they took.
+#[derive(Debug)]
+pub struct CertResolver {
+    current: Swap<CertifiedKey>,
+}
+
+impl CertResolver {
+    pub fn new(key: CertifiedKey) -> CertResolver {
+        CertResolver {
+            current: Swap::new(key),
+        }
+    }
+
+    /// From the next handshake on, `key` is served.
+    pub fn swap(&self, key: CertifiedKey) {
+        self.current.store(key);
+    }
+
+    /// The certificate served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load()
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load())
+    }
+}
+
+/// rustls' settings for the ingest listener: the `ring` provider, TLS 1.2
+/// and 1.3, ALPN `http/1.1`, the certificate from `resolver`.
+pub fn server_config(resolver: Arc<CertResolver>) -> Result<ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_HTTP_1_1.to_vec()];
+    Ok(config)
+}

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use leadflo_relay::app::Credentials;
-use leadflo_relay::config::{Config, LogFormat, Overrides, TargetConfig, parse_target_flag};
+use leadflo_relay::config::{
+    Config, LogFormat, Overrides, Secret, TargetConfig, parse_target_flag,
+};
 use leadflo_relay::node::{NodeId, NodeSource};
 use leadflo_relay::reload::ConfigSource;
 use leadflo_relay::store::EventId;
@@ -483,7 +485,32 @@ impl Signals {
 
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
-    let secret = config.inbound_secret()?;
+    let secrets = check_secrets(&config)?;
+    check_targets(&config)?;
+    let certificate = check_certificate(&config)?;
+    print_secrets(args, &config, &secrets);
+    print_node_id(&config)?;
+    for target in &config.targets {
+        println!("# target {}: {}", target.name, target.shape_summary());
+    }
+    if let Some(certificate) = &certificate {
+        print_certificate(&config, certificate);
+    }
+    print!("{}", config.to_toml());
+    Ok(())
+}
+
+/// The secrets `check_config` found; only whether each is set is printed.
+struct CheckedSecrets {
+    inbound: Option<Secret>,
+    previous: Option<Secret>,
+    admin_token: Option<Secret>,
+}
+
+/// Reads the inbound, previous and admin secrets, and refuses an admin API
+/// off loopback without a token, as `serve` does.
+fn check_secrets(config: &Config) -> anyhow::Result<CheckedSecrets> {
+    let inbound = config.inbound_secret()?;
     let admin_token = config.admin_token();
     // As `serve` decides it when it binds `server.admin_listen` itself (a
     // socket passed by systemd is checked when `serve` takes it).
@@ -493,13 +520,26 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
         admin_token.as_ref(),
     )?;
     let previous = config.previous_secret()?;
-    // Each target's own secret, header values, signing secret and
-    // template too: `serve` refuses to start without them.
+    Ok(CheckedSecrets {
+        inbound,
+        previous,
+        admin_token,
+    })
+}
+
+/// Each target's own secret, header values, signing secret and template
+/// too: `serve` refuses to start without them.
+fn check_targets(config: &Config) -> anyhow::Result<()> {
     for target in &config.targets {
         target.secret()?;
         leadflo_relay::outbound::Outbound::build(target)?;
     }
-    // The certificate files, checked as `serve` checks them.
+    Ok(())
+}
+
+/// The certificate files, checked as `serve` checks them; `None` for plain
+/// HTTP.
+fn check_certificate(config: &Config) -> anyhow::Result<Option<leadflo_relay::tls::Certificate>> {
     let certificate = match config
         .server
         .tls
@@ -509,21 +549,32 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
         Some(files) => Some(leadflo_relay::tls::read(&files).context("server.tls")?),
         None => None,
     };
+    Ok(certificate)
+}
+
+/// The header's first lines: where the configuration came from, and which
+/// secrets are set (never their values).
+fn print_secrets(args: &ConfigArgs, config: &Config, secrets: &CheckedSecrets) {
     let origin = match &args.config {
         Some(path) => format!("{} with flag overrides", path.display()),
         None => "built-in defaults with flag overrides".to_owned(),
     };
     println!("# effective configuration ({origin}); secrets are redacted");
-    match secret {
+    match secrets.inbound {
         Some(_) => println!("# inbound secret: set (from {})", config.secret_source()),
         None => println!("# inbound secret: NONE (unauthenticated mode)"),
     }
-    if previous.is_some() {
+    if secrets.previous.is_some() {
         println!("# previous inbound secret: set (accepted during the rotation)");
     }
-    if admin_token.is_some() {
+    if secrets.admin_token.is_some() {
         println!("# admin API token: set (from environment variable LEADFLO_RELAY_ADMIN_TOKEN)");
     }
+}
+
+/// The header's node id line: configured, kept in the data directory, or
+/// still to be made by the first `serve`.
+fn print_node_id(config: &Config) -> anyhow::Result<()> {
     match NodeId::peek(config.server.node_id, &config.storage.data_dir)? {
         (Some(node), NodeSource::Configured) => println!("# node id: {node} (server.node_id)"),
         (Some(node), NodeSource::DataDir(path)) => {
@@ -538,29 +589,28 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
                 .display()
         ),
     }
-    for target in &config.targets {
-        println!("# target {}: {}", target.name, target.shape_summary());
-    }
-    if let Some(certificate) = &certificate {
-        println!("# tls: {}", certificate.summary());
-        if certificate.expired() {
-            println!(
-                "# tls: WARNING: the certificate EXPIRED on {}; clients refuse it until it is renewed",
-                certificate.expiry()
-            );
-            eprintln!(
-                "warning: the certificate in {} expired on {}",
-                config
-                    .server
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.cert_file.as_ref())
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                certificate.expiry()
-            );
-        }
-    }
-    print!("{}", config.to_toml());
     Ok(())
+}
+
+/// The header's certificate line, and a warning (on stdout and stderr) when
+/// it has expired.
+fn print_certificate(config: &Config, certificate: &leadflo_relay::tls::Certificate) {
+    println!("# tls: {}", certificate.summary());
+    if certificate.expired() {
+        println!(
+            "# tls: WARNING: the certificate EXPIRED on {}; clients refuse it until it is renewed",
+            certificate.expiry()
+        );
+        eprintln!(
+            "warning: the certificate in {} expired on {}",
+            config
+                .server
+                .tls
+                .as_ref()
+                .and_then(|t| t.cert_file.as_ref())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            certificate.expiry()
+        );
+    }
 }

@@ -432,6 +432,97 @@ async fn plain_http_to_the_https_port_gets_400_and_nothing_is_stored() {
     relay.stop().await;
 }
 
+/// A raw TLS connection to `addr` trusting `ca` (for requests reqwest
+/// cannot make: a body that stalls half-way).
+async fn raw_tls(
+    ca: &TestCa,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// The ingest endpoint's answers hold over TLS as over plain HTTP: 200
+/// only once the event is stored, 401 for a missing or wrong secret, 400
+/// for a body that is not an event (quarantined), 413 for a body over the
+/// limit (from its Content-Length, before it is read), 408 for a body that
+/// stops half-way; nothing but the lead is stored as an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_answers_hold_over_tls() {
+    let ca = TestCa::new();
+    let files = CertFiles::with(&ca.leaf());
+    let relay = tls_relay(&files, |config| {
+        config.server.max_body_bytes = 4096;
+        config.server.request_timeout =
+            leadflo_relay::config::HumanDuration(Duration::from_millis(500));
+    })
+    .await;
+    let (client, url) = (tls_client(&ca), https_url(relay.ingest));
+
+    let (status, json, _) = post_tls(&client, &url, SECRET, lead(1)).await;
+    assert_eq!(status, 200, "{json}");
+    let id: leadflo_relay::store::EventId = json["id"].as_str().unwrap().parse().unwrap();
+    assert!(
+        relay.store.event(id).unwrap().is_some(),
+        "acknowledged but not stored"
+    );
+
+    let (status, json, _) = post_tls(&client, &url, "not-the-secret", lead(2)).await;
+    assert_eq!(status, 401, "{json}");
+    let (status, json, _) = post_tls(&client, &url, SECRET, br#"{"name":"x"}"#.to_vec()).await;
+    assert_eq!(status, 400, "{json}");
+
+    // Headers only: the answer comes from the Content-Length.
+    let mut stream = raw_tls(&ca, relay.ingest).await;
+    let head = format!(
+        "POST /leadflo-webhook HTTP/1.1\r\nhost: localhost\r\nx-webhook-secret: {SECRET}\r\n\
+         content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_close_tls(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    let mut stream = raw_tls(&ca, relay.ingest).await;
+    let head = format!(
+        "POST /leadflo-webhook HTTP/1.1\r\nhost: localhost\r\nx-webhook-secret: {SECRET}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"event\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_close_tls(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    assert_eq!(relay.store.events().count(), 1, "only the lead is an event");
+    relay.stop().await;
+}
+
+/// What the relay sends on `stream` until it closes it (at most 10 s).
+async fn read_until_close_tls(stream: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 // ---- bad files -----------------------------------------------------------------
 
 /// A bad file case: what is written, and what the error must say.

@@ -55,6 +55,9 @@ pub struct Admin {
     pub node: crate::node::NodeId,
     /// Set when a stop began: `/readyz` answers 503 (see [`crate::app::Relay::stop`]).
     pub draining: crate::app::Draining,
+    /// Set when the certificate comes from ACME: not ready before the
+    /// first one.
+    pub certificate: Option<crate::tls::Readiness>,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -269,6 +272,9 @@ impl Admin {
             );
         }
         if let Some(why) = self.disk.refusal() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &why);
+        }
+        if let Some(why) = self.certificate.as_ref().and_then(|c| c.why_not()) {
             return error(StatusCode::SERVICE_UNAVAILABLE, &why);
         }
         json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))

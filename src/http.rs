@@ -283,6 +283,7 @@ where
                 Handshake::Done(stream) => self.serve_http(stream, id, &close).await,
                 Handshake::Failed(failure) => (self.handshake_failed)(failure),
                 Handshake::Closed => {}
+                Handshake::Challenge => tracing::debug!("answered an ACME TLS-ALPN-01 challenge"),
             },
         }
         self.open.remove(id);

@@ -488,6 +488,7 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let secrets = check_secrets(&config)?;
     check_targets(&config)?;
     let certificate = check_certificate(&config)?;
+    let acme = check_acme(&config)?;
     print_secrets(args, &config, &secrets);
     print_node_id(&config)?;
     for target in &config.targets {
@@ -495,6 +496,9 @@ fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     }
     if let Some(certificate) = &certificate {
         print_certificate(&config, certificate);
+    }
+    for line in acme {
+        println!("# tls: {line}");
     }
     print!("{}", config.to_toml());
     Ok(())
@@ -550,6 +554,31 @@ fn check_certificate(config: &Config) -> anyhow::Result<Option<leadflo_relay::tl
         None => None,
     };
     Ok(certificate)
+}
+
+/// `[server.tls.acme]` checked as `serve` checks it (the CA file read;
+/// nothing is ordered), and what its cache holds: the lines to print.
+fn check_acme(config: &Config) -> anyhow::Result<Vec<String>> {
+    use leadflo_relay::tls::{Acme, AcmeSettings};
+    let Some(acme) = config.server.tls.as_ref().and_then(|t| t.acme.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let settings = AcmeSettings::from_config(acme, &config.storage.data_dir);
+    let client = Acme::new(
+        settings.clone(),
+        std::sync::Arc::new(leadflo_relay::metrics::Metrics::new()),
+    )?;
+    let cached = match settings.cached() {
+        Ok(Some(certificate)) => format!("cached {}", certificate.summary()),
+        Ok(None) => "no certificate cached yet: the first start orders one".to_owned(),
+        Err(err) => format!(
+            "WARNING: the cached certificate cannot be used ({err}); the next start orders a new one"
+        ),
+    };
+    Ok(vec![
+        client.summary(),
+        format!("ACME cache {}: {cached}", settings.cache_dir.display()),
+    ])
 }
 
 /// The header's first lines: where the configuration came from, and which

@@ -117,6 +117,12 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// `leadflo_relay_tls_certificate_expiry_timestamp_seconds`.
     pub tls_certificate_expiry: IntGauge,
+    /// `leadflo_relay_acme_orders_total{result}`: certificate orders
+    /// (first and renewals) to the ACME authority.
+    pub acme_orders: IntCounterVec,
+    /// `leadflo_relay_acme_cache_errors_total`: the ACME cache directory
+    /// could not be read or written.
+    pub acme_cache_errors: IntCounter,
 }
 
 impl Metrics {
@@ -331,7 +337,8 @@ impl Metrics {
                     "leadflo_relay_tls_handshake_failures_total",
                     "Ingest connections that never got past the TLS handshake, by reason: \
                      plain_http (answered 400), timeout (none within server.header_read_timeout), \
-                     error (the client broke off or sent what is not TLS).",
+                     error (the client broke off or sent what is not TLS), no_certificate (the \
+                     first ACME certificate is not there yet).",
                 ),
                 &["reason"],
             )
@@ -352,13 +359,29 @@ impl Metrics {
                  serves plain HTTP.",
             )
             .expect("valid metric"),
+            acme_orders: IntCounterVec::new(
+                Opts::new(
+                    "leadflo_relay_acme_orders_total",
+                    "Certificate orders to the ACME authority (the first, and each renewal), by \
+                     result: ok (the new certificate is served), failed (retried with backoff; \
+                     the log says why).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            acme_cache_errors: IntCounter::new(
+                "leadflo_relay_acme_cache_errors_total",
+                "The ACME cache directory (account key, certificates) could not be read or \
+                 written; a restart would order again.",
+            )
+            .expect("valid metric"),
         };
         metrics.register_all();
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 29] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 31] = [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.ingest_events.clone()),
             Box::new(self.ingest_duration.clone()),
@@ -388,6 +411,8 @@ impl Metrics {
             Box::new(self.tls_handshake_failures.clone()),
             Box::new(self.tls_reloads.clone()),
             Box::new(self.tls_certificate_expiry.clone()),
+            Box::new(self.acme_orders.clone()),
+            Box::new(self.acme_cache_errors.clone()),
         ];
         for collector in collectors {
             self.registry
@@ -413,6 +438,7 @@ impl Metrics {
         for result in ["ok", "failed"] {
             self.config_reloads.with_label_values(&[result]);
             self.tls_reloads.with_label_values(&[result]);
+            self.acme_orders.with_label_values(&[result]);
         }
         for failure in crate::tls::HandshakeFailure::ALL {
             self.tls_handshake_failures
@@ -496,6 +522,11 @@ impl Metrics {
     /// The current value of `leadflo_relay_tls_reloads_total{result}`.
     pub fn tls_reloads(&self, result: &str) -> u64 {
         self.tls_reloads.with_label_values(&[result]).get()
+    }
+
+    /// The current value of `leadflo_relay_acme_orders_total{result}`.
+    pub fn acme_orders(&self, result: &str) -> u64 {
+        self.acme_orders.with_label_values(&[result]).get()
     }
 
     /// The current value of `leadflo_relay_alerts_total{kind,result}`.

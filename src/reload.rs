@@ -664,6 +664,7 @@ fn restart_keys(old_config: &Config, new_config: &Config) -> Vec<String> {
 /// The `[server.tls]` keys that take effect only at a restart.
 fn tls_restart_keys(old: &Config, new: &Config) -> Vec<String> {
     match (&old.server.tls, &new.server.tls) {
+        (Some(old), Some(new)) if old.acme != new.acme => vec!["server.tls.acme".to_owned()],
         (Some(old), Some(new)) if old.watch_interval != new.watch_interval => {
             vec!["server.tls.watch_interval".to_owned()]
         }

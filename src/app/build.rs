@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::node::NodeId;
 use crate::store::{Store, StoreOptions, Subscription};
 use crate::systemd::PassedListeners;
-use crate::tls::{Certificates, TlsFiles};
+use crate::tls::{Acme, AcmeSettings, Certificates, Https, TlsFiles};
 
 /// A passed socket as it is, or a new one bound to `addr`.
 async fn listen(
@@ -125,20 +125,27 @@ fn disk_guard(
     Ok(disk)
 }
 
-/// The certificate `[server.tls]` names, read and checked; `None` for plain
-/// HTTP. An expired one is served, with a warning.
-fn load_certificates(
-    config: &Config,
-    metrics: &Arc<Metrics>,
-) -> anyhow::Result<Option<Arc<Certificates>>> {
-    let Some(files) = config.server.tls.as_ref().and_then(TlsFiles::from_config) else {
+/// The certificate `[server.tls]` names, read and checked, or the ACME
+/// client that orders it; `None` for plain HTTP. An expired certificate is
+/// served, with a warning.
+fn load_certificates(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Option<Https>> {
+    let Some(tls) = &config.server.tls else {
+        return Ok(None);
+    };
+    if let Some(acme) = &tls.acme {
+        let settings = AcmeSettings::from_config(acme, &config.storage.data_dir);
+        let acme = Acme::new(settings, metrics.clone())?;
+        tracing::info!("ingest serves HTTPS with an {}", acme.summary());
+        return Ok(Some(Https::Acme(acme)));
+    }
+    let Some(files) = TlsFiles::from_config(tls) else {
         return Ok(None);
     };
     let (certificates, certificate) =
         Certificates::load(files, metrics.clone()).context("server.tls")?;
     tracing::info!("ingest serves HTTPS with the {}", certificate.summary());
     crate::tls::warn_if_expired(&certificate);
-    Ok(Some(certificates))
+    Ok(Some(Https::Files(certificates)))
 }
 
 /// The ingest and the admin listener, in that order.

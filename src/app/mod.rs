@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::node::NodeId;
 use crate::reload::ConfigSource;
 use crate::store::{Committer, CommitterHandle, Store};
-use crate::tls::Certificates;
+use crate::tls::Https;
 
 mod build;
 mod credentials;
@@ -74,9 +74,9 @@ pub struct Relay {
     alerts: Alerter,
     /// Posts them; spawned when the relay runs.
     alert_task: Option<AlertTask>,
-    /// The certificate the ingest listener serves, when `[server.tls]` is
-    /// set.
-    tls: Option<Arc<Certificates>>,
+    /// Where the ingest listener's certificate comes from, when
+    /// `[server.tls]` is set.
+    tls: Option<Https>,
 }
 
 impl Relay {

@@ -17,6 +17,7 @@ use crate::dispatch::Target;
 use crate::http::{self, ConnectionLimits};
 use crate::ingest::{Ingest, SecretCheck};
 use crate::reload::{AdminTargets, Reloadable, Reloader, Swap, Targets};
+use crate::tls::Https;
 
 impl Relay {
     /// Serves until `shutdown` is cancelled; then stops accepting, lets open
@@ -73,7 +74,7 @@ impl Relay {
                 admin: admin_targets.clone(),
                 committer: self.committer.clone(),
                 alerts: self.alerts.clone(),
-                tls: self.tls.clone(),
+                tls: self.tls.as_ref().and_then(Https::files),
             },
             self.metrics.clone(),
         ));
@@ -98,6 +99,7 @@ impl Relay {
             token: self.admin_token.as_ref().map(SecretCheck::new),
             node: self.node,
             draining: self.draining.clone(),
+            certificate: self.tls.as_ref().and_then(Https::readiness),
         }
     }
 
@@ -156,14 +158,14 @@ impl Relay {
                 self.metrics.clone(),
                 shutdown.clone(),
             )),
-            tls_watch: self.tls.clone().map(|tls| {
+            tls_watch: self.tls.as_ref().map(|tls| {
                 let interval = self
                     .config
                     .server
                     .tls
                     .as_ref()
                     .map_or(Duration::from_secs(5), |t| t.watch_interval.get());
-                tokio::spawn(tls.watch(interval, shutdown.clone()))
+                tls.spawn(interval, shutdown.clone())
             }),
         };
         let stuck_watch = tokio::spawn(watch_for_a_stuck_log(

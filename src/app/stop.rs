@@ -100,7 +100,8 @@ pub(super) struct Tasks {
     pub(super) reloads: tokio::task::JoinHandle<()>,
     pub(super) disk_watch: tokio::task::JoinHandle<()>,
     pub(super) pruner: tokio::task::JoinHandle<()>,
-    /// Reads the certificate again when its files change.
+    /// Reads the certificate again when its files change, or orders and
+    /// renews it (ACME).
     pub(super) tls_watch: Option<tokio::task::JoinHandle<()>>,
     pub(super) alerts: AlertsRunning,
 }
@@ -148,7 +149,7 @@ impl Tasks {
         self.disk_watch.await.context("disk watch task")?;
         self.pruner.await.context("retention task")?;
         if let Some(watch) = self.tls_watch {
-            watch.await.context("certificate watch task")?;
+            watch.await.context("certificate task")?;
         }
         self.alerts.finish().await?;
         committer.close().await;

@@ -438,6 +438,60 @@ url = "https://hooks.slack.com/services/T000/B000/XXXX"
         );
     }
 
+    /// `[server.tls.acme]`: domains the TLS-ALPN-01 challenge can prove, an
+    /// email contact, a known directory or an https URL, and never with
+    /// certificate files; each error names the key and the value.
+    #[test]
+    fn acme_settings_are_checked_and_name_the_key() {
+        let acme = |body: &str| format!("[server.tls.acme]\n{body}");
+        for (text, key, shown) in [
+            (acme("domains = []\n"), "server.tls.acme.domains", "leads.example.com"),
+            (acme("domains = [\"*.example.com\"]\n"), "server.tls.acme.domains", "*.example.com"),
+            (acme("domains = [\"192.0.2.1\"]\n"), "server.tls.acme.domains", "192.0.2.1"),
+            (acme("domains = [\"Leads.Example.com\"]\n"), "server.tls.acme.domains", "Leads.Example.com"),
+            (
+                acme("domains = [\"a.example.com\"]\ncontact = \"ops\"\n"),
+                "server.tls.acme.contact",
+                "\"ops\"",
+            ),
+            (
+                acme("domains = [\"a.example.com\"]\ndirectory = \"http://ca.example/dir\"\n"),
+                "server.tls.acme.directory",
+                "http://ca.example/dir",
+            ),
+            (
+                "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[server.tls.acme]\ndomains = [\"a.example.com\"]\n".to_owned(),
+                "server.tls.acme",
+                "not both",
+            ),
+            (acme("domain = [\"a.example.com\"]\n"), "server.tls.acme", "domain"),
+        ] {
+            let err = Config::parse(&text, "relay.toml")
+                .map(|_| "accepted".to_owned())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(
+                err.contains("relay.toml") && err.contains(key) && err.contains(shown),
+                "{text:?}: {err}"
+            );
+        }
+        let config = Config::parse(
+            &acme("domains = [\"leads.example.com\"]\ncontact = \"ops@example.com\"\n"),
+            "relay.toml",
+        )
+        .unwrap();
+        let acme = config.server.tls.as_ref().unwrap().acme.as_ref().unwrap();
+        assert_eq!(acme.directory, "letsencrypt");
+        assert_eq!(
+            crate::tls::acme_directory_url(&acme.directory).unwrap(),
+            "https://acme-v02.api.letsencrypt.org/directory"
+        );
+        assert_eq!(
+            Config::parse(&config.to_toml(), "printed").unwrap(),
+            config,
+            "the printed configuration keeps [server.tls.acme]"
+        );
+    }
+
     /// `storage.max_bytes = 0` makes ingest refuse every event (no store is
     /// smaller than 0 bytes) while `check-config` calls the file valid; like
     /// `server.max_connections = 0`, it must be refused, naming file and key.

@@ -225,6 +225,43 @@ pub struct TlsConfig {
     /// certificate is read again and used for the next handshakes.
     #[serde(default = "default_tls_watch_interval")]
     pub watch_interval: HumanDuration,
+    /// `[server.tls.acme]`: the relay obtains and renews its certificate
+    /// itself, instead of reading `cert_file` and `key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[server.tls.acme]`: a certificate from an ACME certificate authority
+/// (Let's Encrypt by default), answered with the TLS-ALPN-01 challenge on
+/// the ingest port, cached, and renewed a third of its lifetime before it
+/// expires.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The names the certificate is for; each must resolve to this relay,
+    /// whose ingest port must be reachable on 443 from the internet.
+    pub domains: Vec<String>,
+    /// An email address the authority may write to about the account
+    /// (expiry notices, policy changes); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<String>,
+    /// `letsencrypt` (default), `letsencrypt-staging` (for trying things
+    /// out: its certificates are not trusted), or another authority's
+    /// directory URL (`https://…`).
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// Where the account key and certificates are kept, so that a restart
+    /// does not order again; `<storage.data_dir>/acme` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// A PEM file of root certificates to trust for the directory besides
+    /// the system's (a private ACME authority; Pebble in the tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_acme_directory() -> String {
+    "letsencrypt".to_owned()
 }
 
 fn default_tls_watch_interval() -> HumanDuration {
@@ -238,6 +275,7 @@ impl TlsConfig {
             cert_file: Some(cert_file),
             key_file: Some(key_file),
             watch_interval: default_tls_watch_interval(),
+            acme: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Config, ConfigError, TargetConfig, TlsConfig};
+use super::{AcmeConfig, Config, ConfigError, TargetConfig, TlsConfig};
 
 impl Config {
     pub(super) fn validate(&self, origin: &str) -> Result<(), ConfigError> {
@@ -121,6 +121,17 @@ impl Config {
 fn validate_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
     let empty =
         |path: &Option<std::path::PathBuf>| path.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+    if let Some(acme) = &tls.acme {
+        if tls.cert_file.is_some() || tls.key_file.is_some() {
+            return Err((
+                "server.tls.acme",
+                "expected either [server.tls.acme] or cert_file and key_file, not both: the \
+                 certificate comes from the ACME authority or from the files"
+                    .to_owned(),
+            ));
+        }
+        return validate_acme(acme);
+    }
     if tls.cert_file.is_none() || empty(&tls.cert_file) {
         return Err((
             "server.tls.cert_file",
@@ -142,6 +153,66 @@ fn validate_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
         return Err((
             "server.tls.watch_interval",
             "expected a duration above zero, got 0".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `[server.tls.acme]`; on error returns the key and what was
+/// expected. The CA file is read by [`crate::tls`].
+fn validate_acme(acme: &AcmeConfig) -> Result<(), (&'static str, String)> {
+    if acme.domains.is_empty() {
+        return Err((
+            "server.tls.acme.domains",
+            "expected at least one domain name, e.g. [\"leads.example.com\"]".to_owned(),
+        ));
+    }
+    for domain in &acme.domains {
+        check_acme_domain(domain).map_err(|why| ("server.tls.acme.domains", why))?;
+    }
+    if let Some(contact) = &acme.contact {
+        let address = contact.strip_prefix("mailto:").unwrap_or(contact);
+        let well_formed = address.split_once('@').is_some_and(|(user, host)| {
+            !user.is_empty() && host.contains('.') && !address.contains(char::is_whitespace)
+        });
+        if !well_formed {
+            return Err((
+                "server.tls.acme.contact",
+                format!("expected an email address, got {contact:?}"),
+            ));
+        }
+    }
+    crate::tls::acme_directory_url(&acme.directory)
+        .map_err(|why| ("server.tls.acme.directory", why))?;
+    Ok(())
+}
+
+/// A name the TLS-ALPN-01 challenge can prove: a DNS name, not an address
+/// and not a wildcard.
+fn check_acme_domain(domain: &str) -> Result<(), String> {
+    if domain.starts_with("*.") {
+        return Err(format!(
+            "{domain:?} is a wildcard, which the TLS-ALPN-01 challenge cannot prove: list each \
+             name"
+        ));
+    }
+    if domain.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "{domain:?} is an IP address; expected a domain name that resolves to this relay"
+        ));
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if domain.len() > 253 || !domain.split('.').all(label_ok) {
+        return Err(format!(
+            "expected a lowercase domain name such as \"leads.example.com\", got {domain:?}"
         ));
     }
     Ok(())

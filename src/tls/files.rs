@@ -118,6 +118,31 @@ impl Certificate {
 /// provider the relay serves with.
 pub fn read(files: &TlsFiles) -> Result<Certificate, CertificateError> {
     let cert_sections = sections(&files.cert_file)?;
+    let key_sections = if files.key_file == files.cert_file {
+        cert_sections.clone()
+    } else {
+        sections(&files.key_file)?
+    };
+    assemble(cert_sections, key_sections, files)
+}
+
+/// A certificate and its key from one PEM text (the ACME cache's form);
+/// `path` names it in errors.
+pub fn from_pem(bytes: &[u8], path: &Path) -> Result<Certificate, CertificateError> {
+    let found = pem_sections(bytes, path)?;
+    let files = TlsFiles {
+        cert_file: path.to_owned(),
+        key_file: path.to_owned(),
+    };
+    assemble(found.clone(), found, &files)
+}
+
+/// Checks the sections of the certificate file and of the key file.
+fn assemble(
+    cert_sections: Vec<(SectionKind, Vec<u8>)>,
+    key_sections: Vec<(SectionKind, Vec<u8>)>,
+    files: &TlsFiles,
+) -> Result<Certificate, CertificateError> {
     let chain: Vec<CertificateDer<'static>> = cert_sections
         .iter()
         .filter(|(kind, _)| *kind == SectionKind::Certificate)
@@ -136,11 +161,6 @@ pub fn read(files: &TlsFiles) -> Result<Certificate, CertificateError> {
         path: files.cert_file.clone(),
         reason,
     })?;
-    let key_sections = if files.key_file == files.cert_file {
-        cert_sections
-    } else {
-        sections(&files.key_file)?
-    };
     let has_certificate = key_sections
         .iter()
         .any(|(kind, _)| *kind == SectionKind::Certificate);
@@ -177,8 +197,16 @@ fn sections(path: &Path) -> Result<Vec<(SectionKind, Vec<u8>)>, CertificateError
         path: path.to_owned(),
         source,
     })?;
+    pem_sections(&bytes, path)
+}
+
+/// Every PEM section of `bytes` (read from `path`) that rustls knows.
+fn pem_sections(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Vec<(SectionKind, Vec<u8>)>, CertificateError> {
     let mut found = Vec::new();
-    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes) {
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
         found.push(section.map_err(|err| CertificateError::NotPem {
             path: path.to_owned(),
             reason: err.to_string(),

@@ -14,6 +14,11 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use super::Readiness;
+
+/// The ALPN protocol of ACME's TLS-ALPN-01 challenge (RFC 8737).
+const ACME_TLS_ALPN_NAME: &[u8] = rustls_acme::acme::ACME_TLS_ALPN_NAME;
+
 /// The first byte of a TLS record that carries a handshake message (every
 /// ClientHello starts with it); plain HTTP starts with a method's letter.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -45,13 +50,16 @@ pub enum HandshakeFailure {
     /// The client broke off (an unknown certificate authority, no common
     /// protocol version or cipher, a malformed message, a reset).
     Error,
+    /// No certificate to serve yet: the first ACME order is under way.
+    NoCertificate,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 3] = [
+    pub const ALL: [HandshakeFailure; 4] = [
         HandshakeFailure::PlainHttp,
         HandshakeFailure::Timeout,
         HandshakeFailure::Error,
+        HandshakeFailure::NoCertificate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -59,6 +67,7 @@ impl HandshakeFailure {
             HandshakeFailure::PlainHttp => "plain_http",
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Error => "error",
+            HandshakeFailure::NoCertificate => "no_certificate",
         }
     }
 }
@@ -73,18 +82,43 @@ pub enum Handshake {
     /// sent a byte (a port probe, a load balancer's TCP check), or the
     /// connection was evicted to make room for another.
     Closed,
+    /// An ACME authority's TLS-ALPN-01 validation: the handshake was the
+    /// answer, and the connection is closed.
+    Challenge,
 }
 
 /// Accepts TLS connections with the relay's [`rustls::ServerConfig`].
 #[derive(Clone)]
 pub struct Acceptor {
     inner: tokio_rustls::TlsAcceptor,
+    /// Set when the certificate comes from ACME: before the first one,
+    /// failed handshakes are `no_certificate`.
+    readiness: Option<Readiness>,
 }
 
 impl Acceptor {
     pub fn new(config: std::sync::Arc<rustls::ServerConfig>) -> Acceptor {
         Acceptor {
             inner: tokio_rustls::TlsAcceptor::from(config),
+            readiness: None,
+        }
+    }
+
+    /// Handshakes that fail while `readiness` has no certificate are
+    /// counted as [`HandshakeFailure::NoCertificate`] (and logged).
+    pub fn waiting_for(mut self, readiness: Readiness) -> Acceptor {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    /// Why a handshake that rustls refused failed.
+    fn failure(&self) -> HandshakeFailure {
+        match &self.readiness {
+            Some(readiness) if !readiness.is_ready() => {
+                readiness.refused();
+                HandshakeFailure::NoCertificate
+            }
+            _ => HandshakeFailure::Error,
         }
     }
 
@@ -115,8 +149,11 @@ impl Acceptor {
         }
         tokio::select! {
             accepted = tokio::time::timeout_at(deadline, self.inner.accept(stream)) => match accepted {
+                Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN_NAME) => {
+                    Handshake::Challenge
+                }
                 Ok(Ok(stream)) => Handshake::Done(Box::new(stream)),
-                Ok(Err(_)) => Handshake::Failed(HandshakeFailure::Error),
+                Ok(Err(_)) => Handshake::Failed(self.failure()),
                 Err(_elapsed) => Handshake::Failed(HandshakeFailure::Timeout),
             },
             _ = close.cancelled() => Handshake::Closed,

@@ -24,6 +24,7 @@
 mod common;
 
 mod abuse;
+mod acme;
 mod alerts;
 mod availability;
 mod cli;

@@ -15,78 +15,17 @@ use leadflo_relay::Relay;
 use leadflo_relay::config::{Config, Secret, TargetConfig, TlsConfig};
 use leadflo_relay::metrics::IngestResult;
 use leadflo_relay::tls::HandshakeFailure;
-use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::common::certs::{Leaf, TestCa};
 use crate::common::cli::*;
 use crate::common::load::lead;
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
 
 // ---- certificates made in the test ------------------------------------------
-
-/// A certificate authority of the test's own; clients trust only it.
-struct TestCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    der: CertificateDer<'static>,
-    pem: String,
-}
-
-/// A certificate for `localhost` and `127.0.0.1` signed by a [`TestCa`].
-struct Leaf {
-    /// The certificate, then the CA's: a full chain, as certbot writes it.
-    chain: String,
-    key: String,
-    der: Vec<u8>,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "leadflo-relay test CA");
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            issuer: rcgen::Issuer::new(params, key),
-            der: cert.der().clone(),
-            pem: cert.pem(),
-        }
-    }
-
-    fn leaf(&self) -> Leaf {
-        self.leaf_until(time::OffsetDateTime::now_utc() + time::Duration::days(90))
-    }
-
-    fn leaf_until(&self, not_after: time::OffsetDateTime) -> Leaf {
-        let key = rcgen::KeyPair::generate().unwrap();
-        self.leaf_for(&key, key.serialize_pem(), not_after)
-    }
-
-    /// A leaf for `key` (whose PEM, in any format, is `key_pem`).
-    fn leaf_for(
-        &self,
-        key: &rcgen::KeyPair,
-        key_pem: String,
-        not_after: time::OffsetDateTime,
-    ) -> Leaf {
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let mut params = rcgen::CertificateParams::new(names).unwrap();
-        let day = time::Duration::days(1);
-        params.not_before = (time::OffsetDateTime::now_utc() - day).min(not_after - day);
-        params.not_after = not_after;
-        let cert = params.signed_by(key, &self.issuer).unwrap();
-        Leaf {
-            chain: format!("{}{}", cert.pem(), self.pem),
-            key: key_pem,
-            der: cert.der().to_vec(),
-        }
-    }
-}
 
 /// The two files a relay reads its certificate from.
 struct CertFiles {
@@ -473,10 +412,13 @@ async fn the_ingest_answers_hold_over_tls() {
     let (status, json, _) = post_tls(&client, &url, SECRET, lead(1)).await;
     assert_eq!(status, 200, "{json}");
     let id: leadflo_relay::store::EventId = json["id"].as_str().unwrap().parse().unwrap();
-    assert!(
-        relay.store.event(id).unwrap().is_some(),
-        "acknowledged but not stored"
-    );
+    // Acknowledged once in the write-ahead log; the store shows it once
+    // the apply thread has caught up.
+    let store = relay.store.clone();
+    eventually("the acknowledged lead in the store", WAIT, async || {
+        store.event(id).unwrap().map(|_| ())
+    })
+    .await;
 
     let (status, json, _) = post_tls(&client, &url, "not-the-secret", lead(2)).await;
     assert_eq!(status, 401, "{json}");
@@ -1052,5 +994,92 @@ async fn failed_handshakes_are_counted() {
         "{text}"
     );
     assert_eq!(relay.store.events().count(), 0);
+    relay.stop().await;
+}
+
+/// The abuse suite's slowloris and oversized headers, over TLS: clients
+/// that finish the handshake and then dribble header bytes are closed
+/// after `server.header_read_timeout` while an honest HTTPS sender gets
+/// every lead in, and a header block over hyper's limit (one huge header,
+/// or hundreds) is refused and counted as over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_oversized_headers_are_refused_over_tls() {
+    use tokio::io::AsyncReadExt;
+    let ca = TestCa::new();
+    let files = CertFiles::with(&ca.leaf());
+    let relay = tls_relay(&files, |c| {
+        c.server.header_read_timeout = "2s".parse().unwrap();
+    })
+    .await;
+    let mut dribblers = Vec::new();
+    for _ in 0..50 {
+        let mut stream = raw_tls(&ca, relay.ingest).await;
+        stream
+            .write_all(b"POST /leadflo-webhook HTTP/1.1\r\nx-a: ")
+            .await
+            .unwrap();
+        dribblers.push(stream);
+    }
+    let dribbling = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut closed = vec![None; dribblers.len()];
+        while started.elapsed() < Duration::from_secs(10) && closed.iter().any(Option::is_none) {
+            for (n, stream) in dribblers.iter_mut().enumerate() {
+                if closed[n].is_some() {
+                    continue;
+                }
+                if stream.write_all(b"a").await.is_err() || stream.flush().await.is_err() {
+                    closed[n] = Some(started.elapsed());
+                    continue;
+                }
+                // Anything to read (a 408, the end of the stream, an
+                // error) means the relay ended the connection.
+                let mut buf = [0u8; 256];
+                let read = tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf));
+                if read.await.is_ok() {
+                    closed[n] = Some(started.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        closed
+    });
+    let (client, url) = (tls_client(&ca), https_url(relay.ingest));
+    for n in 0..20 {
+        let (status, json, _) = post_tls(&client, &url, SECRET, lead(n)).await;
+        assert_eq!(
+            status, 200,
+            "honest request {n} during the slowloris: {json}"
+        );
+    }
+    let closed = dribbling.await.unwrap();
+    assert!(
+        closed
+            .iter()
+            .all(|c| c.is_some_and(|t| t < Duration::from_secs(8))),
+        "slowloris connections over TLS outlived the header read timeout: {closed:?}"
+    );
+
+    let huge = format!("x-padding: {}\r\n", "a".repeat(200 * 1024));
+    let many: String = (0..500).map(|n| format!("x-h{n}: v\r\n")).collect();
+    for headers in [huge, many] {
+        let mut stream = raw_tls(&ca, relay.ingest).await;
+        let head = format!(
+            "POST /leadflo-webhook HTTP/1.1\r\nhost: localhost\r\nx-webhook-secret: {SECRET}\r\n\
+             {headers}content-length: 2\r\n\r\n{{}}"
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let answer = read_until_close_tls(&mut stream).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431") || answer.is_empty(),
+            "{answer}"
+        );
+    }
+    eventually("the refusals counted", WAIT, async || {
+        (relay.metrics.requests(IngestResult::BadRequest) == 2).then_some(())
+    })
+    .await;
+    let (status, json, _) = post_tls(&client, &url, SECRET, lead(99)).await;
+    assert_eq!(status, 200, "{json}");
     relay.stop().await;
 }

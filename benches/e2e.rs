@@ -28,6 +28,11 @@
 //! performance targets are stated in. The numbers are never checked against
 //! thresholds here: they are reported.
 //!
+//! 5. **transports**: the relay's ingest over plain HTTP and HTTPS, with
+//!    keep-alive connections and with a new connection per request
+//!    (resumed, or a full handshake each time), with the relay's CPU per
+//!    request (`e2e/https.rs`); `-- --https` runs only these.
+//!
 //! `-- --outage SECONDS`: the target refuses connections for that long while
 //! 3,000 leads arrive, then comes back; reports how long until it has them.
 //!
@@ -57,6 +62,9 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/mod.rs"]
 mod support;
+
+#[path = "e2e/https.rs"]
+mod https;
 
 use support::{LoadRun, RelayChild, timed_load};
 
@@ -380,6 +388,9 @@ fn main() {
     } else {
         (3, Duration::from_secs(5))
     };
+    if args.iter().any(|a| a == "--https") {
+        return runtime.block_on(https_mode(rounds, duration));
+    }
     runtime.block_on(async {
         // The fsync probe runs before every round and after the last, and
         // its samples are pooled: a shared disk's latency drifts over the
@@ -399,6 +410,7 @@ fn main() {
         let mut forwarding: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
         let mut ingest: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
         let mut delivery: Vec<Cell> = SENDERS.iter().map(|_| Cell::default()).collect();
+        let mut transports = https::Rows::new();
         for round in 0..rounds {
             eprintln!("round {}/{rounds}", round + 1);
             probe(&mut fsync, &mut overwrite);
@@ -469,6 +481,7 @@ fn main() {
                 delivery[n].peak_rss = delivery[n].peak_rss.max(relay.peak_rss());
                 relay.stop();
             }
+            transports.round(duration).await;
         }
         probe(&mut fsync, &mut overwrite);
         fsync.sort_unstable();
@@ -485,7 +498,23 @@ fn main() {
             rounds,
             duration,
         );
+        transports.report();
     });
+}
+
+/// `-- --https`: only the transport rows (HTTP and HTTPS, keep-alive and a
+/// new connection per request).
+async fn https_mode(rounds: usize, duration: Duration) {
+    let mut transports = https::Rows::new();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        transports.round(duration).await;
+    }
+    println!(
+        "\n{rounds} round(s) of {} s per cell; the relay durable, no targets",
+        duration.as_secs()
+    );
+    transports.report();
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -11,6 +11,8 @@ use leadflo_relay::config::{Config, Secret, TargetConfig};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+pub mod transport;
+
 pub const SECRET: &str = "bench-secret";
 
 /// Store settings for a bench's own data directory.

@@ -134,5 +134,9 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Stateless session tickets (keys rotated every 6 hours): a sender
+    // that opens a connection per webhook resumes without a server-side
+    // cache, however many senders there are.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(config)
 }

@@ -63,6 +63,12 @@ impl Online {
         let token = std::env::var(ADMIN_TOKEN_ENV)
             .ok()
             .filter(|t| !t.is_empty());
+        // `host:port` as the admin listener prints it means plain HTTP.
+        let base = if base.contains("://") {
+            base.to_owned()
+        } else {
+            format!("http://{base}")
+        };
         Ok(Online {
             base: base.trim_end_matches('/').to_owned(),
             client,

@@ -75,7 +75,8 @@ struct AccessArgs {
     /// Open this data directory directly (no relay may be running on it).
     #[arg(long, value_name = "DIR", conflicts_with = "admin")]
     data_dir: Option<PathBuf>,
-    /// Admin API of a running relay [default: http://<server.admin_listen>];
+    /// Admin API of a running relay, `http://host:port` or `host:port`
+    /// [default: http://<server.admin_listen>];
     /// the token comes from LEADFLO_RELAY_ADMIN_TOKEN.
     #[arg(long, value_name = "URL")]
     admin: Option<String>,

@@ -397,3 +397,25 @@ async fn check_config_shows_the_acme_settings_and_refuses_a_bad_ca_file() {
         "{err}"
     );
 }
+
+/// A reload reports a changed `[server.tls.acme]` as needing a restart
+/// (the ACME client is not rebuilt under a running relay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reports_changed_acme_settings_as_needing_a_restart() {
+    let nobody = RefusingPort::new();
+    let directory = format!("https://{}/dir", nobody.addr);
+    let data = tempfile::tempdir().unwrap();
+    let config = acme_config(data.path(), &directory, None);
+    let relay = start_relay(data.path(), &config, 0);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(DOMAIN, "www.leadflo.test");
+    std::fs::write(&config, text).unwrap();
+    // host:port as the relay prints it, without a scheme.
+    let admin = relay.admin.to_string();
+    let out = crate::common::cli::ok(
+        crate::common::cli::cli(crate::common::cli::args(&["reload", "--admin", &admin])).await,
+    );
+    assert!(out.contains("needs a restart: server.tls.acme"), "{out}");
+    stop(relay).await;
+}

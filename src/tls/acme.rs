@@ -8,12 +8,10 @@
 //! backoff that doubles up to about 18 hours, logged and counted.
 //!
 //! Until the first certificate exists, handshakes other than the
-//! challenge's fail: they are counted as `no_certificate`, logged at most
-//! once a minute, and `/readyz` answers 503 with the reason.
+//! challenge's fail ([`Readiness`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use futures::StreamExt;
 use rustls::pki_types::CertificateDer;
@@ -24,8 +22,8 @@ use rustls_acme::acme::{
 use rustls_acme::{AcmeState, EventError, EventOk};
 use tokio_util::sync::CancellationToken;
 
-use super::Acceptor;
 use super::cache::AcmeCache;
+use super::{Acceptor, Readiness};
 use crate::config::AcmeConfig;
 use crate::metrics::Metrics;
 
@@ -74,75 +72,6 @@ impl AcmeSettings {
     }
 }
 
-/// Whether the ingest listener has a certificate to serve; shared with
-/// `/readyz` and the handshake.
-#[derive(Clone, Debug)]
-pub struct Readiness {
-    inner: Arc<ReadinessState>,
-}
-
-#[derive(Debug)]
-struct ReadinessState {
-    ready: AtomicBool,
-    domains: String,
-    /// When a refused handshake was last logged, in seconds since the
-    /// epoch: at most one line a minute.
-    last_logged: AtomicU64,
-}
-
-impl Readiness {
-    fn new(domains: &[String]) -> Readiness {
-        Readiness {
-            inner: Arc::new(ReadinessState {
-                ready: AtomicBool::new(false),
-                domains: domains.join(", "),
-                last_logged: AtomicU64::new(0),
-            }),
-        }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire)
-    }
-
-    fn set_ready(&self) {
-        self.inner.ready.store(true, Ordering::Release);
-    }
-
-    /// Why the relay is not ready, for `/readyz`; `None` once it is.
-    pub fn why_not(&self) -> Option<String> {
-        (!self.is_ready()).then(|| {
-            format!(
-                "no certificate yet: the first ACME order for {} is under way; HTTPS handshakes \
-                 fail until it is served",
-                self.inner.domains
-            )
-        })
-    }
-
-    /// Logs a handshake that failed for want of a certificate, at most
-    /// once a minute.
-    pub(super) fn refused(&self) {
-        let now = crate::clock::now_ms() / 1000;
-        let last = self.inner.last_logged.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < 60 {
-            return;
-        }
-        if self
-            .inner
-            .last_logged
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            tracing::warn!(
-                "refused HTTPS handshakes: no certificate for {} yet (the first ACME order is \
-                 under way; see /readyz and leadflo_relay_acme_orders_total)",
-                self.inner.domains
-            );
-        }
-    }
-}
-
 /// The ACME client: its state machine, driven by [`Acme::run`], and the
 /// acceptor whose handshakes it serves certificates (and challenges) to.
 pub struct Acme {
@@ -172,7 +101,7 @@ impl Acme {
             state.resolver(),
             &[super::ALPN_HTTP_1_1, ACME_TLS_ALPN_NAME],
         )
-        .expect("the ring provider supports TLS 1.2 and 1.3");
+        .map_err(|err| anyhow::anyhow!("server.tls.acme: cannot set up TLS: {err}"))?;
         Ok(Arc::new(Acme {
             acceptor: Acceptor::new(Arc::new(server)).waiting_for(readiness.clone()),
             readiness,
@@ -249,6 +178,18 @@ impl Acme {
                     } else {
                         ""
                     }
+                );
+            }
+            // rustls-acme orders again at once, without backoff: an
+            // order that failed all the same.
+            EventError::NewCertParse(err) => {
+                self.metrics
+                    .acme_orders
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(
+                    error = %err,
+                    "the ACME authority issued a certificate for {domains} that does not parse"
                 );
             }
             other => {

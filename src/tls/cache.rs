@@ -6,7 +6,7 @@
 //! only: they hold private keys.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,9 +59,13 @@ impl AcmeCache {
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err.to_string()))
     }
 
+    /// Sets the expiry gauge from a certificate about to be served; warns
+    /// when it has expired (it is served until its renewal, which starts at
+    /// once).
     fn observe(&self, pem: &[u8], path: &Path) {
         if let (Some(metrics), Ok(certificate)) = (&self.metrics, from_pem(pem, path)) {
             metrics.tls_certificate_expiry.set(certificate.not_after);
+            super::warn_if_expired(&certificate);
         }
     }
 }
@@ -91,7 +95,7 @@ impl CertCache for AcmeCache {
     ) -> Result<(), Self::EC> {
         let path = self.cert_path(domains, directory_url);
         self.observe(cert, &path);
-        write_private(&self.dir, &path, cert)
+        write_off_thread(self.dir.clone(), path, cert.to_vec()).await
     }
 }
 
@@ -113,11 +117,8 @@ impl AccountCache for AcmeCache {
         directory_url: &str,
         account: &[u8],
     ) -> Result<(), Self::EA> {
-        write_private(
-            &self.dir,
-            &self.account_path(contact, directory_url),
-            account,
-        )
+        let path = self.account_path(contact, directory_url);
+        write_off_thread(self.dir.clone(), path, account.to_vec()).await
     }
 }
 
@@ -140,19 +141,37 @@ fn read_if_exists(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// [`write_private`] on a blocking thread: it syncs the disk.
+async fn write_off_thread(dir: PathBuf, path: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || write_private(&dir, &path, &bytes))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// Writes `bytes` to `path` whole, mode 0600, in a directory of mode 0700
-/// (made if missing): a crash leaves the old file or the new one.
+/// (made if missing, tightened if not): a crash leaves the old file or the
+/// new one.
 fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(|err| with_path(err, dir))?;
+    // Best effort on a directory made by someone else: the files
+    // themselves are 0600 whatever it allows.
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    // A temporary file left by a crash may have another mode: made anew,
+    // the file has 0600 from its creation on.
     let temporary = path.with_extension("tmp");
+    match std::fs::remove_file(&temporary) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(with_path(err, &temporary));
+        }
+        _ => {}
+    }
     let mut file = std::fs::File::options()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&temporary)
         .map_err(|err| with_path(err, &temporary))?;
@@ -171,8 +190,6 @@ fn with_path(err: std::io::Error, path: &Path) -> std::io::Error {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     /// What is stored is loaded again under the same names only, and the
@@ -181,10 +198,18 @@ mod tests {
     async fn stored_keys_load_again_and_are_private() {
         let dir = tempfile::tempdir().unwrap();
         let cache = AcmeCache::new(dir.path().join("acme"), None);
+        // A directory made loose by hand, and a temporary file with a loose
+        // mode that a crash left behind.
+        let loose = std::fs::Permissions::from_mode(0o755);
+        std::fs::create_dir(dir.path().join("acme")).unwrap();
+        std::fs::set_permissions(dir.path().join("acme"), loose.clone()).unwrap();
         let domains = vec!["leads.example.com".to_owned()];
         let contact = vec!["mailto:ops@example.com".to_owned()];
         let url = "https://acme.example/dir";
         assert!(cache.load_cert(&domains, url).await.unwrap().is_none());
+        let stale = cache.cert_path(&domains, url).with_extension("tmp");
+        std::fs::write(&stale, "left by a crash").unwrap();
+        std::fs::set_permissions(&stale, loose).unwrap();
         cache.store_cert(&domains, url, b"cert").await.unwrap();
         cache.store_account(&contact, url, b"key").await.unwrap();
         assert_eq!(

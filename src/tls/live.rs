@@ -83,7 +83,7 @@ impl Certificates {
         let certificate = read(&files)?;
         let resolver = Arc::new(CertResolver::new(certificate.key.clone()));
         let config = super::server_config(resolver.clone(), &[super::ALPN_HTTP_1_1])
-            .expect("the ring provider supports TLS 1.2 and 1.3");
+            .expect("the ring provider supports TLS 1.2 and 1.3 and session tickets");
         metrics.tls_certificate_expiry.set(certificate.not_after);
         let certificates = Certificates {
             resolver,

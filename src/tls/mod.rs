@@ -15,12 +15,14 @@
 //! | [`handshake`] | [`Acceptor`]: the handshake under a deadline, plain HTTP refused |
 //! | [`acme`] | [`Acme`]: certificates ordered and renewed by the relay (`rustls-acme`) |
 //! | [`cache`] | the ACME account key and certificates kept between runs |
+//! | [`readiness`] | [`Readiness`]: whether there is a certificate to serve yet |
 
 mod acme;
 mod cache;
 mod files;
 mod handshake;
 mod live;
+mod readiness;
 
 use std::sync::Arc;
 
@@ -30,11 +32,12 @@ use rustls::sign::CertifiedKey;
 
 use crate::reload::Swap;
 
-pub use acme::{Acme, AcmeSettings, Readiness, acme_directory_url};
+pub use acme::{Acme, AcmeSettings, acme_directory_url};
 pub use cache::CachedCertificate;
 pub use files::{Certificate, CertificateError, TlsFiles, from_pem, read};
 pub use handshake::{Acceptor, Handshake, HandshakeFailure, PLAIN_HTTP_ANSWER};
 pub use live::{Certificates, Staged, warn_if_expired};
+pub use readiness::Readiness;
 
 /// Where the ingest listener's certificate comes from.
 #[derive(Clone)]

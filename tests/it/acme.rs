@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::common::activation::{pass_sockets, with_listen_pid};
 use crate::common::certs::TestCa;
 use crate::common::load::lead;
 use crate::common::*;
@@ -24,13 +25,13 @@ const DOMAIN: &str = "relay.leadflo.test";
 /// Time for one ACME order against Pebble (it validates at once).
 const ORDER: Duration = Duration::from_secs(60);
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct loopback ports that were free a moment ago (held together
+/// while they are chosen, so none is chosen twice).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|n| held[n].local_addr().unwrap().port())
 }
 
 /// Pebble and its DNS stub, stopped when dropped.
@@ -71,13 +72,19 @@ impl Pebble {
             write("key.pem", &leaf.key),
             write("ca.pem", &ca.pem),
         );
-        let (acme_port, management_port, dns_port) = (free_port(), free_port(), free_port());
+        let [
+            acme_port,
+            management_port,
+            dns_port,
+            http_port,
+            dns_management,
+        ] = free_ports();
         let config = serde_json::json!({"pebble": {
             "listenAddress": format!("127.0.0.1:{acme_port}"),
             "managementListenAddress": format!("127.0.0.1:{management_port}"),
             "certificate": cert,
             "privateKey": key,
-            "httpPort": free_port(),
+            "httpPort": http_port,
             "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
@@ -86,7 +93,7 @@ impl Pebble {
         let dns = Command::new("pebble-challtestsrv")
             .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
             .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
-            .args(["-management", &format!("127.0.0.1:{}", free_port())])
+            .args(["-management", &format!("127.0.0.1:{dns_management}")])
             .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -169,15 +176,22 @@ fn acme_config(dir: &Path, directory: &str, ca_file: Option<&Path>) -> PathBuf {
     path
 }
 
-/// The real binary on `port` (as Pebble validates there) with `config`.
-fn start_relay(data: &Path, config: &Path, port: u16) -> RelayProcess {
-    let listen = format!("127.0.0.1:{port}");
-    let mut command = RelayProcess::command(
-        data,
-        &["--config", config.to_str().unwrap(), "--listen", &listen],
-    );
+/// The real binary with `config`, its ingest on loopback port 0.
+fn start_relay(data: &Path, config: &Path) -> RelayProcess {
+    let mut command = RelayProcess::command(data, &["--config", config.to_str().unwrap()]);
     command.env("LEADFLO_WEBHOOK_SECRET", SECRET);
-    RelayProcess::spawn(command)
+    tokio::task::block_in_place(|| RelayProcess::spawn(command))
+}
+
+/// The real binary with `config`, its ingest on `ingest`, a socket the
+/// test holds across restarts (passed as systemd would): Pebble validates
+/// on that port, and no other test can take it between two starts.
+fn start_relay_on(data: &Path, config: &Path, ingest: &std::net::TcpListener) -> RelayProcess {
+    let mut inner = RelayProcess::command(data, &["--config", config.to_str().unwrap()]);
+    inner.env("LEADFLO_WEBHOOK_SECRET", SECRET);
+    let mut command = with_listen_pid(&inner);
+    pass_sockets(&mut command, &[("ingest", ingest)]);
+    tokio::task::block_in_place(|| RelayProcess::spawn(command))
 }
 
 /// A client that trusts only `root` and reaches [`DOMAIN`] at `addr`.
@@ -259,8 +273,8 @@ async fn stop(mut relay: RelayProcess) {
 /// Obtain, serve, renew, restart from the cache: each against Pebble.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_is_obtained_renewed_and_served_from_the_cache() {
-    let port = free_port();
-    let Some(pebble) = Pebble::start(port).await else {
+    let ingest = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let Some(pebble) = Pebble::start(ingest.local_addr().unwrap().port()).await else {
         return;
     };
     let data = tempfile::tempdir().unwrap();
@@ -270,7 +284,7 @@ async fn a_certificate_is_obtained_renewed_and_served_from_the_cache() {
     let config = acme_config(data.path(), &pebble.directory, Some(&ca_file));
 
     // Obtain: the TLS-ALPN-01 challenge is answered on the ingest port.
-    let relay = start_relay(data.path(), &config, port);
+    let relay = start_relay_on(data.path(), &config, &ingest);
     eventually("the first certificate", ORDER, async || {
         (readyz(relay.admin).await.0 == 200).then_some(())
     })
@@ -279,8 +293,13 @@ async fn a_certificate_is_obtained_renewed_and_served_from_the_cache() {
     assert_lead_accepted(&root, &relay).await;
     let orders = "leadflo_relay_acme_orders_total{result=\"ok\"}";
     assert_eq!(scrape(relay.admin, orders).await, 1.0);
+    // Set from the cache's copy, written just after the certificate is
+    // served.
     let expiry = "leadflo_relay_tls_certificate_expiry_timestamp_seconds";
-    assert!(scrape(relay.admin, expiry).await > 0.0);
+    eventually("the expiry gauge", WAIT, async || {
+        (scrape(relay.admin, expiry).await > 0.0).then_some(())
+    })
+    .await;
     stop(relay).await;
 
     // Renew: a cached certificate past two thirds of its life is served
@@ -288,16 +307,21 @@ async fn a_certificate_is_obtained_renewed_and_served_from_the_cache() {
     let cached = cached_certificate(data.path());
     let old = nearly_expired();
     std::fs::write(&cached, &old).unwrap();
-    let relay = start_relay(data.path(), &config, port);
-    wait_for_metric(relay.admin, orders, 1.0, "the renewal").await;
+    let relay = start_relay_on(data.path(), &config, &ingest);
+    eventually("the renewal", ORDER, async || {
+        (scrape(relay.admin, orders).await == 1.0).then_some(())
+    })
+    .await;
     assert_lead_accepted(&root, &relay).await;
-    let renewed = std::fs::read_to_string(&cached).unwrap();
-    assert_ne!(renewed, old, "the renewal was not cached");
+    eventually("the renewal cached", WAIT, async || {
+        (std::fs::read_to_string(&cached).unwrap() != old).then_some(())
+    })
+    .await;
     stop(relay).await;
 
     // Restart from the cache, with the authority gone: nothing is ordered.
     drop(pebble);
-    let relay = start_relay(data.path(), &config, port);
+    let relay = start_relay_on(data.path(), &config, &ingest);
     eventually("the cached certificate served", WAIT, async || {
         (readyz(relay.admin).await.0 == 200).then_some(())
     })
@@ -323,7 +347,7 @@ async fn until_the_first_certificate_handshakes_fail_and_readyz_says_why() {
     let directory = format!("https://{}/dir", nobody.addr);
     let data = tempfile::tempdir().unwrap();
     let config = acme_config(data.path(), &directory, None);
-    let relay = start_relay(data.path(), &config, 0);
+    let relay = start_relay(data.path(), &config);
 
     let (status, body) = readyz(relay.admin).await;
     assert_eq!(status, 503, "{body}");
@@ -369,13 +393,21 @@ async fn check_config_shows_the_acme_settings_and_refuses_a_bad_ca_file() {
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, TestCa::new().pem).unwrap();
     let config = acme_config(dir.path(), "letsencrypt-staging", Some(&ca_file));
-    let out = crate::common::cli::ok(
+    let data = dir.path().join("data");
+    let check = || {
         crate::common::cli::cli(crate::common::cli::args(&[
             "check-config",
             "--config",
             config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
         ]))
-        .await,
+    };
+    let out = crate::common::cli::ok(check().await);
+    let cache = format!("ACME cache {}: ", data.join("acme").display());
+    assert!(
+        out.contains(&cache),
+        "the cache is not in the data directory: {out}"
     );
     assert!(
         out.contains("ACME certificate for relay.leadflo.test from https://acme-staging-v02"),
@@ -384,12 +416,7 @@ async fn check_config_shows_the_acme_settings_and_refuses_a_bad_ca_file() {
     assert!(out.contains("no certificate cached yet"), "{out}");
 
     std::fs::write(&ca_file, "not a certificate").unwrap();
-    let output = crate::common::cli::cli(crate::common::cli::args(&[
-        "check-config",
-        "--config",
-        config.to_str().unwrap(),
-    ]))
-    .await;
+    let output = check().await;
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -406,7 +433,7 @@ async fn a_reload_reports_changed_acme_settings_as_needing_a_restart() {
     let directory = format!("https://{}/dir", nobody.addr);
     let data = tempfile::tempdir().unwrap();
     let config = acme_config(data.path(), &directory, None);
-    let relay = start_relay(data.path(), &config, 0);
+    let relay = start_relay(data.path(), &config);
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(DOMAIN, "www.leadflo.test");

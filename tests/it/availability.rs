@@ -9,11 +9,11 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::activation::{pass_sockets, with_listen_pid};
 use crate::common::cli::*;
 use crate::common::load::*;
 use crate::common::receiver::{Receiver, Reply};
 use crate::common::*;
-use command_fds::{CommandFdExt, FdMapping};
 use leadflo_relay::node;
 use leadflo_relay::store::{EventId, record};
 
@@ -233,42 +233,6 @@ async fn sigterm_drains_readyz_while_still_taking_leads() {
         crm.requests().iter().any(|r| r.body == lead(1)),
         "the lead taken while draining was not delivered before the stop"
     );
-}
-
-/// `inner` run through `sh`, which sets `LISTEN_PID` to its own pid and
-/// then becomes `inner` (exec keeps the pid), as systemd sets it.
-fn with_listen_pid(inner: &Command) -> Command {
-    let mut outer = Command::new("sh");
-    outer
-        .arg("-c")
-        .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    for (key, value) in inner.get_envs() {
-        match value {
-            Some(value) => outer.env(key, value),
-            None => outer.env_remove(key),
-        };
-    }
-    outer
-}
-
-/// `listeners` passed to `command` as systemd passes them: from fd 3 on,
-/// named.
-fn pass_sockets(command: &mut Command, listeners: &[(&str, &std::net::TcpListener)]) {
-    let names: Vec<&str> = listeners.iter().map(|(name, _)| *name).collect();
-    command
-        .env("LISTEN_FDS", listeners.len().to_string())
-        .env("LISTEN_FDNAMES", names.join(":"));
-    let mappings = listeners
-        .iter()
-        .enumerate()
-        .map(|(n, (_, listener))| FdMapping {
-            parent_fd: listener.try_clone().unwrap().into(),
-            child_fd: 3 + n as i32,
-        })
-        .collect();
-    command.fd_mappings(mappings).unwrap();
 }
 
 /// Passed sockets are taken by name (here in the opposite order), and

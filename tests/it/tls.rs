@@ -1004,46 +1004,17 @@ async fn failed_handshakes_are_counted() {
 /// or hundreds) is refused and counted as over plain HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_oversized_headers_are_refused_over_tls() {
-    use tokio::io::AsyncReadExt;
     let ca = TestCa::new();
     let files = CertFiles::with(&ca.leaf());
     let relay = tls_relay(&files, |c| {
         c.server.header_read_timeout = "2s".parse().unwrap();
     })
     .await;
-    let mut dribblers = Vec::new();
+    let mut streams = Vec::new();
     for _ in 0..50 {
-        let mut stream = raw_tls(&ca, relay.ingest).await;
-        stream
-            .write_all(b"POST /leadflo-webhook HTTP/1.1\r\nx-a: ")
-            .await
-            .unwrap();
-        dribblers.push(stream);
+        streams.push(raw_tls(&ca, relay.ingest).await);
     }
-    let dribbling = tokio::spawn(async move {
-        let started = Instant::now();
-        let mut closed = vec![None; dribblers.len()];
-        while started.elapsed() < Duration::from_secs(10) && closed.iter().any(Option::is_none) {
-            for (n, stream) in dribblers.iter_mut().enumerate() {
-                if closed[n].is_some() {
-                    continue;
-                }
-                if stream.write_all(b"a").await.is_err() || stream.flush().await.is_err() {
-                    closed[n] = Some(started.elapsed());
-                    continue;
-                }
-                // Anything to read (a 408, the end of the stream, an
-                // error) means the relay ended the connection.
-                let mut buf = [0u8; 256];
-                let read = tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf));
-                if read.await.is_ok() {
-                    closed[n] = Some(started.elapsed());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        closed
-    });
+    let dribbling = tokio::spawn(dribble_headers(streams, Duration::from_secs(10)));
     let (client, url) = (tls_client(&ca), https_url(relay.ingest));
     for n in 0..20 {
         let (status, json, _) = post_tls(&client, &url, SECRET, lead(n)).await;
@@ -1082,4 +1053,42 @@ async fn slowloris_and_oversized_headers_are_refused_over_tls() {
     let (status, json, _) = post_tls(&client, &url, SECRET, lead(99)).await;
     assert_eq!(status, 200, "{json}");
     relay.stop().await;
+}
+
+/// Handshaken TLS connections that each send the start of a request, then
+/// one header byte per connection every 200 ms (slowloris), until the relay
+/// ends each or `limit` passes; when each ended, from the start.
+async fn dribble_headers(
+    mut streams: Vec<tokio_rustls::client::TlsStream<TcpStream>>,
+    limit: Duration,
+) -> Vec<Option<Duration>> {
+    use tokio::io::AsyncReadExt;
+    for stream in streams.iter_mut() {
+        stream
+            .write_all(b"POST /leadflo-webhook HTTP/1.1\r\nx-a: ")
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let mut closed = vec![None; streams.len()];
+    while started.elapsed() < limit && closed.iter().any(Option::is_none) {
+        for (n, stream) in streams.iter_mut().enumerate() {
+            if closed[n].is_some() {
+                continue;
+            }
+            if stream.write_all(b"a").await.is_err() || stream.flush().await.is_err() {
+                closed[n] = Some(started.elapsed());
+                continue;
+            }
+            // Anything to read (a 408, the end of the stream, an error)
+            // means the relay ended the connection.
+            let mut buf = [0u8; 256];
+            let read = tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf));
+            if read.await.is_ok() {
+                closed[n] = Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    closed
 }

@@ -3,6 +3,7 @@
 //! polling with deadlines (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod activation;
 pub mod certs;
 pub mod cli;
 pub mod load;

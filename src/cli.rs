@@ -848,10 +848,7 @@ fn test_event_id() -> EventId {
 fn target_deliverer(
     target: &crate::config::TargetConfig,
 ) -> anyhow::Result<crate::deliver::Deliverer> {
-    let url: reqwest::Url = target
-        .url
-        .parse()
-        .with_context(|| format!("target {}: url", target.name))?;
+    let url = target.endpoint()?;
     let secret = target.secret()?;
     let outbound = crate::outbound::Outbound::build(target)?;
     crate::deliver::Deliverer::new(url, secret.as_ref(), target.timeout.get(), outbound)

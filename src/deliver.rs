@@ -168,6 +168,11 @@ impl Deliverer {
         })
     }
 
+    /// Where its POSTs go.
+    pub fn url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
     /// What the target's configuration shapes of its requests.
     pub fn outbound(&self) -> &Outbound {
         &self.outbound

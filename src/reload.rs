@@ -244,8 +244,7 @@ pub fn build_target(
     shutdown_grace: Duration,
 ) -> anyhow::Result<Target> {
     let secret: Option<Secret> = config.secret()?;
-    let url =
-        reqwest::Url::parse(&config.url).with_context(|| format!("target {}: url", config.name))?;
+    let url = config.endpoint()?;
     let outbound = crate::outbound::Outbound::build(config)?;
     let deliverer = Deliverer::new(url, secret.as_ref(), config.timeout.get(), outbound)
         .with_context(|| format!("target {}: cannot build its HTTP client", config.name))?;
@@ -593,6 +592,13 @@ impl Plan {
                 && !keys.iter().any(|k| k.starts_with("secret"))
             {
                 keys.push("secret".to_owned());
+            }
+            // A URL read from url_file or url_env can change with the same
+            // keys; reported by key name, never by value.
+            if target.deliverer.url() != current.deliverer.url()
+                && !keys.iter().any(|k| k.starts_with("url"))
+            {
+                keys.push("url".to_owned());
             }
             for key in target
                 .deliverer

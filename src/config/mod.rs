@@ -438,6 +438,60 @@ url = "https://hooks.slack.com/services/T000/B000/XXXX"
         );
     }
 
+    /// A target names exactly one of `url`, `url_env` and `url_file`; the
+    /// URL read from a file or variable is checked when read, and no error
+    /// shows it (a Slack webhook URL is a credential).
+    #[test]
+    fn a_target_url_comes_from_exactly_one_place_and_is_never_shown() {
+        let target = |body: &str| format!("[[targets]]\nname = \"slack\"\n{body}");
+        for (text, key) in [
+            (target(""), "targets[0].url"),
+            (
+                target("url = \"https://a.example/x\"\nurl_env = \"X\"\n"),
+                "targets[0].url",
+            ),
+            (target("url_env = \"\"\n"), "targets[0].url_env"),
+            (
+                target("url = \"ftp://hooks.example/T0/secret-path\"\n"),
+                "targets[0].url",
+            ),
+        ] {
+            let err = Config::parse(&text, "relay.toml")
+                .map(|_| "accepted".to_owned())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(
+                err.contains("relay.toml") && err.contains(key),
+                "{text:?}: {err}"
+            );
+            assert!(!err.contains("secret-path"), "the URL is shown: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "https://hooks.example/services/T0/B0/secret-path\n").unwrap();
+        let config = Config::parse(
+            &target(&format!("url_file = {:?}\n", file.to_str().unwrap())),
+            "relay.toml",
+        )
+        .unwrap();
+        let slack = &config.targets[0];
+        assert_eq!(
+            slack.endpoint().unwrap().as_str(),
+            "https://hooks.example/services/T0/B0/secret-path"
+        );
+        assert!(!config.to_toml().contains("secret-path"));
+        std::fs::write(&file, "hooks.example/secret-path\n").unwrap();
+        let err = slack.endpoint().unwrap_err().to_string();
+        assert!(err.contains("slack") && err.contains("url_file"), "{err}");
+        assert!(!err.contains("secret-path"), "the URL is shown: {err}");
+        let from_env = Config::parse(
+            &target("url_env = \"LEADFLO_TEST_UNSET_SLACK_URL\"\n"),
+            "relay.toml",
+        )
+        .unwrap();
+        let err = from_env.targets[0].endpoint().unwrap_err().to_string();
+        assert!(err.contains("LEADFLO_TEST_UNSET_SLACK_URL"), "{err}");
+    }
+
     /// `[server.tls.acme]`: domains the TLS-ALPN-01 challenge can prove, an
     /// email contact, a known directory or an https URL, and never with
     /// certificate files; each error names the key and the value.

@@ -131,7 +131,7 @@ impl TargetConfig {
     /// What the target is sent, for `check-config`: format, template
     /// source, header names (never values) and signing.
     pub fn shape_summary(&self) -> String {
-        let mut parts = vec![format!("format {}", self.format.name())];
+        let mut parts = vec![self.url_source(), format!("format {}", self.format.name())];
         if let Some(path) = &self.template_file {
             parts.push(format!("template from {}", path.display()));
         } else if self.template.is_some() {

@@ -16,8 +16,18 @@ use super::{DEFAULT_SECRET_ENV, Format, Headers, HumanDuration, Signing};
 pub struct TargetConfig {
     /// `[a-z0-9_-]+`, unique; used in metrics and logs (never the URL).
     pub name: String,
-    /// `http` or `https` URL that receives a POST per event.
+    /// `http` or `https` URL that receives a POST per event. Or, for a URL
+    /// that is itself a credential (a Slack incoming webhook, a Zapier
+    /// hook), `url_env` or `url_file`: exactly one of the three.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Environment variable holding the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
+    /// Or a file holding it (trailing newline ignored); read again on
+    /// reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
     /// Event types this target receives; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<String>>,
@@ -101,6 +111,8 @@ impl TargetConfig {
         TargetConfig {
             name: name.to_owned(),
             url: url.to_owned(),
+            url_env: None,
+            url_file: None,
             events: None,
             secret_env: None,
             secret_file: None,

@@ -84,6 +84,56 @@ impl Config {
     }
 }
 
+/// Whether `url` is an absolute http(s) URL with a host.
+pub(super) fn is_target_url(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+}
+
+impl TargetConfig {
+    /// Where the target's POSTs go: `url`, or read from `url_file` or
+    /// `url_env`. Errors name the target and the key, never the value.
+    pub fn endpoint(&self) -> anyhow::Result<reqwest::Url> {
+        let (text, key) = if !self.url.is_empty() {
+            (self.url.clone(), "url".to_owned())
+        } else {
+            let value = target_value(
+                &self.name,
+                "url",
+                self.url_file.as_deref(),
+                self.url_env.as_deref(),
+            )?
+            .ok_or_else(|| anyhow::anyhow!("target {}: no url", self.name))?;
+            let key = match (&self.url_file, &self.url_env) {
+                (Some(path), _) => format!("url_file {}", path.display()),
+                (None, Some(env)) => format!("url_env {env}"),
+                (None, None) => "url".to_owned(),
+            };
+            let text = String::from_utf8(value.expose().to_vec())
+                .map_err(|_| anyhow::anyhow!("target {}: {key}: not UTF-8 text", self.name))?;
+            (text.trim().to_owned(), key)
+        };
+        if !is_target_url(&text) {
+            anyhow::bail!(
+                "target {}: {key}: expected an absolute http:// or https:// URL (the value is not \
+                 shown: it may hold credentials)",
+                self.name
+            );
+        }
+        Ok(reqwest::Url::parse(&text)?)
+    }
+
+    /// Where the URL comes from, for people: the redacted URL, or the
+    /// variable or file that holds it.
+    pub fn url_source(&self) -> String {
+        match (&self.url_file, &self.url_env) {
+            (Some(path), _) => format!("url from file {}", path.display()),
+            (None, Some(env)) => format!("url from environment variable {env}"),
+            (None, None) => format!("url {}", self.redacted_url()),
+        }
+    }
+}
+
 /// A target's secret-like value (a header, a signing secret) from `file`,
 /// else from the environment variable `env`; `key` names it in errors.
 pub fn target_value(

@@ -218,6 +218,50 @@ fn check_acme_domain(domain: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that a target names exactly one of `url`, `url_env` and
+/// `url_file`, and a literal URL's form (those from the environment or a
+/// file are checked when read). Never shows the value: it may hold
+/// credentials.
+fn validate_url_source(t: &TargetConfig) -> Result<(), (&'static str, String)> {
+    let given = [!t.url.is_empty(), t.url_env.is_some(), t.url_file.is_some()];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
+            return Err((
+                "url",
+                "expected the target's http:// or https:// URL, or url_env / url_file naming \
+                 where it is kept"
+                    .to_owned(),
+            ));
+        }
+        1 => {}
+        _ => {
+            return Err((
+                "url",
+                "expected exactly one of url, url_env and url_file".to_owned(),
+            ));
+        }
+    }
+    if t.url_env.as_deref() == Some("") {
+        return Err((
+            "url_env",
+            "expected an environment variable name".to_owned(),
+        ));
+    }
+    if t.url_file
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(("url_file", "expected a file path".to_owned()));
+    }
+    if !t.url.is_empty() && !super::secrets::is_target_url(&t.url) {
+        return Err((
+            "url",
+            "expected an absolute http:// or https:// URL".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// The smallest `rate_per_second`: one attempt start a day.
 const MIN_RATE_PER_SECOND: f64 = 1.0 / 86_400.0;
 
@@ -234,16 +278,7 @@ fn validate_target(t: &TargetConfig) -> Result<(), (&'static str, String)> {
             format!("expected 1-64 characters of [a-z0-9_-], got {:?}", t.name),
         ));
     }
-    match reqwest::Url::parse(&t.url) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
-        // The value may hold credentials: say what is wrong, not what it is.
-        _ => {
-            return Err((
-                "url",
-                "expected an absolute http:// or https:// URL".to_owned(),
-            ));
-        }
-    }
+    validate_url_source(t)?;
     if let Some(events) = &t.events {
         if events.is_empty() || events.iter().any(String::is_empty) {
             return Err(("events", "expected a list of event types such as [\"visitor_created\"], or no key for every event".to_owned()));

@@ -469,6 +469,10 @@ fn the_example_configurations_pass_check_config() {
             .env("LEADFLO_WEBHOOK_SECRET", SECRET)
             .env("FUB_BASIC_AUTH", "dGVzdC1rZXk6")
             .env("HUBSPOT_TOKEN", "pat-na1-test")
+            .env(
+                "SLACK_WEBHOOK_URL",
+                "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+            )
             .env_remove("LEADFLO_RELAY_ADMIN_TOKEN")
             .output()
             .unwrap();

@@ -613,7 +613,7 @@ async fn check_config_names_headers_and_signing_but_shows_no_value() {
     assert!(output.status.success(), "{text}");
     assert!(
         text.contains(
-            "# target crm: format raw; headers authorization, x-api-key, x-literal-key \
+            "# target crm: url http://127.0.0.1:9/…; format raw; headers authorization, x-api-key, x-literal-key \
              (values redacted); signed (standard-webhooks)"
         ),
         "{text}"

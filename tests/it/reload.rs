@@ -522,6 +522,54 @@ async fn a_target_secret_file_is_read_again() {
     assert_eq!(secrets, ["first-target-secret", "second-target-secret"]);
 }
 
+/// A target whose URL is kept in a file (a Slack webhook URL is a
+/// credential): deliveries go where the file says, a reload reads it again
+/// and the next delivery goes to the new URL, and neither the report nor
+/// `check-config` shows a URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_url_file_is_read_again() {
+    let (first, second) = (
+        Receiver::start(|_, _| Reply::ok()).await,
+        Receiver::start(|_, _| Reply::ok()).await,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let url_file = work.path().join("slack-url");
+    std::fs::write(&url_file, format!("{}\n", first.url())).unwrap();
+    let config = format!(
+        "[[targets]]\nname = \"slack\"\nurl_file = {:?}\n",
+        url_file.to_str().unwrap()
+    );
+    let relay = Reloadable::start(&config);
+    send_one(&relay.relay, lead(1)).await;
+    delivered(&first, lead(1), "the first lead").await;
+
+    std::fs::write(&url_file, second.url()).unwrap();
+    let report = json(relay.reload(&config).await);
+    assert_eq!(
+        report["changed"],
+        serde_json::json!({"slack": ["url"]}),
+        "{report}"
+    );
+    send_one(&relay.relay, lead(2)).await;
+    delivered(&second, lead(2), "the second lead, at the new URL").await;
+    assert_eq!(first.count(), 1, "the old URL got the second lead");
+
+    let port = |url: String| url.rsplit(':').next().unwrap().to_owned();
+    let checked = ok(cli(args(&[
+        "check-config",
+        "--config",
+        relay.config.to_str().unwrap(),
+    ]))
+    .await);
+    assert!(checked.contains("url from file"), "{checked}");
+    for text in [report.to_string(), checked] {
+        assert!(
+            !text.contains(&port(second.url())) && !text.contains(&port(first.url())),
+            "a URL is shown: {text}"
+        );
+    }
+}
+
 /// A header value file and a template file are read again: with the
 /// configuration unchanged, the next delivery carries the new token in
 /// the new shape, and the report names the keys (never a value).

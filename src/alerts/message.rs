@@ -4,6 +4,7 @@
 
 use super::alert::{Alert, AlertKind, KindCounts};
 use crate::config::AlertFormat;
+use crate::node::NodeId;
 
 /// One message: the latest alert of its family and target, and how many
 /// more were held back since the previous message.
@@ -17,18 +18,20 @@ pub struct Message {
 }
 
 impl Message {
-    /// The request body in `format`.
-    pub fn body(&self, format: AlertFormat) -> Vec<u8> {
+    /// The request body in `format`, naming the relay's `node` (several
+    /// relays may post to one channel).
+    pub fn body(&self, format: AlertFormat, node: Option<NodeId>) -> Vec<u8> {
         let value = match format {
-            AlertFormat::Slack => serde_json::json!({ "text": self.slack_text() }),
-            AlertFormat::Json => self.json(),
+            AlertFormat::Slack => serde_json::json!({ "text": self.slack_text(node) }),
+            AlertFormat::Json => self.json(node),
         };
         serde_json::to_vec(&value).expect("a JSON value serializes")
     }
 
-    fn json(&self) -> serde_json::Value {
+    fn json(&self, node: Option<NodeId>) -> serde_json::Value {
         let alert = &self.alert;
         serde_json::json!({
+            "node": node.map(|n| n.0),
             "kind": alert.kind.label(),
             "target": alert.target,
             "event_id": alert.event_id.map(|id| id.to_string()),
@@ -40,7 +43,7 @@ impl Message {
     }
 
     /// Slack `mrkdwn`: `&`, `<` and `>` escaped in everything not ours.
-    fn slack_text(&self) -> String {
+    fn slack_text(&self, node: Option<NodeId>) -> String {
         let alert = &self.alert;
         let target = escape(alert.target.as_deref().unwrap_or(""));
         let reason = escape(&alert.reason);
@@ -59,10 +62,11 @@ impl Message {
             AlertKind::DiskLow => format!(":rotating_light: Disk space low: {reason}."),
             AlertKind::DiskOk => format!(":white_check_mark: Disk space is back: {reason}."),
         };
-        let mut text = format!(
-            "leadflo-relay: {what} ({})",
-            crate::ops::rfc3339(alert.at_ms)
-        );
+        let relay = match node {
+            Some(node) => format!("leadflo-relay (node {node})"),
+            None => "leadflo-relay".to_owned(),
+        };
+        let mut text = format!("{relay}: {what} ({})", crate::ops::rfc3339(alert.at_ms));
         let folded = self.folded.total();
         if folded > 0 {
             let since = self.since_ms.map(crate::ops::rfc3339).unwrap_or_default();
@@ -93,9 +97,11 @@ mod tests {
             folded: KindCounts([14, 0, 0, 0, 0]),
             since_ms: Some(1_740_838_900_000),
         };
+        let node = Some(NodeId(7));
         let slack: serde_json::Value =
-            serde_json::from_slice(&message.body(AlertFormat::Slack)).unwrap();
+            serde_json::from_slice(&message.body(AlertFormat::Slack, node)).unwrap();
         let text = slack["text"].as_str().unwrap();
+        assert!(text.starts_with("leadflo-relay (node 7): "), "{text}");
         assert!(text.contains("Event 42"), "{text}");
         assert!(text.contains("`crm`"), "{text}");
         assert!(text.contains("template: &lt;b&gt; &amp; co"), "{text}");
@@ -104,10 +110,11 @@ mod tests {
             "{text}"
         );
         let json: serde_json::Value =
-            serde_json::from_slice(&message.body(AlertFormat::Json)).unwrap();
+            serde_json::from_slice(&message.body(AlertFormat::Json, node)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
+                "node": 7,
                 "kind": "dead_letter",
                 "target": "crm",
                 "event_id": "42",

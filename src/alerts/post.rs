@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::message::Message;
 use super::settings::AlertSettings;
+use crate::node::NodeId;
 
 /// Why a post failed. Never holds the URL (reqwest's errors do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -61,9 +62,14 @@ async fn post_once(settings: &AlertSettings, body: Vec<u8>) -> Result<(), PostEr
     }
 }
 
-/// Posts `message`, again at once if the first try is worth repeating.
-pub(super) async fn post(settings: Arc<AlertSettings>, message: Message) -> Result<(), PostError> {
-    let body = message.body(settings.format);
+/// Posts `message` from `node`, again at once if the first try is worth
+/// repeating.
+pub(super) async fn post(
+    settings: Arc<AlertSettings>,
+    message: Message,
+    node: Option<NodeId>,
+) -> Result<(), PostError> {
+    let body = message.body(settings.format, node);
     match post_once(&settings, body.clone()).await {
         Err(err) if err.worth_one_retry() => post_once(&settings, body).await,
         result => result,

@@ -17,6 +17,7 @@ use super::message::Message;
 use super::post::{PostError, post};
 use super::settings::AlertSettings;
 use crate::metrics::Metrics;
+use crate::node::NodeId;
 
 /// Messages waiting to be posted; the oldest goes when more come.
 const OUTBOX_CAPACITY: usize = 64;
@@ -30,6 +31,9 @@ pub struct AlertTask {
     metrics: Arc<Metrics>,
     folder: Folder,
     outbox: VecDeque<Message>,
+    /// The relay's node, named in every message; known once the data
+    /// directory is open ([`AlertTask::with_node`]).
+    node: Option<NodeId>,
 }
 
 /// The post in flight.
@@ -56,7 +60,14 @@ impl AlertTask {
             metrics,
             folder: Folder::default(),
             outbox: VecDeque::new(),
+            node: None,
         }
+    }
+
+    /// Names `node` in every message.
+    pub fn with_node(mut self, node: NodeId) -> AlertTask {
+        self.node = Some(node);
+        self
     }
 
     /// Folds and posts until `stop`; then posts what was queued and held
@@ -124,7 +135,7 @@ impl AlertTask {
         Some(Posting {
             kind: message.alert.kind,
             folded: message.folded,
-            task: tokio::spawn(post(settings, message)),
+            task: tokio::spawn(post(settings, message, self.node)),
         })
     }
 

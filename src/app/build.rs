@@ -225,7 +225,7 @@ impl Relay {
             source: None,
             reload_requests: Arc::default(),
             alerts,
-            alert_task: Some(alert_task),
+            alert_task: Some(alert_task.with_node(options.node)),
             tls,
         })
     }

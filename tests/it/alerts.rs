@@ -111,6 +111,9 @@ async fn a_dead_letter_is_alerted_with_target_reason_and_id_but_no_lead_data() {
     assert_eq!(alert["event_id"], id.to_string(), "{alert}");
     assert_eq!(alert["reason"], "HTTP 422 (not retryable)", "{alert}");
     assert_eq!(alert["folded"], 0, "{alert}");
+    // Several relays may post to one channel: each names its node.
+    let (node, _) = leadflo_relay::node::NodeId::peek(None, relay.dir.path()).unwrap();
+    assert_eq!(alert["node"], node.unwrap().0, "{alert}");
     let at = alert["at"].as_str().unwrap();
     leadflo_relay::ops::parse_rfc3339(at).unwrap_or_else(|e| panic!("at: {e}"));
     // The dead letter keeps the CRM's answer, echo and all; the alert not.

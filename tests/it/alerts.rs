@@ -90,6 +90,43 @@ fn covered(messages: &[serde_json::Value]) -> u64 {
         .sum()
 }
 
+/// A channel that answers 429 with `Retry-After` (Slack past about one
+/// message a second) gets the message again once that time has passed,
+/// and it counts as sent, not failed.
+#[tokio::test]
+async fn a_rate_limited_alert_is_posted_again_after_retry_after() {
+    let crm = echoing_crm().await;
+    let channel = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::status(429).header("retry-after", "1")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let url = UrlFile::new(&channel.url());
+    let relay = TestRelay::start_with(|c| {
+        c.targets = vec![target("crm", &crm.url())];
+        alerts_to(c, &url, AlertFormat::Json, "1m");
+    })
+    .await;
+    send(&relay, lead(1)).await;
+    wait_for_requests(&channel, 2, "the alert, posted again").await;
+    let requests = channel.requests();
+    assert_eq!(requests[0].body, requests[1].body);
+    let waited = requests[1].at - requests[0].at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "posted again after {waited:?}"
+    );
+    eventually("the alert counted sent", WAIT, async || {
+        (relay.metrics.alerts("dead_letter", "sent") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(relay.metrics.alerts("dead_letter", "failed"), 0);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_dead_letter_is_alerted_with_target_reason_and_id_but_no_lead_data() {
     let crm = echoing_crm().await;

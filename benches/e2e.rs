@@ -357,38 +357,54 @@ async fn wait_for(count: &AtomicU64, want: u64, limit: Duration) -> Option<Durat
     Some(started.elapsed())
 }
 
+/// `cargo bench --bench e2e -- [OPTIONS]`.
+#[derive(clap::Parser)]
+#[command(about = "End-to-end load bench against baselines measured in the same run")]
+struct Args {
+    /// One round of one second per cell (noisy; what CI runs).
+    #[arg(long)]
+    quick: bool,
+    /// Ingest N events with the target down, then measure the restart and
+    /// the drain.
+    #[arg(long, value_name = "N")]
+    backlog: Option<u64>,
+    /// The target refuses connections for this many seconds while 3,000
+    /// leads arrive.
+    #[arg(long, value_name = "SECONDS")]
+    outage: Option<u64>,
+    /// Only the transport rows: HTTP and HTTPS, keep-alive and new
+    /// connections.
+    #[arg(long)]
+    https: bool,
+    /// Passed by `cargo bench` to every bench binary.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// The bench, or (with `E2E_ROLE`) one of its child processes.
 fn main() {
     match std::env::var("E2E_ROLE").as_deref() {
         Ok("ceiling") => return run_ceiling(),
         Ok("deliverer") => return run_delivery_floor(),
         _ => {}
     }
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let backlog = args
-        .windows(2)
-        .find(|w| w[0] == "--backlog")
-        .map(|w| w[1].parse::<u64>().expect("--backlog N"));
+    let args = <Args as clap::Parser>::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    if let Some(events) = backlog {
+    if let Some(events) = args.backlog {
         return runtime.block_on(backlog_mode(events));
     }
-    let outage = args
-        .windows(2)
-        .find(|w| w[0] == "--outage")
-        .map(|w| w[1].parse::<u64>().expect("--outage SECONDS"));
-    if let Some(seconds) = outage {
+    if let Some(seconds) = args.outage {
         return runtime.block_on(outage_mode(Duration::from_secs(seconds), 3000));
     }
-    let (rounds, duration) = if quick {
+    let (rounds, duration) = if args.quick {
         (1, Duration::from_secs(1))
     } else {
         (3, Duration::from_secs(5))
     };
-    if args.iter().any(|a| a == "--https") {
+    if args.https {
         return runtime.block_on(https_mode(rounds, duration));
     }
     runtime.block_on(async {
@@ -396,7 +412,7 @@ fn main() {
         // its samples are pooled: a shared disk's latency drifts over the
         // minutes of a run, and the floor should span the same minutes as
         // the acks it is compared with.
-        let probes = if quick { 300 } else { 2000 };
+        let probes = if args.quick { 300 } else { 2000 };
         let per_probe = probes / (rounds + 1);
         let mut fsync = Vec::new();
         let mut overwrite = Vec::new();

@@ -67,7 +67,7 @@ impl AcmeSettings {
     }
 
     /// The certificate a previous run cached, if any: for `check-config`.
-    pub fn cached(&self) -> std::io::Result<Option<super::CachedCertificate>> {
+    pub fn cached(&self) -> std::io::Result<Option<super::Certificate>> {
         AcmeCache::new(self.cache_dir.clone(), None).cached(&self.domains, &self.directory_url)
     }
 }
@@ -155,21 +155,22 @@ impl Acme {
             }
             EventOk::DeployedNewCert => {
                 self.readiness.set_ready();
-                self.metrics.acme_orders.with_label_values(&["ok"]).inc();
+                self.count_order("ok");
                 tracing::info!("obtained and serving a new ACME certificate for {domains}");
             }
             EventOk::CertCacheStore | EventOk::AccountCacheStore => {}
         }
     }
 
+    fn count_order(&self, result: &str) {
+        self.metrics.acme_orders.with_label_values(&[result]).inc();
+    }
+
     fn on_error(&self, err: EventError<std::io::Error, std::io::Error>) {
         let domains = self.settings.domains.join(", ");
         match err {
             EventError::Order(err) => {
-                self.metrics
-                    .acme_orders
-                    .with_label_values(&["failed"])
-                    .inc();
+                self.count_order("failed");
                 tracing::warn!(
                     error = %err,
                     "the ACME order for {domains} failed; retried with backoff{}",
@@ -183,10 +184,7 @@ impl Acme {
             // rustls-acme orders again at once, without backoff: an
             // order that failed all the same.
             EventError::NewCertParse(err) => {
-                self.metrics
-                    .acme_orders
-                    .with_label_values(&["failed"])
-                    .inc();
+                self.count_order("failed");
                 tracing::warn!(
                     error = %err,
                     "the ACME authority issued a certificate for {domains} that does not parse"

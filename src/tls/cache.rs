@@ -16,9 +16,6 @@ use sha2::{Digest, Sha256};
 use super::{Certificate, from_pem};
 use crate::metrics::Metrics;
 
-/// A certificate found in the cache, as `check-config` shows it.
-pub type CachedCertificate = Certificate;
-
 /// The cache directory; sets the certificate expiry gauge from what it
 /// loads and stores (what the relay serves).
 pub struct AcmeCache {
@@ -49,7 +46,7 @@ impl AcmeCache {
         &self,
         domains: &[String],
         directory_url: &str,
-    ) -> std::io::Result<Option<CachedCertificate>> {
+    ) -> std::io::Result<Option<Certificate>> {
         let path = self.cert_path(domains, directory_url);
         let Some(bytes) = read_if_exists(&path)? else {
             return Ok(None);

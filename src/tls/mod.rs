@@ -33,7 +33,6 @@ use rustls::sign::CertifiedKey;
 use crate::reload::Swap;
 
 pub use acme::{Acme, AcmeSettings, acme_directory_url};
-pub use cache::CachedCertificate;
 pub use files::{Certificate, CertificateError, TlsFiles, from_pem, read};
 pub use handshake::{Acceptor, Handshake, HandshakeFailure, PLAIN_HTTP_ANSWER};
 pub use live::{Certificates, Staged, warn_if_expired};

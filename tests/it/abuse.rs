@@ -214,14 +214,7 @@ async fn idle_connections_beyond_the_cap_make_room_for_honest_senders() {
         c.server.header_read_timeout = "60s".parse().unwrap();
     })
     .await;
-    // The kernel's accept queue hides a listener that stopped accepting
-    // for a while, then connecting blocks: every connect has a deadline.
-    let connect = async || {
-        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(relay.ingest))
-            .await
-            .expect("the relay stopped accepting connections")
-            .unwrap()
-    };
+    let connect = async || connect_within_deadline(relay.ingest).await;
     let mut held = Vec::new();
     for _ in 0..2000 {
         held.push(connect().await);

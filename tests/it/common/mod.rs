@@ -215,6 +215,15 @@ pub async fn read_response(stream: &mut TcpStream, deadline: Duration) -> Option
     }
 }
 
+/// A TCP connection to `addr` within 5 s: the kernel's accept queue hides a
+/// listener that stopped accepting for a while, then connecting blocks.
+pub async fn connect_within_deadline(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .expect("the relay stopped accepting connections")
+        .unwrap()
+}
+
 /// Polls `check` every 20 ms until it returns `Some` or `deadline` passes.
 pub async fn eventually<T>(
     what: &str,

@@ -18,6 +18,7 @@
 //! | [`outbound`] | what a target is sent: format (raw, Slack, template), headers, status rules, signing |
 //! | [`retry`]   | pure backoff and Retry-After math |
 //! | [`disk`]    | disk space sampling and the free-space floor |
+//! | [`durable_file`] | small files written whole (node identity, ACME cache) |
 //! | [`alerts`]  | messages to a team's channel (Slack or JSON): dead letters, circuits, disk; rate-limited, never blocking |
 //! | [`admin`]   | the admin listener: health, readiness, metrics |
 //! | [`metrics`] | the Prometheus registry and metric handles |
@@ -42,6 +43,7 @@ pub mod crashpoint;
 pub mod deliver;
 pub mod disk;
 pub mod dispatch;
+pub mod durable_file;
 pub mod duration;
 pub mod http;
 pub mod ingest;

@@ -18,7 +18,6 @@
 //!
 //! This module never does I/O but in [`NodeId::load_or_create`].
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
@@ -91,11 +90,14 @@ impl NodeId {
             return Ok(node);
         }
         let node = NodeId(rand::rng().random());
-        write_durably(&data_dir.join(NODE_ID_FILE), &format!("{node}\n")).map_err(|source| {
-            NodeError::Create {
-                path: data_dir.join(NODE_ID_FILE),
-                source,
-            }
+        crate::durable_file::write_durably(
+            &data_dir.join(NODE_ID_FILE),
+            format!("{node}\n").as_bytes(),
+            0o666,
+        )
+        .map_err(|source| NodeError::Create {
+            path: data_dir.join(NODE_ID_FILE),
+            source,
         })?;
         Ok(node)
     }
@@ -181,19 +183,6 @@ pub fn id_ranges(from_ms: u64, to_ms: u64) -> [(u64, u64); 2] {
 /// (for tests and tools that make ids by hand).
 pub fn first_id_at(ms: u64) -> u64 {
     ms << TIME_SHIFT
-}
-
-/// Writes `text` to `path` so that a crash leaves either no file or the
-/// whole of it: a temporary file, synced, renamed, and the directory synced.
-fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -5,8 +5,7 @@
 //! (a temporary file, fsynced, renamed) and readable by the relay's user
 //! only: they hold private keys.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -146,8 +145,7 @@ async fn write_off_thread(dir: PathBuf, path: PathBuf, bytes: Vec<u8>) -> std::i
 }
 
 /// Writes `bytes` to `path` whole, mode 0600, in a directory of mode 0700
-/// (made if missing, tightened if not): a crash leaves the old file or the
-/// new one.
+/// (made if missing, tightened if not).
 fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -157,28 +155,7 @@ fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // Best effort on a directory made by someone else: the files
     // themselves are 0600 whatever it allows.
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    // A temporary file left by a crash may have another mode: made anew,
-    // the file has 0600 from its creation on.
-    let temporary = path.with_extension("tmp");
-    match std::fs::remove_file(&temporary) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(with_path(err, &temporary));
-        }
-        _ => {}
-    }
-    let mut file = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(|err| with_path(err, &temporary))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|err| with_path(err, &temporary))?;
-    std::fs::rename(&temporary, path).map_err(|err| with_path(err, path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|err| with_path(err, dir))
+    crate::durable_file::write_durably(path, bytes, 0o600).map_err(|err| with_path(err, path))
 }
 
 fn with_path(err: std::io::Error, path: &Path) -> std::io::Error {
